@@ -1,0 +1,155 @@
+//! The service: builds one writer per configured table from the config and runs them until
+//! shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::{FutureExt, Shared};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, TableConfig};
+use crate::decode::BodyDecoder;
+use crate::delta::{DeltaSink, table_location};
+use crate::mapping::{Mapping, MappingError};
+use crate::pipeline::{PipelineError, Progress, TableWriter};
+use crate::schema::{SchemaError, TableSchema};
+use crate::source::KafkaSource;
+
+/// Errors starting or running the service.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A schema file is wrong.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// A mapping file is wrong.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// A table is misconfigured.
+    #[error("table {table}: {reason}")]
+    Table {
+        /// Table name.
+        table: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A writer stopped with an error.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// A writer task panicked; this is a bug.
+    #[error("bug: writer task for table {table} panicked: {message}")]
+    Panicked {
+        /// Table name.
+        table: String,
+        /// Panic message.
+        message: String,
+    },
+}
+
+/// A table's schema and the decoder for each of its topics.
+pub struct LoadedTable {
+    /// The table definition.
+    pub schema: Arc<TableSchema>,
+    /// Decoder per topic.
+    pub decoders: HashMap<Arc<str>, BodyDecoder>,
+}
+
+/// Reads and cross-checks a table's schema and mappings.
+pub fn load_table(config: &Config, table: &TableConfig) -> Result<LoadedTable, AppError> {
+    let schema = Arc::new(TableSchema::load(&table.schema)?);
+    if table.sources.is_empty() {
+        return Err(AppError::Table {
+            table: schema.name.clone(),
+            reason: "no sources: configure at least one topic".into(),
+        });
+    }
+    let mut decoders = HashMap::new();
+    for source in &table.sources {
+        let mapping = Arc::new(Mapping::load(&source.mapping, &schema)?);
+        let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.max_message_bytes);
+        if decoders.insert(Arc::from(source.topic.as_str()), decoder).is_some() {
+            return Err(AppError::Table {
+                table: schema.name.clone(),
+                reason: format!("topic {} is listed twice", source.topic),
+            });
+        }
+    }
+    Ok(LoadedTable { schema, decoders })
+}
+
+/// A running writer and its progress feed.
+pub struct RunningTable {
+    /// Table name.
+    pub name: String,
+    /// Updated after every commit.
+    pub progress: watch::Receiver<Progress>,
+    /// Resolves when the writer stops.
+    pub task: JoinHandle<Result<Progress, PipelineError>>,
+}
+
+/// Opens every table, subscribes its consumer and starts its writer task. Writers stop when
+/// `shutdown` resolves, after committing what they buffered.
+pub async fn start(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<RunningTable>, AppError> {
+    let shutdown: Shared<_> = shutdown.boxed().shared();
+    let mut loaded = Vec::new();
+    for table in &config.tables {
+        loaded.push((load_table(config, table)?, table));
+    }
+    let mut running = Vec::new();
+    for (table, table_config) in loaded {
+        let name = table.schema.name.clone();
+        let location = table_location(&config.storage.root, &name);
+        let sink = DeltaSink::open_or_create(
+            &location,
+            config.storage_options(),
+            table.schema.clone(),
+            &config.kafka.group_id,
+            config.delta.checkpoint_interval,
+            config.delta.zstd_level,
+        )
+        .await
+        .map_err(PipelineError::from)?;
+        let topics: Vec<String> = table_config.sources.iter().map(|s| s.topic.clone()).collect();
+        let (source, events) = KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
+        let (writer, progress) = TableWriter::new(
+            sink,
+            source,
+            events,
+            table.decoders,
+            config.batch,
+            config.ingest.decode_chunk,
+        );
+        tracing::info!(table = %name, location = %location, topics = ?topics, "writer started");
+        let stop = shutdown.clone();
+        let task = tokio::spawn(writer.run(stop));
+        running.push(RunningTable { name, progress, task });
+    }
+    Ok(running)
+}
+
+/// Runs the service until `shutdown` resolves and every writer has committed its buffer.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Vec<Progress>, AppError> {
+    let running = start(&config, shutdown).await?;
+    let mut results = Vec::new();
+    let mut first_error = None;
+    for table in running {
+        match table.task.await {
+            Ok(Ok(progress)) => results.push(progress),
+            Ok(Err(e)) => {
+                tracing::error!(table = %table.name, error = %e, "writer failed");
+                first_error.get_or_insert(AppError::Pipeline(e));
+            }
+            Err(join) => {
+                first_error.get_or_insert(AppError::Panicked { table: table.name, message: join.to_string() });
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(results),
+    }
+}

@@ -1,0 +1,432 @@
+//! Configuration: a TOML file, overridden by `SLUICE_*` environment variables, overridden by
+//! command-line flags.
+//!
+//! Environment overrides name a key path with double underscores:
+//! `SLUICE_KAFKA__BROKERS=host:9092` sets `kafka.brokers`; under `kafka.properties` single
+//! underscores become dots (`SLUICE_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`), so
+//! secrets never need to be in a file. Unknown keys are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::BatchLimits;
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "SLUICE_";
+/// Default consumer group.
+pub const DEFAULT_GROUP_ID: &str = "sluice";
+/// Default largest accepted message, in bytes; larger messages are rejected unparsed.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Default number of commits between Delta checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
+/// Default zstd level for Parquet files: level 1 encodes several times faster than the default
+/// level 3 for a few percent more bytes, and compaction rewrites files anyway.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// Default messages decoded together; bigger chunks amortize decoder setup, smaller ones bound
+/// the cost of re-decoding around a bad message.
+pub const DEFAULT_DECODE_CHUNK: usize = 4096;
+
+/// Errors loading configuration. Each names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {file}: {source}")]
+    Io {
+        /// Config file path.
+        file: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not TOML, or a key is unknown or has the wrong type.
+    #[error("config file {file}: {message}")]
+    Invalid {
+        /// Config file path.
+        file: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// An environment override could not be applied.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Everything `sluice run` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection and consumer group.
+    pub kafka: KafkaConfig,
+    /// Where tables live.
+    pub storage: StorageConfig,
+    /// When buffered messages are flushed to Delta.
+    #[serde(default)]
+    pub batch: BatchLimits,
+    /// How messages are decoded.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Delta table settings.
+    #[serde(default)]
+    pub delta: DeltaConfig,
+    /// Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Tables to write, each fed by one or more topics.
+    pub tables: Vec<TableConfig>,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Consumer group; also part of the Delta txn app id, so changing it restarts from the
+    /// beginning of every topic.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Where to start a partition the table has never seen: `earliest` or `latest`.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Extra librdkafka properties (security, timeouts). Secrets belong in the environment.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_group_id() -> String {
+    DEFAULT_GROUP_ID.into()
+}
+
+/// Where a partition without a committed txn version starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The oldest message Kafka still has.
+    #[default]
+    Earliest,
+    /// Only messages produced after the writer joins.
+    Latest,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Root under which each table is a folder: a local path or `s3://bucket/prefix`.
+    pub root: String,
+    /// S3 / MinIO connection; credentials come only from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` in the environment.
+    #[serde(default)]
+    pub s3: S3Config,
+}
+
+/// S3-compatible object store settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL for MinIO or another S3-compatible store; unset for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region; MinIO accepts any.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Allow plain HTTP (MinIO in a private network).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Use virtual-hosted-style requests (`bucket.host`) instead of path style. Path style is
+    /// what MinIO expects.
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+}
+
+/// Decoding settings.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Largest accepted message in bytes; larger ones are rejected before parsing.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Messages of one partition decoded together.
+    #[serde(default = "default_decode_chunk")]
+    pub decode_chunk: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+fn default_decode_chunk() -> usize {
+    DEFAULT_DECODE_CHUNK
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            decode_chunk: DEFAULT_DECODE_CHUNK,
+        }
+    }
+}
+
+/// Delta table settings.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// Write a checkpoint every this many commits, so readers (Trino) never replay long logs.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// zstd level of data files.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+}
+
+fn default_checkpoint_interval() -> u64 {
+    DEFAULT_CHECKPOINT_INTERVAL
+}
+fn default_zstd_level() -> i32 {
+    DEFAULT_ZSTD_LEVEL
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        DeltaConfig {
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+/// Prometheus endpoint settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics` on, e.g. `0.0.0.0:9464`; unset disables the endpoint.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// One table and the topics that feed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Schema file (relative paths are relative to the config file).
+    pub schema: PathBuf,
+    /// Topics feeding the table, each with the mapping for its JSON shape.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// One topic feeding a table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Kafka topic.
+    pub topic: String,
+    /// Mapping file for the topic's JSON shape (relative to the config file).
+    pub mapping: PathBuf,
+}
+
+impl Config {
+    /// Loads a config file, applies `SLUICE_*` overrides from `env`, and resolves relative
+    /// paths against the file's folder.
+    pub fn load(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            message,
+        };
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        apply_env(&mut value, env)?;
+        let mut config: Config = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        config.batch.validate().map_err(invalid)?;
+        if config.tables.is_empty() {
+            return Err(invalid("`tables` is empty: configure at least one table".into()));
+        }
+        if config.ingest.decode_chunk == 0 {
+            return Err(invalid("ingest.decode_chunk must be at least 1".into()));
+        }
+        if config.delta.checkpoint_interval == 0 {
+            return Err(invalid("delta.checkpoint_interval must be at least 1".into()));
+        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        for table in &mut config.tables {
+            table.schema = base.join(&table.schema);
+            for source in &mut table.sources {
+                source.mapping = base.join(&source.mapping);
+            }
+        }
+        if !config.storage.root.contains("://") {
+            let root = Path::new(&config.storage.root);
+            if root.is_relative() {
+                config.storage.root = base.join(root).to_string_lossy().into_owned();
+            }
+        }
+        Ok(config)
+    }
+
+    /// Storage options passed to delta-rs for the configured root.
+    pub fn storage_options(&self) -> std::collections::HashMap<String, String> {
+        let mut options = std::collections::HashMap::new();
+        let s3 = &self.storage.s3;
+        if let Some(endpoint) = &s3.endpoint {
+            options.insert("AWS_ENDPOINT_URL".into(), endpoint.clone());
+        }
+        if let Some(region) = &s3.region {
+            options.insert("AWS_REGION".into(), region.clone());
+        }
+        if s3.allow_http {
+            options.insert("AWS_ALLOW_HTTP".into(), "true".into());
+        }
+        options.insert(
+            "AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(),
+            s3.virtual_hosted_style.to_string(),
+        );
+        options
+    }
+
+    /// The config as TOML with secrets replaced, safe to log or print.
+    pub fn redacted(&self) -> String {
+        let mut copy = self.clone();
+        for (key, value) in copy.kafka.properties.iter_mut() {
+            if is_secret_key(key) {
+                *value = "<redacted>".into();
+            }
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
+    }
+}
+
+/// Property names whose values must never be printed.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key"]
+        .iter()
+        .any(|s| key.contains(s))
+        && !key.ends_with(".location")
+}
+
+fn apply_env(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let mut path: Vec<String> = rest.split("__").map(str::to_string).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty key segment".into(),
+            });
+        }
+        if path.len() == 3 && path[0] == "kafka" && path[1] == "properties" {
+            path[2] = path[2].replace('_', ".");
+        }
+        let is_property = path.len() == 3 && path[1] == "properties";
+        let value = if is_property {
+            toml::Value::String(raw)
+        } else {
+            parse_scalar(&raw)
+        };
+        let (last, parents) = path.split_last().expect("split yields at least one segment");
+        let mut table = &mut *root;
+        for key in parents {
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                message: format!("`{key}` is not a table in the config file"),
+            })?;
+        }
+        table.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+/// Reads an environment value as a TOML scalar when it is one (`42`, `true`), else a string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let file = dir.join("sluice.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "localhost:9092"
+[storage]
+root = "lake"
+[[tables]]
+schema = "schemas/t.toml"
+sources = [{ topic = "posts", mapping = "m.toml" }]
+"#;
+
+    #[test]
+    fn env_overrides_file_and_paths_resolve_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), MINIMAL);
+        let env = vec![
+            ("SLUICE_KAFKA__BROKERS".to_string(), "b1:9092,b2:9092".to_string()),
+            ("SLUICE_BATCH__MAX_AGE_MS".to_string(), "2000".to_string()),
+            (
+                "SLUICE_KAFKA__PROPERTIES__SASL_PASSWORD".to_string(),
+                "hunter2".to_string(),
+            ),
+            ("SLUICE_LOG".to_string(), "ignored: no double underscore".to_string()),
+        ];
+        let config = Config::load(&file, env).unwrap();
+        assert_eq!(config.kafka.brokers, "b1:9092,b2:9092");
+        assert_eq!(config.batch.max_age_ms, 2000);
+        assert_eq!(config.kafka.properties["sasl.password"], "hunter2");
+        assert_eq!(config.tables[0].schema, dir.path().join("schemas/t.toml"));
+        assert_eq!(config.storage.root, dir.path().join("lake").to_string_lossy());
+        let printed = config.redacted();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), &format!("{MINIMAL}\n[batch]\nmax_rowz = 5\n"));
+        let err = Config::load(&file, vec![]).unwrap_err().to_string();
+        assert!(err.contains("sluice.toml"), "{err}");
+        assert!(err.contains("unknown field `max_rowz`"), "{err}");
+
+        let err = Config::load(
+            &write(dir.path(), MINIMAL),
+            vec![("SLUICE_KAFKA__BROKER".to_string(), "x".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `broker`"), "{err}");
+    }
+}

@@ -1,0 +1,505 @@
+//! Delta: create the table, read back per-partition txn versions, write Parquet and commit.
+//!
+//! A commit holds the data files of one flush plus one `txn` action per Kafka partition whose
+//! messages it covers (version = last offset covered). Those versions are the writer's only
+//! source of truth for where to resume.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, MetadataValue, StructField, Transaction};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::{DeltaOperation, OutputMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use url::Url;
+
+use crate::schema::TableSchema;
+
+/// Errors talking to a Delta table, with the table they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The storage location is not a valid URL or path.
+    #[error("table {table}: invalid location {location}: {reason}")]
+    Location {
+        /// Table name.
+        table: String,
+        /// The location as configured.
+        location: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A delta-rs operation failed (storage, log parsing, commit).
+    #[error("table {table}: {operation}: {source}")]
+    Delta {
+        /// Table name.
+        table: String,
+        /// What sluice was doing.
+        operation: &'static str,
+        /// delta-rs' error.
+        source: DeltaTableError,
+    },
+    /// Another writer committed a txn version for one of our partitions since we last read it.
+    #[error("table {table}: another writer committed to the same Kafka partitions concurrently")]
+    Conflict {
+        /// Table name.
+        table: String,
+    },
+    /// The object store does not support put-if-absent, so concurrent commits could overwrite
+    /// each other.
+    #[error(
+        "table {table}: the object store at {location} does not honour conditional writes \
+         (If-None-Match: *); refusing to commit, because concurrent writers could overwrite each \
+         other's commits. Use MinIO, AWS S3 or another store that supports put-if-absent"
+    )]
+    UnsafeStore {
+        /// Table name.
+        table: String,
+        /// The location probed.
+        location: String,
+    },
+    /// The existing table's schema is not the one configured.
+    #[error(
+        "table {table}: the existing table's columns differ from the schema file {file}: {detail}"
+    )]
+    SchemaMismatch {
+        /// Table name.
+        table: String,
+        /// Schema file.
+        file: String,
+        /// Which columns differ.
+        detail: String,
+    },
+}
+
+impl DeltaError {
+    /// Whether retrying the same operation later may succeed (storage hiccups).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeltaError::Delta { source, .. } => matches!(
+                source,
+                DeltaTableError::ObjectStore { .. }
+                    | DeltaTableError::Io { .. }
+                    | DeltaTableError::Transaction {
+                        source: TransactionError::ObjectStore { .. }
+                            | TransactionError::MaxCommitAttempts(_)
+                            | TransactionError::VersionAlreadyExists(_)
+                    }
+                    | DeltaTableError::VersionAlreadyExists(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The partition identity a txn app id is derived from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionKey {
+    /// Kafka topic.
+    pub topic: Arc<str>,
+    /// Kafka partition.
+    pub partition: i32,
+}
+
+impl std::fmt::Display for PartitionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// What one commit covers for one Kafka partition; also written into the commit's info so the
+/// ledger (rows + rejected = offsets consumed) can be audited from the log alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLedger {
+    /// First offset covered.
+    pub first_offset: i64,
+    /// Last offset covered; becomes the txn version.
+    pub last_offset: i64,
+    /// Messages that became rows.
+    pub rows: u64,
+    /// Messages that were rejected.
+    pub rejected: u64,
+}
+
+/// A successful commit.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The table version created.
+    pub version: i64,
+    /// Data files added.
+    pub files: usize,
+    /// Bytes of data files added.
+    pub bytes: u64,
+}
+
+/// One Delta table as the writer sees it.
+pub struct DeltaSink {
+    table: DeltaTable,
+    schema: Arc<TableSchema>,
+    arrow_schema: SchemaRef,
+    writer_properties: WriterProperties,
+    app_prefix: String,
+    query_id: String,
+}
+
+impl DeltaSink {
+    /// Opens the table at `location`, creating it from `schema` when it does not exist.
+    pub async fn open_or_create(
+        location: &str,
+        storage_options: HashMap<String, String>,
+        schema: Arc<TableSchema>,
+        group_id: &str,
+        checkpoint_interval: u64,
+        zstd_level: i32,
+    ) -> Result<Self, DeltaError> {
+        let name = schema.name.clone();
+        let url = table_url(location).map_err(|reason| DeltaError::Location {
+            table: name.clone(),
+            location: location.to_string(),
+            reason,
+        })?;
+        let delta_err = |operation| {
+            let table = name.clone();
+            move |source| DeltaError::Delta {
+                table,
+                operation,
+                source,
+            }
+        };
+        let mut table = DeltaTableBuilder::from_url(url.clone())
+            .map_err(delta_err("open"))?
+            .with_storage_options(storage_options)
+            .build()
+            .map_err(delta_err("open"))?;
+        if url.scheme() != "file" {
+            probe_conditional_put(&table, &name, location).await?;
+        }
+        match table.load().await {
+            Ok(()) => {}
+            Err(DeltaTableError::NotATable(_)) => {
+                table = create_table(&table, &schema, checkpoint_interval)
+                    .await
+                    .map_err(delta_err("create"))?;
+                tracing::info!(table = %name, location, "created Delta table");
+            }
+            Err(e) => return Err(delta_err("load")(e)),
+        }
+        check_schema(&table, &schema)?;
+        let level = ZstdLevel::try_new(zstd_level).map_err(|e| DeltaError::Delta {
+            table: name.clone(),
+            operation: "configure zstd",
+            source: DeltaTableError::Generic(e.to_string()),
+        })?;
+        let writer_properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .build();
+        Ok(DeltaSink {
+            table,
+            arrow_schema: schema.arrow_schema(),
+            schema,
+            writer_properties,
+            app_prefix: format!("sluice-{group_id}"),
+            query_id: format!("sluice-{group_id}-{name}"),
+        })
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.schema.name
+    }
+
+    /// The txn app id for a Kafka partition: group, topic and partition, so two groups writing
+    /// one table keep separate positions.
+    pub fn app_id(&self, key: &PartitionKey) -> String {
+        format!("{}-{}-{}", self.app_prefix, key.topic, key.partition)
+    }
+
+    /// Current table version.
+    pub fn version(&self) -> i64 {
+        self.table.version().unwrap_or(-1)
+    }
+
+    /// Catches up with commits made by others since the last read.
+    pub async fn refresh(&mut self) -> Result<(), DeltaError> {
+        self.table
+            .update_incremental(None)
+            .await
+            .map_err(|source| self.err("refresh", source))
+    }
+
+    /// The last offset committed for a partition, as recorded in the table.
+    pub async fn txn_version(&self, key: &PartitionKey) -> Result<Option<i64>, DeltaError> {
+        let snapshot = self.table.snapshot().map_err(|s| self.err("snapshot", s))?;
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), self.app_id(key))
+            .await
+            .map_err(|source| self.err("read txn version", source))
+    }
+
+    /// Writes `batches` as Parquet (one file per partition value) and commits them together with
+    /// one txn per entry of `ledger`. A concurrent commit touching the same partitions returns
+    /// [`DeltaError::Conflict`] and leaves the files unreferenced.
+    pub async fn commit(
+        &mut self,
+        batches: &[RecordBatch],
+        ledger: &[(PartitionKey, PartitionLedger)],
+        epoch: i64,
+    ) -> Result<Committed, DeltaError> {
+        let mut actions: Vec<Action> = Vec::new();
+        let mut bytes = 0u64;
+        if batches.iter().any(|b| b.num_rows() > 0) {
+            let mut writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(|s| self.err("open writer", s))?
+                .with_writer_properties(self.writer_properties.clone());
+            for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+                writer
+                    .write(batch.clone())
+                    .await
+                    .map_err(|s| self.err("write parquet", s))?;
+            }
+            let adds = writer
+                .flush()
+                .await
+                .map_err(|s| self.err("upload parquet", s))?;
+            bytes = adds.iter().map(|a| a.size.max(0) as u64).sum();
+            actions.extend(adds.into_iter().map(Action::Add));
+        }
+        let files = actions.len();
+        let txns: Vec<Transaction> = ledger
+            .iter()
+            .map(|(key, l)| {
+                Transaction::new_with_last_update(
+                    self.app_id(key),
+                    l.last_offset,
+                    Some(chrono::Utc::now().timestamp_millis()),
+                )
+            })
+            .collect();
+        let ledger_json: serde_json::Map<String, serde_json::Value> = ledger
+            .iter()
+            .map(|(key, l)| {
+                (
+                    key.to_string(),
+                    serde_json::to_value(l).expect("ledger serializes"),
+                )
+            })
+            .collect();
+        let properties = CommitProperties::default()
+            .with_application_transactions(txns)
+            .with_metadata([("sluice".to_string(), serde_json::json!({ "ledger": ledger_json }))])
+            .with_create_checkpoint(true)
+            .with_cleanup_expired_logs(Some(false));
+        let operation = DeltaOperation::StreamingUpdate {
+            output_mode: OutputMode::Append,
+            query_id: self.query_id.clone(),
+            epoch_id: epoch,
+        };
+        let snapshot = self.table.snapshot().map_err(|s| self.err("snapshot", s))?;
+        let result = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await;
+        match result {
+            Ok(finalized) => {
+                let version = finalized.version() as i64;
+                self.table.state = Some(finalized.snapshot());
+                Ok(Committed {
+                    version,
+                    files,
+                    bytes,
+                })
+            }
+            Err(DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(_),
+            }) => Err(DeltaError::Conflict {
+                table: self.schema.name.clone(),
+            }),
+            Err(source) => Err(self.err("commit", source)),
+        }
+    }
+
+    /// The underlying delta-rs table (for reads and maintenance).
+    pub fn table(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    /// The Arrow schema rows must have.
+    pub fn arrow_schema(&self) -> SchemaRef {
+        self.arrow_schema.clone()
+    }
+
+    fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {
+        DeltaError::Delta {
+            table: self.schema.name.clone(),
+            operation,
+            source,
+        }
+    }
+}
+
+/// Turns a configured location (local path or URL) into a table URL.
+pub fn table_url(location: &str) -> Result<Url, String> {
+    if location.contains("://") {
+        return Url::parse(location).map_err(|e| e.to_string());
+    }
+    let path = std::path::Path::new(location);
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| e.to_string())?
+            .join(path)
+    };
+    std::fs::create_dir_all(&absolute).map_err(|e| format!("cannot create folder: {e}"))?;
+    Url::from_directory_path(&absolute).map_err(|()| "not an absolute path".to_string())
+}
+
+/// The location of a table under a storage root.
+pub fn table_location(root: &str, table: &str) -> String {
+    format!("{}/{}", root.trim_end_matches('/'), table)
+}
+
+async fn create_table(
+    table: &DeltaTable,
+    schema: &TableSchema,
+    checkpoint_interval: u64,
+) -> Result<DeltaTable, DeltaTableError> {
+    let arrow = schema.arrow_schema();
+    let mut fields = Vec::with_capacity(arrow.fields().len());
+    for (field, column) in arrow.fields().iter().zip(&schema.columns) {
+        let mut f = StructField::try_from_arrow(field.as_ref())
+            .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+        if let Some(doc) = &column.doc {
+            f = f.with_metadata([("comment", MetadataValue::String(doc.clone()))]);
+        }
+        fields.push(f);
+    }
+    let mut create = table
+        .create()
+        .with_table_name(&schema.name)
+        .with_columns(fields)
+        .with_configuration_property(
+            deltalake::TableProperty::CheckpointInterval,
+            Some(checkpoint_interval.to_string()),
+        )
+        // Log cleanup lists the whole _delta_log; maintenance does it, not the commit path.
+        .with_configuration_property(
+            deltalake::TableProperty::EnableExpiredLogCleanup,
+            Some("false"),
+        );
+    if let Some(description) = &schema.description {
+        create = create.with_comment(description);
+    }
+    if let Some(part) = &schema.partition_column {
+        create = create.with_partition_columns([part.clone()]);
+    }
+    create.await
+}
+
+/// Refuses to use a table whose columns differ from the schema file, instead of writing files
+/// readers would mis-read.
+fn check_schema(table: &DeltaTable, schema: &TableSchema) -> Result<(), DeltaError> {
+    let expected = schema.arrow_schema();
+    let existing = table
+        .snapshot()
+        .and_then(|s| s.arrow_schema())
+        .map_err(|source| DeltaError::Delta {
+            table: schema.name.clone(),
+            operation: "read schema",
+            source,
+        })?;
+    let mut problems = Vec::new();
+    for field in expected.fields() {
+        match existing.field_with_name(field.name()) {
+            Err(_) => problems.push(format!("`{}` is missing from the table", field.name())),
+            Ok(f) if !types_match(f.data_type(), field.data_type()) => problems.push(format!(
+                "`{}` is {} in the table but {} in the schema file",
+                field.name(),
+                f.data_type(),
+                field.data_type()
+            )),
+            Ok(_) => {}
+        }
+    }
+    for field in existing.fields() {
+        if expected.field_with_name(field.name()).is_err() {
+            problems.push(format!("`{}` is not in the schema file", field.name()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(DeltaError::SchemaMismatch {
+            table: schema.name.clone(),
+            file: schema.file.display().to_string(),
+            detail: problems.join("; "),
+        })
+    }
+}
+
+/// Compares types ignoring nested field names and nullability, which Delta and Arrow spell
+/// differently (`element` vs `item`).
+fn types_match(
+    a: &deltalake::arrow::datatypes::DataType,
+    b: &deltalake::arrow::datatypes::DataType,
+) -> bool {
+    use deltalake::arrow::datatypes::DataType as T;
+    match (a, b) {
+        (T::List(x), T::List(y)) | (T::LargeList(x), T::List(y)) | (T::List(x), T::LargeList(y)) => {
+            types_match(x.data_type(), y.data_type())
+        }
+        (T::Struct(x), T::Struct(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y.iter()).all(|(f, g)| {
+                    f.name() == g.name() && types_match(f.data_type(), g.data_type())
+                })
+        }
+        (T::Utf8 | T::LargeUtf8 | T::Utf8View, T::Utf8 | T::LargeUtf8 | T::Utf8View) => true,
+        _ => a == b,
+    }
+}
+
+/// Writes a probe object twice with put-if-absent; a store that lets the second write succeed
+/// would let two writers claim the same table version.
+async fn probe_conditional_put(
+    table: &DeltaTable,
+    name: &str,
+    location: &str,
+) -> Result<(), DeltaError> {
+    let store = table.object_store();
+    let path = object_store::path::Path::from(format!(
+        "_delta_log/_sluice_probe_{}",
+        uuid::Uuid::new_v4()
+    ));
+    let create = || PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    let io = |source: object_store::Error| DeltaError::Delta {
+        table: name.to_string(),
+        operation: "probe conditional writes",
+        source: DeltaTableError::from(source),
+    };
+    store
+        .put_opts(&path, PutPayload::from_static(b"probe"), create())
+        .await
+        .map_err(io)?;
+    let second = store
+        .put_opts(&path, PutPayload::from_static(b"probe"), create())
+        .await;
+    let _ = store.delete(&path).await;
+    match second {
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(io(e)),
+        Ok(_) => Err(DeltaError::UnsafeStore {
+            table: name.to_string(),
+            location: location.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,402 @@
+//! Demo: the whole pipeline on an embedded default, with nothing installed.
+//!
+//! An in-process Kafka cluster (librdkafka's mock cluster), the generator publishing the three
+//! upstream shapes to it, the writer landing them in `<dir>/enriched_posts`, and a printed
+//! summary. The folder keeps a `sluice.toml` and the schema files, so every other command can be
+//! pointed at the demo's table with `--config <dir>/sluice.toml`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::datatypes::Int64Type;
+use deltalake::datafusion::prelude::SessionContext;
+use rdkafka::mocking::MockCluster;
+
+use crate::app;
+use crate::config::Config;
+use crate::delta::{table_location, table_url};
+use crate::generator::Shape;
+use crate::pipeline::Progress;
+use crate::produce::{ProduceOptions, ProduceReport, produce};
+
+/// First line of a demo-written config; marks a folder the demo may reset.
+const DEMO_MARKER: &str = "# Written by `sluice demo`.";
+/// How long the writer may take to catch up after the last message is produced.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+
+const SCHEMA: &str = include_str!("../schemas/enriched_posts.toml");
+const MAPPINGS: [(&str, &str); 3] = [
+    ("mastodon.toml", include_str!("../schemas/mappings/mastodon.toml")),
+    ("bluesky.toml", include_str!("../schemas/mappings/bluesky.toml")),
+    ("tweets.toml", include_str!("../schemas/mappings/tweets.toml")),
+];
+
+/// Errors running the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The output folder holds something that is not a previous demo.
+    #[error(
+        "{dir} is not empty and was not written by `sluice demo`; choose another --dir or empty it"
+    )]
+    NotADemoFolder {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// File system trouble in the output folder.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path concerned.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The embedded Kafka cluster failed.
+    #[error("embedded kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Publishing failed.
+    #[error(transparent)]
+    Produce(#[from] crate::produce::ProduceError),
+    /// The writer failed.
+    #[error(transparent)]
+    App(#[from] app::AppError),
+    /// The written config did not load; a bug.
+    #[error("bug: the demo's own config does not load: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// The writer did not commit everything in time.
+    #[error("the writer committed {committed} of {produced} messages within {timeout:?}")]
+    Stalled {
+        /// Messages committed.
+        committed: u64,
+        /// Messages produced.
+        produced: u64,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// Querying the result failed.
+    #[error("summary query: {0}")]
+    Query(String),
+}
+
+/// Demo settings (the `sluice demo` flags).
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Output folder.
+    pub dir: PathBuf,
+    /// Messages to publish.
+    pub records: u64,
+    /// Messages per second (0 = as fast as possible).
+    pub rate: u64,
+    /// Partitions per topic.
+    pub partitions: i32,
+    /// Embedding dimension of tweets.
+    pub embedding_dim: usize,
+    /// Every n-th message is hostile (0 = none).
+    pub bad_every: u64,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+/// What the demo did.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// Publishing figures.
+    pub produced: ProduceReport,
+    /// Writer figures.
+    pub written: Progress,
+    /// From the first message produced to the last commit.
+    pub elapsed: Duration,
+    /// Rows per (sentiment, category), labels folded with lower(trim()).
+    pub sentiment_by_category: Vec<(String, String, i64)>,
+    /// Rows the table holds, counted by query.
+    pub table_rows: i64,
+    /// Where the config was written.
+    pub config_file: PathBuf,
+}
+
+/// Runs the demo and returns its report.
+pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
+    prepare_folder(&options.dir)?;
+    let config_file = write_config(&options.dir)?;
+    let mut config = Config::load(&config_file, std::env::vars())?;
+
+    let cluster = MockCluster::new(1)?;
+    for shape in Shape::ALL {
+        cluster.create_topic(shape.default_topic(), options.partitions, 1)?;
+    }
+    config.kafka.brokers = cluster.bootstrap_servers();
+    config.batch.max_age_ms = 1000;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = app::start(&config, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    let started = Instant::now();
+    let produced = produce(&ProduceOptions {
+        brokers: config.kafka.brokers.clone(),
+        shapes: Shape::ALL
+            .iter()
+            .map(|s| (*s, s.default_topic().to_string()))
+            .collect(),
+        count: options.records,
+        rate: options.rate,
+        seed: options.seed,
+        embedding_dim: options.embedding_dim,
+        bad_every: options.bad_every,
+        spread_days: 3,
+    })
+    .await?;
+
+    let mut table = running.into_iter().next().expect("the demo config has one table");
+    let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+        table
+            .progress
+            .wait_for(|p| {
+                produced.last_offsets.iter().all(|((topic, partition), last)| {
+                    p.committed.iter().any(|(k, c)| {
+                        &*k.topic == topic.as_str() && k.partition == *partition && c >= last
+                    })
+                })
+            })
+            .await
+            .is_ok()
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let _ = stop_tx.send(());
+    let written = match table.task.await {
+        Ok(result) => result.map_err(app::AppError::from)?,
+        Err(e) => {
+            return Err(DemoError::App(app::AppError::Panicked {
+                table: table.name,
+                message: e.to_string(),
+            }));
+        }
+    };
+    if !matches!(caught_up, Ok(true)) {
+        return Err(DemoError::Stalled {
+            committed: written.rows + written.rejected,
+            produced: produced.delivered,
+            timeout: CATCH_UP_TIMEOUT,
+        });
+    }
+    drop(cluster);
+
+    let location = table_location(&config.storage.root, "enriched_posts");
+    let (table_rows, sentiment_by_category) = summarize(&location).await?;
+    Ok(DemoReport {
+        produced,
+        written,
+        elapsed,
+        sentiment_by_category,
+        table_rows,
+        config_file,
+    })
+}
+
+/// Refuses folders that hold anything but a previous demo; resets a previous demo's table so
+/// each run starts from an empty table.
+fn prepare_folder(dir: &Path) -> Result<(), DemoError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DemoError::Io { path, source }
+    };
+    if dir.exists() {
+        let config = dir.join("sluice.toml");
+        let is_demo = std::fs::read_to_string(&config)
+            .map(|t| t.starts_with(DEMO_MARKER))
+            .unwrap_or(false);
+        let is_empty = std::fs::read_dir(dir).map_err(io(dir))?.next().is_none();
+        if !is_demo && !is_empty {
+            return Err(DemoError::NotADemoFolder {
+                dir: dir.to_path_buf(),
+            });
+        }
+        for name in ["enriched_posts", "schemas"] {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(dir.join("schemas/mappings")).map_err(io(dir))?;
+    Ok(())
+}
+
+fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
+    let write = |path: PathBuf, text: &str| {
+        std::fs::write(&path, text).map_err(|source| DemoError::Io { path, source })
+    };
+    write(dir.join("schemas/enriched_posts.toml"), SCHEMA)?;
+    for (name, text) in MAPPINGS {
+        write(dir.join("schemas/mappings").join(name), text)?;
+    }
+    let mut sources = String::new();
+    for shape in Shape::ALL {
+        let _ = writeln!(
+            sources,
+            "  {{ topic = \"{}\", mapping = \"schemas/{}\" }},",
+            shape.default_topic(),
+            shape.mapping_file()
+        );
+    }
+    let config = format!(
+        "{DEMO_MARKER} Tables live next to this file; point other commands here with\n\
+         # `--config {}`. The demo's Kafka was in-process and is gone: to keep ingesting,\n\
+         # set kafka.brokers (or SLUICE_KAFKA__BROKERS) to a real cluster.\n\n\
+         [kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"sluice-demo\"\n\n\
+         [storage]\nroot = \".\"\n\n\
+         [batch]\nmax_age_ms = 1000\n\n\
+         [[tables]]\nschema = \"schemas/enriched_posts.toml\"\nsources = [\n{sources}]\n",
+        dir.join("sluice.toml").display()
+    );
+    let file = dir.join("sluice.toml");
+    write(file.clone(), &config)?;
+    Ok(file)
+}
+
+/// Counts rows and the sentiment × category breakdown through delta-rs' DataFusion provider,
+/// which reads exactly the files of the current table version.
+pub async fn summarize(location: &str) -> Result<(i64, Vec<(String, String, i64)>), DemoError> {
+    let q = |e: &dyn std::fmt::Display| DemoError::Query(e.to_string());
+    let url = table_url(location).map_err(|e| q(&e))?;
+    let table = deltalake::open_table(url).await.map_err(|e| q(&e))?;
+    let ctx = SessionContext::new();
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| q(&e))?;
+    let provider = table.table_provider().await.map_err(|e| q(&e))?;
+    ctx.register_table("enriched_posts", provider)
+        .map_err(|e| q(&e))?;
+    let total = ctx
+        .sql("SELECT count(*) AS n FROM enriched_posts")
+        .await
+        .map_err(|e| q(&e))?
+        .collect()
+        .await
+        .map_err(|e| q(&e))?;
+    let table_rows = total
+        .first()
+        .map(|b| b.column(0).as_primitive::<Int64Type>().value(0))
+        .unwrap_or(0);
+    let batches = ctx
+        .sql(
+            "SELECT coalesce(lower(trim(sentiment)), '(none)') AS sentiment, \
+                    coalesce(lower(trim(category)), '(none)') AS category, count(*) AS n \
+             FROM enriched_posts GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .await
+        .map_err(|e| q(&e))?
+        .collect()
+        .await
+        .map_err(|e| q(&e))?;
+    let mut rows = Vec::new();
+    for batch in batches {
+        let s = batch.column(0).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect::<Vec<_>>())
+            .or_else(|| batch.column(0).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect()))
+            .ok_or_else(|| DemoError::Query(format!("unexpected type {}", batch.column(0).data_type())))?;
+        let c = batch.column(1).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect::<Vec<_>>())
+            .or_else(|| batch.column(1).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect()))
+            .ok_or_else(|| DemoError::Query(format!("unexpected type {}", batch.column(1).data_type())))?;
+        let n = batch.column(2).as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            rows.push((s[i].clone(), c[i].clone(), n.value(i)));
+        }
+    }
+    Ok((table_rows, rows))
+}
+
+impl DemoReport {
+    /// The summary printed at the end of `sluice demo`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let w = &self.written;
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let _ = writeln!(out, "\nsluice demo: done in {:.1}s", secs);
+        let _ = writeln!(
+            out,
+            "  produced      {} messages ({:.1} MB) to 3 topics",
+            self.produced.delivered,
+            self.produced.bytes as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "  committed     {} rows + {} rejected = {} messages, exactly once",
+            w.rows,
+            w.rejected,
+            w.rows + w.rejected
+        );
+        if !w.rejected_by_reason.is_empty() {
+            let reasons: Vec<String> = w
+                .rejected_by_reason
+                .iter()
+                .map(|(r, n)| format!("{r}: {n}"))
+                .collect();
+            let _ = writeln!(out, "  rejected      {}", reasons.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "  table         {} rows in {} Parquet files ({:.1} MB, zstd), {} commits, Delta version {}",
+            self.table_rows,
+            w.files,
+            w.bytes as f64 / 1e6,
+            w.commits,
+            w.table_version
+        );
+        let _ = writeln!(
+            out,
+            "  throughput    {:.0} records/s end to end ({:.1} MB/s of JSON)",
+            (w.rows + w.rejected) as f64 / secs,
+            self.produced.bytes as f64 / 1e6 / secs
+        );
+        let _ = writeln!(out, "  config        {}", self.config_file.display());
+        let _ = writeln!(
+            out,
+            "\nPosts by sentiment × category (raw LLM labels folded with lower(trim())):\n"
+        );
+        out.push_str(&pivot(&self.sentiment_by_category));
+        out
+    }
+}
+
+/// Renders (row, column, count) triples as a table, biggest columns first.
+fn pivot(cells: &[(String, String, i64)]) -> String {
+    let mut col_totals: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut rows: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
+    for (r, c, n) in cells {
+        *col_totals.entry(c).or_default() += n;
+        *rows.entry(r).or_default().entry(c).or_default() += n;
+    }
+    let mut cols: Vec<(&str, i64)> = col_totals.into_iter().collect();
+    cols.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let shown: Vec<&str> = cols.iter().take(8).map(|(c, _)| *c).collect();
+    let other = cols.len() > shown.len();
+    let width = |s: &str| s.len().max(6);
+    let mut out = format!("  {:<10}", "");
+    for c in &shown {
+        let _ = write!(out, " {:>w$}", c, w = width(c));
+    }
+    if other {
+        let _ = write!(out, " {:>6}", "other");
+    }
+    out.push('\n');
+    for (r, counts) in &rows {
+        let _ = write!(out, "  {:<10}", r);
+        for c in &shown {
+            let _ = write!(out, " {:>w$}", counts.get(c).unwrap_or(&0), w = width(c));
+        }
+        if other {
+            let rest: i64 = counts
+                .iter()
+                .filter(|(c, _)| !shown.contains(c))
+                .map(|(_, n)| n)
+                .sum();
+            let _ = write!(out, " {:>6}", rest);
+        }
+        out.push('\n');
+    }
+    out
+}

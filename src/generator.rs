@@ -1,0 +1,344 @@
+//! Generator: deterministic, realistic enriched posts in the three upstream shapes.
+//!
+//! Labels are as messy as real LLM output (mixed case, stray whitespace, `INAPROPRIATE`,
+//! categories outside the list) so downstream canonicalization has something to do. With
+//! `bad_every`, every n-th message is a hostile payload of a rotating kind.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+/// The upstream JSON shapes sluice ships mappings for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Shape {
+    /// LLM-enriched Mastodon statuses.
+    Mastodon,
+    /// Bluesky Jetstream commit events with model enrichment.
+    Bluesky,
+    /// Tweets with engagement counts and an embedding.
+    Tweets,
+}
+
+impl Shape {
+    /// All shapes, in a fixed order.
+    pub const ALL: [Shape; 3] = [Shape::Mastodon, Shape::Bluesky, Shape::Tweets];
+
+    /// The conventional topic name for the shape.
+    pub fn default_topic(self) -> &'static str {
+        match self {
+            Shape::Mastodon => "posts.mastodon",
+            Shape::Bluesky => "posts.bluesky",
+            Shape::Tweets => "posts.tweets",
+        }
+    }
+
+    /// The shipped mapping file for the shape, relative to the repository root.
+    pub fn mapping_file(self) -> &'static str {
+        match self {
+            Shape::Mastodon => "mappings/mastodon.toml",
+            Shape::Bluesky => "mappings/bluesky.toml",
+            Shape::Tweets => "mappings/tweets.toml",
+        }
+    }
+}
+
+const CATEGORIES: [&str; 8] = [
+    "technology",
+    "politics",
+    "sports",
+    "entertainment",
+    "science",
+    "business",
+    "health",
+    "climate",
+];
+/// Categories an LLM invents that are not in the list.
+const INVENTED_CATEGORIES: [&str; 3] = ["Tech & Gadgets", "Sport", "memes"];
+const SENTIMENTS: [&str; 3] = ["positive", "negative", "neutral"];
+const LANGUAGES: [&str; 6] = ["en", "en", "en", "de", "es", "pt"];
+const ENTITY_POOL: [(&str, &str); 10] = [
+    ("Berlin", "LOC"),
+    ("OpenAI", "ORG"),
+    ("Lisbon", "LOC"),
+    ("NASA", "ORG"),
+    ("Taylor Swift", "PER"),
+    ("Real Madrid", "ORG"),
+    ("Greta Thunberg", "PER"),
+    ("Mastodon", "MISC"),
+    ("Nvidia", "ORG"),
+    ("Tokyo", "LOC"),
+];
+const SUBJECTS: [&str; 8] = [
+    "The new model release",
+    "Tonight's match",
+    "This climate report",
+    "The election debate",
+    "Our quarterly numbers",
+    "The vaccine study",
+    "That movie premiere",
+    "The rocket launch",
+];
+const VERBS: [&str; 6] = [
+    "is honestly",
+    "looks",
+    "was",
+    "might be",
+    "feels",
+    "turned out",
+];
+const COMPLEMENTS: [&str; 8] = [
+    "amazing, well done everyone",
+    "a total disaster",
+    "fine I guess",
+    "better than expected",
+    "exactly what we needed, said nobody",
+    "worth watching twice",
+    "a scam and you all know it",
+    "interesting but overhyped",
+];
+
+/// Produces posts; the same seed gives the same posts.
+pub struct Generator {
+    rng: SmallRng,
+    embedding_dim: usize,
+    base_time_ms: i64,
+    spread_days: i64,
+    bad_every: Option<u64>,
+    count: u64,
+}
+
+impl Generator {
+    /// A generator whose posts are created within `spread_days` before `base_time_ms`.
+    pub fn new(seed: u64, embedding_dim: usize, base_time_ms: i64, spread_days: i64) -> Self {
+        Generator {
+            rng: SmallRng::seed_from_u64(seed),
+            embedding_dim,
+            base_time_ms,
+            spread_days: spread_days.max(1),
+            bad_every: None,
+            count: 0,
+        }
+    }
+
+    /// Makes every `n`-th message a hostile payload (0 disables).
+    pub fn with_bad_every(mut self, n: u64) -> Self {
+        self.bad_every = (n > 0).then_some(n);
+        self
+    }
+
+    /// The next message of `shape`: its key and JSON payload.
+    pub fn next(&mut self, shape: Shape) -> (String, Vec<u8>) {
+        self.count += 1;
+        let seq = self.count;
+        if let Some(n) = self.bad_every
+            && seq % n == 0
+        {
+            return (format!("bad-{seq}"), self.bad_payload(seq / n));
+        }
+        let created_ms = self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
+        let (key, value) = match shape {
+            Shape::Mastodon => self.mastodon(seq, created_ms),
+            Shape::Bluesky => self.bluesky(seq, created_ms),
+            Shape::Tweets => self.tweet(seq, created_ms),
+        };
+        (key, serde_json::to_vec(&value).expect("generated JSON serializes"))
+    }
+
+    fn bad_payload(&mut self, k: u64) -> Vec<u8> {
+        match k % 5 {
+            0 => br#"{"id": "x", "content": "unterminated"#.to_vec(),
+            1 => b"<html>502 Bad Gateway</html>".to_vec(),
+            2 => br#"{"id":"a"}{"id":"b"}"#.to_vec(),
+            3 => br#"{"id": {"oops": 1}, "commit": {"cid": ["x"]}, "created_at": "2025-01-01T00:00:00Z"}"#
+                .to_vec(),
+            _ => br#"["not", "an", "object"]"#.to_vec(),
+        }
+    }
+
+    fn text(&mut self) -> String {
+        format!(
+            "{} {} {}",
+            SUBJECTS[self.rng.random_range(0..SUBJECTS.len())],
+            VERBS[self.rng.random_range(0..VERBS.len())],
+            COMPLEMENTS[self.rng.random_range(0..COMPLEMENTS.len())]
+        )
+    }
+
+    /// A sentiment label as an LLM writes it: usually clean, sometimes shouty or padded.
+    fn messy(&mut self, label: &str) -> String {
+        match self.rng.random_range(0..10) {
+            0 => label.to_uppercase(),
+            1 => {
+                let mut s = label.to_string();
+                s[..1].make_ascii_uppercase();
+                s + " "
+            }
+            _ => label.to_string(),
+        }
+    }
+
+    fn category(&mut self) -> String {
+        if self.rng.random_range(0..25) == 0 {
+            INVENTED_CATEGORIES[self.rng.random_range(0..INVENTED_CATEGORIES.len())].to_string()
+        } else {
+            let c = CATEGORIES[self.rng.random_range(0..CATEGORIES.len())];
+            self.messy(c)
+        }
+    }
+
+    fn sentiment(&mut self) -> String {
+        let s = SENTIMENTS[self.rng.random_range(0..SENTIMENTS.len())];
+        self.messy(s)
+    }
+
+    fn score(&mut self) -> f64 {
+        (self.rng.random_range(0..10_000) as f64) / 10_000.0
+    }
+
+    fn entities(&mut self) -> Vec<Value> {
+        (0..self.rng.random_range(0..4))
+            .map(|_| {
+                let (text, label) = ENTITY_POOL[self.rng.random_range(0..ENTITY_POOL.len())];
+                json!({"text": text, "label": label, "score": 0.5 + self.score() / 2.0})
+            })
+            .collect()
+    }
+
+    fn author(&mut self) -> String {
+        format!("user{}", self.rng.random_range(0..5_000))
+    }
+
+    fn mastodon(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
+        let id = format!("1130{seq:011}");
+        let appropriate = match self.rng.random_range(0..20) {
+            0 => "INAPROPRIATE",
+            1 => "inappropriate",
+            2 => "Appropriate ",
+            _ => "appropriate",
+        };
+        let sarcasm = if self.rng.random_range(0..6) == 0 {
+            "Sarcastic"
+        } else {
+            "not sarcastic"
+        };
+        let instance = ["mastodon.social", "fosstodon.org", "hachyderm.io"][self.rng.random_range(0..3)];
+        let value = json!({
+            "id": id,
+            "created_at": rfc3339(created_ms),
+            "content": format!("<p>{}</p>", self.text()),
+            "url": format!("https://{instance}/@{}/{id}", self.author()),
+            "account": {"acct": format!("{}@{instance}", self.author()), "bot": false},
+            "favourites_count": self.rng.random_range(0..500),
+            "reblogs_count": self.rng.random_range(0..100),
+            "replies_count": self.rng.random_range(0..50),
+            "language": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+            "sentiment": self.sentiment(),
+            "sarcasm": sarcasm,
+            "category": self.category(),
+            "appropriate language": appropriate,
+            "model": "llama-3.1-8b-instruct",
+        });
+        (id, value)
+    }
+
+    fn bluesky(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
+        let did = format!("did:plc:{:024x}", self.rng.random::<u128>() >> 32);
+        let cid = format!("bafyrei{seq:012}{:08x}", self.rng.random::<u32>());
+        let toxicity = self.score() * self.score();
+        let value = json!({
+            "did": did,
+            "time_us": created_ms * 1000 + self.rng.random_range(0..1000),
+            "kind": "commit",
+            "commit": {
+                "rev": format!("3l{seq:x}"),
+                "operation": "create",
+                "collection": "app.bsky.feed.post",
+                "rkey": format!("3k{seq:010}"),
+                "cid": cid,
+                "record": {
+                    "$type": "app.bsky.feed.post",
+                    "text": self.text(),
+                    "langs": [LANGUAGES[self.rng.random_range(0..LANGUAGES.len())]],
+                    "createdAt": rfc3339(created_ms),
+                }
+            },
+            "enrichment": {
+                "model": "detoxify-0.5+bert-base-ner",
+                "language": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+                "sentiment": {"label": self.sentiment(), "score": 0.5 + self.score() / 2.0},
+                "toxicity": {"score": toxicity, "labels": {
+                    "insult": toxicity * self.score(),
+                    "threat": toxicity * self.score() / 4.0,
+                    "obscene": toxicity * self.score(),
+                    "identity_attack": toxicity * self.score() / 3.0,
+                    "severe_toxicity": toxicity * toxicity,
+                }},
+                "entities": self.entities(),
+                "bot_score": self.score() * self.score(),
+                "category": self.category(),
+            }
+        });
+        (did, value)
+    }
+
+    fn tweet(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
+        let id = format!("18{seq:017}");
+        let embedding: Vec<f32> = (0..self.embedding_dim)
+            .map(|_| self.rng.random_range(-1.0f32..1.0))
+            .collect();
+        let impressions = self.rng.random_range(10..100_000);
+        let value = json!({
+            "id": id,
+            "text": self.text(),
+            "created_at": rfc3339(created_ms),
+            "author": {"username": self.author(), "verified": self.rng.random_range(0..10) == 0},
+            "lang": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+            "public_metrics": {
+                "like_count": impressions / self.rng.random_range(20..200),
+                "retweet_count": impressions / self.rng.random_range(100..2000),
+                "reply_count": impressions / self.rng.random_range(200..5000),
+                "impression_count": impressions,
+            },
+            "labels": {
+                "sentiment": self.sentiment(),
+                "sentiment_score": 0.5 + self.score() / 2.0,
+                "sarcasm": if self.rng.random_range(0..8) == 0 { "sarcastic" } else { "not_sarcastic" },
+                "category": self.category(),
+                "toxicity": self.score() * self.score(),
+                "model": "gpt-4o-mini",
+            },
+            "embedding": embedding,
+        });
+        (id, value)
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_posts_and_bad_ones_where_asked() {
+        let mut a = Generator::new(7, 8, 1_750_000_000_000, 3).with_bad_every(4);
+        let mut b = Generator::new(7, 8, 1_750_000_000_000, 3).with_bad_every(4);
+        for i in 1..=12u64 {
+            let shape = Shape::ALL[(i % 3) as usize];
+            let (ka, pa) = a.next(shape);
+            let (kb, pb) = b.next(shape);
+            assert_eq!((ka.clone(), pa.clone()), (kb, pb));
+            let parsed = serde_json::from_slice::<Value>(&pa);
+            if i % 4 == 0 {
+                assert!(ka.starts_with("bad-"));
+            } else {
+                assert!(parsed.unwrap().is_object());
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! sluice lands enriched Kafka streams in a Delta Lake "one big table", exactly once.
+//!
+//! Data flow, one writer per table:
+//! ```text
+//! Kafka ─► source ─► decode (JSON → Arrow via a mapping) ─► batch ─► delta (Parquet + commit)
+//!            ▲ positions come from the table's txn versions, never from Kafka's offsets ─┘
+//! ```
+//!
+//! Modules, one job each:
+//! - [`config`]: the typed configuration (file, `SLUICE_*` environment, flags).
+//! - [`schema`]: table schema files: columns, types, sluice-filled columns.
+//! - [`mapping`]: mapping files: where each column is found in one upstream JSON shape.
+//! - [`decode`]: message bytes → rows, or one rejection per message with a reason code.
+//! - [`batch`]: when to flush (rows, bytes, age); pure rules, no I/O.
+//! - [`source`]: the Kafka consumer; assignment driven by the table.
+//! - [`delta`]: create the table, read txn versions, write Parquet, commit.
+//! - [`pipeline`]: the writer loop composing the stages, and its exactly-once rules.
+//! - [`app`]: the service: one writer per configured table.
+//! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
+//! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
+//! - [`telemetry`]: logs and the Prometheus endpoint.
+
+pub mod app;
+pub mod batch;
+pub mod config;
+pub mod decode;
+pub mod delta;
+pub mod demo;
+pub mod generator;
+pub mod mapping;
+pub mod pipeline;
+pub mod produce;
+pub mod schema;
+pub mod source;
+pub mod telemetry;

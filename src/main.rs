@@ -1,0 +1,178 @@
+//! The `sluice` command line: parse, start telemetry, hand over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use sluice::config::Config;
+use sluice::demo::{DemoOptions, run as run_demo};
+use sluice::generator::Shape;
+use sluice::produce::{ProduceOptions, produce};
+use sluice::telemetry::{LogFormat, init_logging, init_metrics};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Exactly-once Kafka → Delta Lake for enriched social streams")]
+struct Cli {
+    /// Log format: human-readable text or JSON lines.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline on an in-process Kafka and a local table, then print a summary.
+    Demo {
+        /// Output folder: the table, its schema files and a sluice.toml.
+        #[arg(long, default_value = "lakehouse")]
+        dir: PathBuf,
+        /// Messages to publish.
+        #[arg(long, default_value_t = 60_000)]
+        records: u64,
+        /// Messages per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// Partitions per topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Embedding dimension of tweets.
+        #[arg(long, default_value_t = 64)]
+        embedding_dim: usize,
+        /// Every n-th message is a hostile payload, to show rejections (0 = none).
+        #[arg(long, default_value_t = 1000)]
+        bad_every: u64,
+        /// Generator seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Run the writer service until SIGINT/SIGTERM.
+    Run {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Override kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Override kafka.group_id.
+        #[arg(long)]
+        group_id: Option<String>,
+        /// Override storage.root (local path or s3://bucket/prefix).
+        #[arg(long)]
+        storage_root: Option<String>,
+        /// Override metrics.listen (e.g. 0.0.0.0:9464).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+    },
+    /// Publish generated enriched posts to a Kafka cluster.
+    Produce {
+        /// Bootstrap servers.
+        #[arg(long, env = "SLUICE_KAFKA__BROKERS", default_value = "localhost:9092")]
+        brokers: String,
+        /// Upstream shape; repeat for several (round robin). Default: all three.
+        #[arg(long, value_enum)]
+        shape: Vec<Shape>,
+        /// Topic (only with a single --shape); default posts.<shape>.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Messages to publish.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Messages per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Embedding dimension of tweets.
+        #[arg(long, default_value_t = 384)]
+        embedding_dim: usize,
+        /// Every n-th message is a hostile payload (0 = none).
+        #[arg(long, default_value_t = 0)]
+        bad_every: u64,
+        /// Generator seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, "info,deltalake=warn,deltalake_core=warn");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async_main(cli.command))
+}
+
+async fn async_main(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo { dir, records, rate, partitions, embedding_dim, bad_every, seed } => {
+            let options = DemoOptions { dir, records, rate, partitions, embedding_dim, bad_every, seed };
+            let report = run_demo(&options).await?;
+            println!("{}", report.render());
+        }
+        Command::Run { config, brokers, group_id, storage_root, metrics_listen } => {
+            let mut cfg = Config::load(&config, std::env::vars())?;
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            if let Some(g) = group_id {
+                cfg.kafka.group_id = g;
+            }
+            if let Some(r) = storage_root {
+                cfg.storage.root = r;
+            }
+            if let Some(m) = metrics_listen {
+                cfg.metrics.listen = Some(m);
+            }
+            if let Some(listen) = &cfg.metrics.listen {
+                init_metrics(listen).map_err(anyhow::Error::msg)?;
+            }
+            tracing::info!(config = %config.display(), "starting sluice");
+            sluice::app::run(cfg, shutdown_signal()).await?;
+        }
+        Command::Produce { brokers, shape, topic, count, rate, embedding_dim, bad_every, seed } => {
+            let shapes: Vec<Shape> = if shape.is_empty() { Shape::ALL.to_vec() } else { shape };
+            if topic.is_some() && shapes.len() != 1 {
+                anyhow::bail!("--topic needs exactly one --shape");
+            }
+            let shapes = shapes
+                .into_iter()
+                .map(|s| (s, topic.clone().unwrap_or_else(|| s.default_topic().to_string())))
+                .collect();
+            let report = produce(&ProduceOptions { brokers, shapes, count, rate, seed, embedding_dim, bad_every, spread_days: 3 }).await?;
+            let secs = report.elapsed.as_secs_f64().max(1e-9);
+            println!(
+                "delivered {} messages ({:.1} MB) in {:.1}s: {:.0} msg/s",
+                report.delivered,
+                report.bytes as f64 / 1e6,
+                secs,
+                report.delivered as f64 / secs
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested: committing buffered messages");
+}

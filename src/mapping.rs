@@ -1,0 +1,358 @@
+//! Mapping files: where each column's value is found in one upstream JSON shape.
+//!
+//! A mapping names a JSON path (or a constant) per column. From all paths of a mapping sluice
+//! derives the nested Arrow schema that arrow-json decodes messages into, so the decoder reads
+//! only what the table needs and ignores every other field; [`Mapping::project`] then lifts the
+//! leaves out of that nested batch into table columns.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, ArrayRef, StringArray, StructArray, make_array, new_null_array};
+use deltalake::arrow::buffer::NullBuffer;
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+
+use crate::schema::{TableSchema, UTC};
+
+/// Errors found while reading a mapping file.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// The file could not be read.
+    #[error("mapping file {file}: {source}")]
+    Io {
+        /// Path of the mapping file.
+        file: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for the mapping format.
+    #[error("mapping file {file}: {message}")]
+    Syntax {
+        /// Path of the mapping file.
+        file: PathBuf,
+        /// Parser message, with line and column.
+        message: String,
+    },
+    /// A column entry is wrong for the table it maps into.
+    #[error("mapping file {file}: column `{field}`: {reason}")]
+    Field {
+        /// Path of the mapping file.
+        file: PathBuf,
+        /// Column the problem is in.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingFile {
+    table: String,
+    columns: BTreeMap<String, EntryDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PathDef {
+    Dotted(String),
+    Segments(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryDef {
+    #[serde(default)]
+    path: Option<PathDef>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    unit: Option<String>,
+}
+
+/// Where one column's value comes from.
+#[derive(Debug, Clone)]
+enum ValueSource {
+    /// A JSON path; `leaf` is the Arrow type arrow-json decodes it as.
+    Path { segments: Vec<String>, leaf: DataType },
+    /// The same string for every row (e.g. the platform name).
+    Constant(String),
+}
+
+/// A validated mapping from one upstream JSON shape to the columns of one table.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// Table this mapping fills.
+    pub table: String,
+    /// Where the mapping was read from, for error messages.
+    pub file: PathBuf,
+    entries: Vec<(String, ValueSource)>,
+    source_schema: SchemaRef,
+}
+
+impl Mapping {
+    /// Reads a mapping file and validates it against the table it maps into.
+    pub fn load(file: &Path, table: &TableSchema) -> Result<Self, MappingError> {
+        let text = std::fs::read_to_string(file).map_err(|source| MappingError::Io {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, file, table)
+    }
+
+    /// Parses mapping text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path, table: &TableSchema) -> Result<Self, MappingError> {
+        let raw: MappingFile = toml::from_str(text).map_err(|e| MappingError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let err = |field: &str, reason: String| MappingError::Field {
+            file: file.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        if raw.table != table.name {
+            return Err(err(
+                "table",
+                format!(
+                    "maps into `{}` but is configured for table `{}`",
+                    raw.table, table.name
+                ),
+            ));
+        }
+        let mut entries = Vec::new();
+        let mut tree = Node::default();
+        for (name, def) in raw.columns {
+            let column = table
+                .column(&name)
+                .ok_or_else(|| err(&name, format!("table `{}` has no such column", table.name)))?;
+            if column.source.is_some() {
+                return Err(err(
+                    &name,
+                    "is filled by sluice itself (source in the schema) and cannot be mapped"
+                        .into(),
+                ));
+            }
+            let source = match (def.path, def.value) {
+                (Some(_), Some(_)) => {
+                    return Err(err(&name, "set either `path` or `value`, not both".into()));
+                }
+                (None, None) => return Err(err(&name, "needs a `path` or a `value`".into())),
+                (None, Some(value)) => {
+                    if column.data_type != DataType::Utf8 {
+                        return Err(err(&name, "constant values are only allowed for string columns".into()));
+                    }
+                    if def.unit.is_some() {
+                        return Err(err(&name, "`unit` applies only to paths".into()));
+                    }
+                    ValueSource::Constant(value)
+                }
+                (Some(path), None) => {
+                    let segments = match path {
+                        PathDef::Dotted(s) => s.split('.').map(str::to_string).collect::<Vec<_>>(),
+                        PathDef::Segments(v) => v,
+                    };
+                    if segments.is_empty() || segments.iter().any(String::is_empty) {
+                        return Err(err(&name, "the path has an empty segment".into()));
+                    }
+                    let leaf = match (&column.data_type, def.unit.as_deref()) {
+                        (DataType::Timestamp(_, _), None) => column.data_type.clone(),
+                        (DataType::Timestamp(_, _), Some(unit)) => {
+                            let unit = match unit {
+                                "s" => TimeUnit::Second,
+                                "ms" => TimeUnit::Millisecond,
+                                "us" => TimeUnit::Microsecond,
+                                "ns" => TimeUnit::Nanosecond,
+                                other => {
+                                    return Err(err(
+                                        &name,
+                                        format!("unknown unit `{other}` (expected s, ms, us or ns)"),
+                                    ));
+                                }
+                            };
+                            DataType::Timestamp(unit, Some(UTC.into()))
+                        }
+                        (_, Some(_)) => {
+                            return Err(err(&name, "`unit` applies only to timestamp columns".into()));
+                        }
+                        (ty, None) => ty.clone(),
+                    };
+                    tree.insert(&segments, leaf.clone())
+                        .map_err(|reason| err(&name, reason))?;
+                    ValueSource::Path { segments, leaf }
+                }
+            };
+            entries.push((name, source));
+        }
+        Ok(Mapping {
+            table: raw.table,
+            file: file.to_path_buf(),
+            entries,
+            source_schema: Arc::new(Schema::new(tree.into_fields())),
+        })
+    }
+
+    /// The nested schema arrow-json decodes messages of this shape into.
+    pub fn source_schema(&self) -> SchemaRef {
+        self.source_schema.clone()
+    }
+
+    /// Lifts mapped columns out of a decoded source batch, cast to their table types.
+    /// Columns the mapping does not mention are absent from the result.
+    pub fn project(
+        &self,
+        source: &RecordBatch,
+        table: &TableSchema,
+    ) -> Result<BTreeMap<String, ArrayRef>, ArrowError> {
+        let rows = source.num_rows();
+        let mut out = BTreeMap::new();
+        for (name, value) in &self.entries {
+            let target = &table
+                .column(name)
+                .expect("mapping columns were validated against the table")
+                .data_type;
+            let array: ArrayRef = match value {
+                ValueSource::Constant(v) => Arc::new(StringArray::from_iter_values(
+                    std::iter::repeat_n(v.as_str(), rows),
+                )),
+                ValueSource::Path { segments, leaf } => {
+                    let array = extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows));
+                    if array.data_type() == target {
+                        array
+                    } else {
+                        cast(&array, target)?
+                    }
+                }
+            };
+            out.insert(name.clone(), array);
+        }
+        Ok(out)
+    }
+}
+
+/// Walks a path through nested structs, folding each parent's nulls into the child so a
+/// missing parent object reads as a null leaf.
+fn extract(batch: &RecordBatch, segments: &[String]) -> Option<ArrayRef> {
+    let mut current: ArrayRef = batch.column_by_name(&segments[0])?.clone();
+    for segment in &segments[1..] {
+        let parent = current.as_any().downcast_ref::<StructArray>()?;
+        let child = parent.column_by_name(segment)?.clone();
+        let nulls = NullBuffer::union(parent.nulls(), child.nulls());
+        current = if nulls.as_ref() == child.nulls() {
+            child
+        } else {
+            let data = child.to_data().into_builder().nulls(nulls).build().ok()?;
+            make_array(data)
+        };
+    }
+    Some(current)
+}
+
+/// The nested structure implied by a mapping's paths.
+#[derive(Debug, Default)]
+struct Node {
+    children: Vec<(String, NodeKind)>,
+}
+
+#[derive(Debug)]
+enum NodeKind {
+    Leaf(DataType),
+    Object(Node),
+}
+
+impl Node {
+    fn insert(&mut self, segments: &[String], leaf: DataType) -> Result<(), String> {
+        let (head, rest) = segments.split_first().expect("paths are non-empty");
+        let existing = self.children.iter_mut().find(|(n, _)| n == head);
+        match (existing, rest.is_empty()) {
+            (None, true) => self.children.push((head.clone(), NodeKind::Leaf(leaf))),
+            (None, false) => {
+                let mut node = Node::default();
+                node.insert(rest, leaf)?;
+                self.children.push((head.clone(), NodeKind::Object(node)));
+            }
+            (Some((_, NodeKind::Leaf(existing))), true) => {
+                if *existing != leaf {
+                    return Err(format!(
+                        "path `{}` is also mapped with another type ({existing} vs {leaf})",
+                        segments.join(".")
+                    ));
+                }
+            }
+            (Some((_, NodeKind::Object(node))), false) => node.insert(rest, leaf)?,
+            (Some(_), _) => {
+                return Err(format!(
+                    "path `{}` is used both as an object and as a value",
+                    segments.join(".")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn into_fields(self) -> Fields {
+        self.children
+            .into_iter()
+            .map(|(name, kind)| match kind {
+                NodeKind::Leaf(ty) => Field::new(name, ty, true),
+                NodeKind::Object(node) => Field::new(name, DataType::Struct(node.into_fields()), true),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flagship() -> TableSchema {
+        TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap()
+    }
+
+    #[test]
+    fn shipped_mappings_validate_against_the_flagship_table() {
+        let table = flagship();
+        for shape in ["mastodon", "bluesky", "tweets"] {
+            let file = PathBuf::from(format!("schemas/mappings/{shape}.toml"));
+            Mapping::load(&file, &table).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn source_schema_nests_paths_and_keeps_units() {
+        let table = flagship();
+        let m = Mapping::load(Path::new("schemas/mappings/bluesky.toml"), &table).unwrap();
+        let schema = m.source_schema();
+        let commit = schema.field_with_name("commit").unwrap();
+        let DataType::Struct(fields) = commit.data_type() else {
+            panic!("commit should be a struct")
+        };
+        assert!(fields.find("record").is_some());
+        assert_eq!(
+            schema.field_with_name("time_us").unwrap().data_type(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+        );
+    }
+
+    #[test]
+    fn wrong_entries_are_reported_with_the_column() {
+        let table = flagship();
+        let f = Path::new("m.toml");
+        let cases = [
+            ("table = \"enriched_posts\"\n[columns]\nnope = { path = \"x\" }\n", "column `nope`: table `enriched_posts` has no such column"),
+            ("table = \"enriched_posts\"\n[columns]\nkafka_offset = { path = \"x\" }\n", "column `kafka_offset`: is filled by sluice itself"),
+            ("table = \"enriched_posts\"\n[columns]\nlike_count = { value = \"3\" }\n", "column `like_count`: constant values are only allowed for string columns"),
+            ("table = \"enriched_posts\"\n[columns]\ntext = { path = \"a\" }\nauthor = { path = \"a.b\" }\n", "is used both as an object and as a value"),
+            ("table = \"other\"\n[columns]\n", "column `table`: maps into `other`"),
+        ];
+        for (text, expected) in cases {
+            let e = Mapping::parse(text, f, &table).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e} should contain {expected}");
+        }
+    }
+}

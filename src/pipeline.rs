@@ -1,0 +1,496 @@
+//! The writer loop for one table: source → decode → batch → Delta commit, composed here.
+//!
+//! Exactly-once rests on three rules, all enforced in this file:
+//! 1. A partition is read from `txn version + 1` as recorded in the table, on every assignment.
+//! 2. Before every commit the table's txn versions are re-read; a partition whose version moved
+//!    (another writer took it over) loses its buffer and is re-read from the table's position.
+//! 3. A commit carries the txn versions of exactly the partitions whose messages it holds, so
+//!    rows and positions land atomically; a failed commit whose txn versions turn out to be in
+//!    the table is recognised as landed, never written twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::record_batch::RecordBatch;
+use rdkafka::message::Message;
+use tokio::sync::{mpsc, watch};
+
+use crate::batch::{BatchLimits, Batcher, FlushReason};
+use crate::decode::{BodyDecoder, Chunk, DecodeError, Rejection};
+use crate::delta::{DeltaError, DeltaSink, PartitionKey, PartitionLedger};
+use crate::source::{KafkaSource, PartitionEvent, SourceError};
+
+/// Longest wait between retries of a failing commit.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// First wait after a failed commit.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Rejections logged individually per flush before summarising.
+const MAX_LOGGED_REJECTIONS: usize = 20;
+
+/// Errors that stop the writer loop (transient ones are retried inside it).
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A Delta operation failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    /// Kafka positioning failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A decoder bug.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// What the writer has committed so far; published after every commit.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Latest table version this writer committed or observed.
+    pub table_version: i64,
+    /// Commits made by this writer.
+    pub commits: u64,
+    /// Rows committed by this writer.
+    pub rows: u64,
+    /// Messages rejected and accounted for in commits by this writer.
+    pub rejected: u64,
+    /// Data files added.
+    pub files: u64,
+    /// Bytes of data files added.
+    pub bytes: u64,
+    /// Last committed offset per owned partition, as last read from or written to the table.
+    pub committed: BTreeMap<PartitionKey, i64>,
+    /// Rejection counts by reason code.
+    pub rejected_by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// Per-partition state of an owned partition.
+struct PartitionState {
+    /// Last offset in the table for this partition (`None`: never written).
+    committed: Option<i64>,
+    /// Messages received but not yet decoded.
+    pending: Chunk,
+    /// Decoded rows awaiting commit.
+    decoded: Vec<RecordBatch>,
+    /// Rejections awaiting commit.
+    rejections: Vec<Rejection>,
+    /// What the buffered messages cover.
+    ledger: Option<PartitionLedger>,
+    /// Payload bytes buffered (pending + decoded), for the batcher.
+    bytes: usize,
+    /// Messages buffered (pending + decoded + rejected), for the batcher.
+    messages: usize,
+}
+
+impl PartitionState {
+    fn new(key: &PartitionKey, committed: Option<i64>) -> Self {
+        PartitionState {
+            committed,
+            pending: Chunk::new(key.topic.clone(), key.partition),
+            decoded: Vec::new(),
+            rejections: Vec::new(),
+            ledger: None,
+            bytes: 0,
+            messages: 0,
+        }
+    }
+
+    fn clear(&mut self, key: &PartitionKey) {
+        *self = PartitionState::new(key, self.committed);
+    }
+}
+
+/// Writes one table from its topics.
+pub struct TableWriter {
+    sink: DeltaSink,
+    source: KafkaSource,
+    events: mpsc::UnboundedReceiver<PartitionEvent>,
+    decoders: HashMap<Arc<str>, BodyDecoder>,
+    batcher: Batcher,
+    decode_chunk: usize,
+    partitions: BTreeMap<PartitionKey, PartitionState>,
+    progress: Progress,
+    progress_tx: watch::Sender<Progress>,
+    epoch: i64,
+}
+
+impl TableWriter {
+    /// Composes a writer from its stages; `decoders` maps each topic to its shape's decoder.
+    pub fn new(
+        sink: DeltaSink,
+        source: KafkaSource,
+        events: mpsc::UnboundedReceiver<PartitionEvent>,
+        decoders: HashMap<Arc<str>, BodyDecoder>,
+        limits: BatchLimits,
+        decode_chunk: usize,
+    ) -> (Self, watch::Receiver<Progress>) {
+        let progress = Progress {
+            table_version: sink.version(),
+            ..Progress::default()
+        };
+        let (progress_tx, progress_rx) = watch::channel(progress.clone());
+        (
+            TableWriter {
+                sink,
+                source,
+                events,
+                decoders,
+                batcher: Batcher::new(limits),
+                decode_chunk,
+                partitions: BTreeMap::new(),
+                progress,
+                progress_tx,
+                epoch: 0,
+            },
+            progress_rx,
+        )
+    }
+
+    /// Runs until `shutdown` resolves, then commits what is buffered and returns.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Progress, PipelineError> {
+        let table = self.sink.name().to_string();
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = self
+                .batcher
+                .deadline()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(event) = self.events.recv() => self.on_partition_event(event).await?,
+                () = tokio::time::sleep_until(deadline) => {
+                    if let Some(reason) = self.batcher.due(Instant::now()) {
+                        self.flush(reason).await?;
+                    }
+                }
+                received = self.source.consumer().recv() => match received {
+                    Ok(message) => {
+                        let key = PartitionKey { topic: Arc::from(message.topic()), partition: message.partition() };
+                        let timestamp = message.timestamp().to_millis();
+                        let offset = message.offset();
+                        let key_bytes = message.key().map(<[u8]>::to_vec);
+                        let payload = message.payload().map(<[u8]>::to_vec);
+                        drop(message);
+                        if let Some(reason) = self.on_message(key, offset, timestamp, key_bytes.as_deref(), payload.as_deref())? {
+                            self.flush(reason).await?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(table = %table, error = %e, "kafka receive error; retrying");
+                        metrics::counter!("sluice_kafka_errors_total", "table" => table.clone()).increment(1);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+        }
+        // Rebalance events that arrived meanwhile decide what we still own.
+        while let Ok(event) = self.events.try_recv() {
+            self.on_partition_event(event).await?;
+        }
+        self.flush(FlushReason::Shutdown).await?;
+        tracing::info!(table = %table, rows = self.progress.rows, commits = self.progress.commits, "writer stopped");
+        Ok(self.progress)
+    }
+
+    async fn on_partition_event(&mut self, event: PartitionEvent) -> Result<(), PipelineError> {
+        match event {
+            PartitionEvent::Revoked(keys) => {
+                for key in keys {
+                    if let Some(state) = self.partitions.remove(&key) {
+                        self.batcher.remove(state.messages, state.bytes);
+                        self.progress.committed.remove(&key);
+                        if state.messages > 0 {
+                            tracing::info!(table = %self.sink.name(), partition = %key, dropped = state.messages,
+                                "partition revoked; its buffered messages are left to the new owner");
+                        }
+                    }
+                }
+                self.publish();
+            }
+            PartitionEvent::Assigned(keys) => {
+                self.refresh_with_retry().await?;
+                let mut positions = BTreeMap::new();
+                let mut states = BTreeMap::new();
+                for key in keys {
+                    let committed = self.sink.txn_version(&key).await?;
+                    positions.insert(key.clone(), self.source.start_offset(committed));
+                    let mut state = PartitionState::new(&key, committed);
+                    // Keep buffers only if the table still agrees with them.
+                    if let Some(old) = self.partitions.remove(&key) {
+                        if old.committed == committed {
+                            state = old;
+                        } else {
+                            self.batcher.remove(old.messages, old.bytes);
+                        }
+                    }
+                    states.insert(key, state);
+                }
+                for (_, old) in std::mem::take(&mut self.partitions) {
+                    self.batcher.remove(old.messages, old.bytes);
+                }
+                for (key, state) in &states {
+                    if let Some(ledger) = &state.ledger {
+                        positions.insert(key.clone(), rdkafka::Offset::Offset(ledger.last_offset + 1));
+                    }
+                }
+                self.partitions = states;
+                self.progress.committed = self
+                    .partitions
+                    .iter()
+                    .filter_map(|(k, s)| s.committed.map(|c| (k.clone(), c)))
+                    .collect();
+                tracing::info!(table = %self.sink.name(), positions = ?positions.iter().map(|(k, o)| format!("{k}@{o:?}")).collect::<Vec<_>>(),
+                    "assigning partitions at the table's positions");
+                self.source.assign(&positions)?;
+                self.publish();
+            }
+        }
+        Ok(())
+    }
+
+    /// Buffers one message; returns a flush reason when a size limit is reached.
+    fn on_message(
+        &mut self,
+        key: PartitionKey,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        message_key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Result<Option<FlushReason>, PipelineError> {
+        let Some(state) = self.partitions.get_mut(&key) else {
+            // A message fetched before its partition was revoked.
+            return Ok(None);
+        };
+        let next = state
+            .ledger
+            .as_ref()
+            .map(|l| l.last_offset + 1)
+            .or(state.committed.map(|c| c + 1));
+        if let Some(next) = next {
+            if offset < next {
+                // Already buffered or already in the table (a fetch from before a seek).
+                return Ok(None);
+            }
+            if offset > next {
+                tracing::warn!(table = %self.sink.name(), partition = %key, expected = next, got = offset,
+                    "offsets skipped: Kafka no longer has them (retention) or they are transaction markers");
+                metrics::counter!("sluice_offsets_skipped_total", "topic" => key.topic.to_string())
+                    .increment((offset - next) as u64);
+            }
+        }
+        let bytes = payload.map_or(0, <[u8]>::len);
+        state.pending.push(offset, timestamp_ms, message_key, payload);
+        state.bytes += bytes;
+        state.messages += 1;
+        match &mut state.ledger {
+            Some(l) => l.last_offset = offset,
+            None => {
+                state.ledger = Some(PartitionLedger {
+                    first_offset: offset,
+                    last_offset: offset,
+                    rows: 0,
+                    rejected: 0,
+                })
+            }
+        }
+        metrics::counter!("sluice_messages_consumed_total", "topic" => key.topic.to_string())
+            .increment(1);
+        if state.pending.len() >= self.decode_chunk {
+            self.decode_pending(&key)?;
+        }
+        Ok(self.batcher.add(1, bytes, Instant::now()))
+    }
+
+    fn decode_pending(&mut self, key: &PartitionKey) -> Result<(), PipelineError> {
+        let state = self.partitions.get_mut(key).expect("caller checked ownership");
+        if state.pending.is_empty() {
+            return Ok(());
+        }
+        let decoder = self
+            .decoders
+            .get(&key.topic)
+            .expect("consumer only subscribes to configured topics");
+        let chunk = std::mem::replace(&mut state.pending, Chunk::new(key.topic.clone(), key.partition));
+        let decoded = decoder.decode(&chunk, chrono::Utc::now().timestamp_micros())?;
+        let ledger = state.ledger.as_mut().expect("pending messages have a ledger");
+        if let Some(batch) = decoded.batch {
+            ledger.rows += batch.num_rows() as u64;
+            state.decoded.push(batch);
+        }
+        ledger.rejected += decoded.rejections.len() as u64;
+        state.rejections.extend(decoded.rejections);
+        Ok(())
+    }
+
+    /// Commits everything buffered, retrying transient failures, re-checking ownership in the
+    /// table before every attempt.
+    async fn flush(&mut self, reason: FlushReason) -> Result<(), PipelineError> {
+        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        for key in &keys {
+            self.decode_pending(key)?;
+        }
+        let mut backoff = FIRST_BACKOFF;
+        let mut in_flight: BTreeMap<PartitionKey, i64> = BTreeMap::new();
+        loop {
+            if let Err(e) = self.verify_positions(&in_flight).await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
+                tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "cannot read the table; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            let mut batches = Vec::new();
+            let mut ledger = Vec::new();
+            for (key, state) in &self.partitions {
+                if let Some(l) = &state.ledger {
+                    batches.extend(state.decoded.iter().cloned());
+                    ledger.push((key.clone(), l.clone()));
+                }
+            }
+            if ledger.is_empty() {
+                self.batcher.reset();
+                return Ok(());
+            }
+            in_flight = ledger.iter().map(|(k, l)| (k.clone(), l.last_offset)).collect();
+            self.epoch += 1;
+            let started = Instant::now();
+            match self.sink.commit(&batches, &ledger, self.epoch).await {
+                Ok(committed) => {
+                    let elapsed = started.elapsed();
+                    self.on_committed(&ledger, committed.version, committed.files, committed.bytes, reason, elapsed);
+                    return Ok(());
+                }
+                Err(DeltaError::Conflict { .. }) => {
+                    tracing::warn!(table = %self.sink.name(), "commit conflicted with another writer on the same partitions; re-checking positions");
+                    metrics::counter!("sluice_commit_conflicts_total", "table" => self.sink.name().to_string()).increment(1);
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "commit failed; retrying");
+                    metrics::counter!("sluice_commit_retries_total", "table" => self.sink.name().to_string()).increment(1);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Re-reads txn versions and reconciles every buffered partition with the table.
+    async fn verify_positions(&mut self, in_flight: &BTreeMap<PartitionKey, i64>) -> Result<(), DeltaError> {
+        self.sink.refresh().await?;
+        let keys: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.ledger.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut landed = Vec::new();
+        for key in keys {
+            let actual = self.sink.txn_version(&key).await?;
+            let state = self.partitions.get_mut(&key).expect("key taken from the map");
+            if actual == state.committed {
+                continue;
+            }
+            let ours = in_flight.get(&key).copied();
+            if actual.is_some() && actual == ours {
+                // An earlier attempt of this very flush landed before its error surfaced.
+                landed.push(key);
+                continue;
+            }
+            tracing::warn!(table = %self.sink.name(), partition = %key, believed = ?state.committed, actual = ?actual,
+                "the table holds another position for this partition; dropping its buffer and re-reading");
+            metrics::counter!("sluice_position_resets_total", "topic" => key.topic.to_string()).increment(1);
+            self.batcher.remove(state.messages, state.bytes);
+            state.committed = actual;
+            state.clear(&key);
+            let offset = self.source.start_offset(actual);
+            if let Err(e) = self.source.seek(&key, offset) {
+                tracing::warn!(partition = %key, error = %e, "seek failed; the partition will be reassigned");
+            }
+        }
+        if !landed.is_empty() {
+            let ledger: Vec<(PartitionKey, PartitionLedger)> = landed
+                .iter()
+                .map(|k| (k.clone(), self.partitions[k].ledger.clone().expect("buffered")))
+                .collect();
+            tracing::info!(table = %self.sink.name(), partitions = landed.len(), "a retried commit had already landed");
+            let version = self.sink.version();
+            self.on_committed(&ledger, version, 0, 0, FlushReason::Shutdown, Duration::ZERO);
+        }
+        Ok(())
+    }
+
+    fn on_committed(
+        &mut self,
+        ledger: &[(PartitionKey, PartitionLedger)],
+        version: i64,
+        files: usize,
+        bytes: u64,
+        reason: FlushReason,
+        elapsed: Duration,
+    ) {
+        let table = self.sink.name().to_string();
+        let mut rows = 0;
+        let mut rejected = 0;
+        let mut offsets = Vec::with_capacity(ledger.len());
+        for (key, l) in ledger {
+            let state = self.partitions.get_mut(key).expect("committed partitions are owned");
+            for r in &state.rejections {
+                tracing::debug!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
+                    reason = r.reason.code(), detail = %r.detail, "message rejected");
+                *self.progress.rejected_by_reason.entry(r.reason.code()).or_default() += 1;
+                metrics::counter!("sluice_messages_rejected_total", "topic" => key.topic.to_string(), "reason" => r.reason.code())
+                    .increment(1);
+            }
+            for r in state.rejections.iter().take(MAX_LOGGED_REJECTIONS) {
+                tracing::warn!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
+                    reason = r.reason.code(), detail = %r.detail, "message rejected");
+            }
+            rows += l.rows;
+            rejected += l.rejected;
+            state.committed = Some(l.last_offset);
+            state.clear(key);
+            self.progress.committed.insert(key.clone(), l.last_offset);
+            offsets.push((key.clone(), l.last_offset));
+            metrics::counter!("sluice_rows_written_total", "topic" => key.topic.to_string()).increment(l.rows);
+        }
+        self.batcher.reset();
+        self.source.report_committed(&offsets);
+        self.progress.table_version = version;
+        self.progress.commits += 1;
+        self.progress.rows += rows;
+        self.progress.rejected += rejected;
+        self.progress.files += files as u64;
+        self.progress.bytes += bytes;
+        metrics::counter!("sluice_commits_total", "table" => table.clone()).increment(1);
+        metrics::counter!("sluice_flushes_total", "table" => table.clone(), "reason" => reason.as_str()).increment(1);
+        metrics::counter!("sluice_bytes_written_total", "table" => table.clone()).increment(bytes);
+        metrics::histogram!("sluice_commit_seconds", "table" => table.clone()).record(elapsed.as_secs_f64());
+        tracing::info!(table = %table, version, rows, rejected, files, bytes, reason = reason.as_str(),
+            commit_ms = elapsed.as_millis() as u64, "committed batch");
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let _ = self.progress_tx.send(self.progress.clone());
+    }
+
+    async fn refresh_with_retry(&mut self) -> Result<(), DeltaError> {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.sink.refresh().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(table = %self.sink.name(), error = %e, "cannot read the table; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Produce: publishes generated enriched posts to a Kafka cluster at a steady rate.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::generator::{Generator, Shape};
+
+/// Deliveries awaited in flight before the producer waits for the oldest.
+const MAX_IN_FLIGHT: usize = 20_000;
+
+/// Errors publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The producer could not be created.
+    #[error("kafka producer for {brokers}: {source}")]
+    Create {
+        /// Bootstrap servers.
+        brokers: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// Messages could not be delivered.
+    #[error("{failed} of {count} messages to {topic} were not delivered; first error: {first}")]
+    Delivery {
+        /// Topic of the first failure.
+        topic: String,
+        /// Messages that failed.
+        failed: u64,
+        /// Messages attempted.
+        count: u64,
+        /// The first failure.
+        first: String,
+    },
+}
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Shapes to publish, round robin; each goes to its topic.
+    pub shapes: Vec<(Shape, String)>,
+    /// Messages in total.
+    pub count: u64,
+    /// Messages per second (0 = as fast as possible).
+    pub rate: u64,
+    /// Generator seed.
+    pub seed: u64,
+    /// Embedding dimension of tweets.
+    pub embedding_dim: usize,
+    /// Every n-th message is hostile (0 = none).
+    pub bad_every: u64,
+    /// Days over which created_at is spread back from now.
+    pub spread_days: i64,
+}
+
+/// What was published.
+#[derive(Debug, Clone, Default)]
+pub struct ProduceReport {
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Payload bytes delivered.
+    pub bytes: u64,
+    /// Highest delivered offset per (topic, partition).
+    pub last_offsets: BTreeMap<(String, i32), i64>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Publishes `options.count` messages and waits for every delivery report.
+pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceError> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &options.brokers)
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .map_err(|source| ProduceError::Create {
+            brokers: options.brokers.clone(),
+            source,
+        })?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut generator = Generator::new(options.seed, options.embedding_dim, now_ms, options.spread_days)
+        .with_bad_every(options.bad_every);
+    let started = Instant::now();
+    let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
+    let mut report = ProduceReport::default();
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut last_log = Instant::now();
+
+    for n in 0..options.count {
+        if options.rate > 0 {
+            let due = started + Duration::from_secs_f64(n as f64 / options.rate as f64);
+            let now = Instant::now();
+            if due > now + Duration::from_millis(2) {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        let which = (n as usize) % options.shapes.len();
+        let (shape, topic) = &options.shapes[which];
+        let (key, payload) = generator.next(*shape);
+        let len = payload.len();
+        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        let future = loop {
+            match producer.send_result(record) {
+                Ok(f) => break f,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match in_flight.pop_front() {
+                        Some(d) => settle(d, options, &mut report, &mut failures).await,
+                        None => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                Err((e, _)) => {
+                    failures.push((topic.clone(), e.to_string()));
+                    return Err(delivery_error(&failures, options.count));
+                }
+            }
+        };
+        in_flight.push_back((which, len, future));
+        while in_flight.len() > MAX_IN_FLIGHT {
+            let d = in_flight.pop_front().expect("non-empty");
+            settle(d, options, &mut report, &mut failures).await;
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!(sent = n + 1, total = options.count, delivered = report.delivered, "producing");
+            last_log = Instant::now();
+        }
+    }
+    while let Some(d) = in_flight.pop_front() {
+        settle(d, options, &mut report, &mut failures).await;
+    }
+    report.elapsed = started.elapsed();
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        Err(delivery_error(&failures, options.count))
+    }
+}
+
+fn delivery_error(failures: &[(String, String)], count: u64) -> ProduceError {
+    let (topic, first) = failures.first().cloned().unwrap_or_default();
+    ProduceError::Delivery {
+        topic,
+        failed: failures.len() as u64,
+        count,
+        first,
+    }
+}
+
+async fn settle(
+    (which, len, future): (usize, usize, DeliveryFuture),
+    options: &ProduceOptions,
+    report: &mut ProduceReport,
+    failures: &mut Vec<(String, String)>,
+) {
+    let topic = &options.shapes[which].1;
+    match future.await {
+        Ok(Ok(delivery)) => {
+            report.delivered += 1;
+            report.bytes += len as u64;
+            let entry = report
+                .last_offsets
+                .entry((topic.clone(), delivery.partition))
+                .or_insert(-1);
+            *entry = (*entry).max(delivery.offset);
+        }
+        Ok(Err((e, _))) => failures.push((topic.clone(), e.to_string())),
+        Err(_) => failures.push((topic.clone(), "producer dropped the delivery".into())),
+    }
+}

@@ -1,0 +1,237 @@
+//! Source: the Kafka consumer, with partition assignment driven by the Delta table.
+//!
+//! The rebalance callback never assigns partitions at Kafka's committed offsets. It hands the
+//! new assignment to the writer loop, which reads each partition's txn version from the table
+//! and assigns at `version + 1`. Revocations unassign at once, and the loop drops what it
+//! buffered for those partitions, so an instance never commits offsets it no longer owns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use crate::config::{KafkaConfig, StartFrom};
+use crate::delta::PartitionKey;
+
+/// How long a seek may wait for the fetcher to apply it.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from the Kafka side, with the topic or partition concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The consumer could not be created (bad properties, unreachable config).
+    #[error("kafka consumer for group {group}: {source}")]
+    Create {
+        /// Consumer group.
+        group: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// Subscribing to the topics failed.
+    #[error("subscribe to {topics:?}: {source}")]
+    Subscribe {
+        /// Topics.
+        topics: Vec<String>,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// Assigning or seeking a partition failed.
+    #[error("position {partition} at {offset:?}: {source}")]
+    Position {
+        /// Partition concerned.
+        partition: PartitionKey,
+        /// Where sluice tried to position it.
+        offset: Offset,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+}
+
+/// A change in the partitions this instance owns, in the order the group decided them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionEvent {
+    /// These partitions are now ours (the complete new assignment).
+    Assigned(Vec<PartitionKey>),
+    /// These partitions are no longer ours.
+    Revoked(Vec<PartitionKey>),
+}
+
+/// Forwards rebalances to the writer loop instead of assigning at committed offsets.
+pub struct RebalanceContext {
+    events: mpsc::UnboundedSender<PartitionEvent>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let keys = keys_of(tpl);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                tracing::info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned by the group");
+                // The writer loop assigns them, at the offsets the table holds.
+                let _ = self.events.send(PartitionEvent::Assigned(keys));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions revoked by the group");
+                let _ = self.events.send(PartitionEvent::Revoked(keys));
+                if let Err(e) = base_consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign after revoke failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                let _ = self.events.send(PartitionEvent::Revoked(keys));
+                let _ = base_consumer.unassign();
+            }
+        }
+    }
+}
+
+fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements()
+        .iter()
+        .map(|e| PartitionKey {
+            topic: Arc::from(e.topic()),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+/// The consumer of one table's topics.
+pub struct KafkaSource {
+    consumer: StreamConsumer<RebalanceContext>,
+    start_from: StartFrom,
+}
+
+impl KafkaSource {
+    /// Creates a consumer in the configured group subscribed to `topics`; partition events
+    /// arrive on the returned channel.
+    pub fn subscribe(
+        config: &KafkaConfig,
+        topics: &[String],
+    ) -> Result<(Self, mpsc::UnboundedReceiver<PartitionEvent>), SourceError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group_id)
+            // Positions come from the Delta table; Kafka's committed offsets are informational.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match config.start_from {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            )
+            // Eager rebalancing: every assignment is complete, every revoke precedes the next
+            // assignment, which keeps the ownership rules simple.
+            .set("partition.assignment.strategy", "range")
+            .set("enable.partition.eof", "false");
+        for (key, value) in &config.properties {
+            client.set(key, value);
+        }
+        let consumer: StreamConsumer<RebalanceContext> = client
+            .create_with_context(RebalanceContext { events: tx })
+            .map_err(|source| SourceError::Create {
+                group: config.group_id.clone(),
+                source,
+            })?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|source| SourceError::Subscribe {
+                topics: topics.to_vec(),
+                source,
+            })?;
+        Ok((
+            KafkaSource {
+                consumer,
+                start_from: config.start_from,
+            },
+            rx,
+        ))
+    }
+
+    /// The underlying consumer, for receiving messages.
+    pub fn consumer(&self) -> &StreamConsumer<RebalanceContext> {
+        &self.consumer
+    }
+
+    /// Where a partition starts given its last committed offset in the table.
+    pub fn start_offset(&self, committed: Option<i64>) -> Offset {
+        match (committed, self.start_from) {
+            (Some(v), _) => Offset::Offset(v + 1),
+            (None, StartFrom::Earliest) => Offset::Beginning,
+            (None, StartFrom::Latest) => Offset::End,
+        }
+    }
+
+    /// Takes ownership of `positions` (the complete assignment), each at its offset.
+    pub fn assign(&self, positions: &BTreeMap<PartitionKey, Offset>) -> Result<(), SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        for (key, offset) in positions {
+            tpl.add_partition_offset(&key.topic, key.partition, *offset)
+                .map_err(|source| SourceError::Position {
+                    partition: key.clone(),
+                    offset: *offset,
+                    source,
+                })?;
+        }
+        self.consumer.assign(&tpl).map_err(|source| SourceError::Position {
+            partition: positions
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_else(|| PartitionKey {
+                    topic: Arc::from(""),
+                    partition: -1,
+                }),
+            offset: Offset::Invalid,
+            source,
+        })
+    }
+
+    /// Re-reads a partition from `offset`; messages fetched before the seek are discarded by
+    /// librdkafka.
+    pub fn seek(&self, key: &PartitionKey, offset: Offset) -> Result<(), SourceError> {
+        self.consumer
+            .seek(&key.topic, key.partition, offset, SEEK_TIMEOUT)
+            .map_err(|source| SourceError::Position {
+                partition: key.clone(),
+                offset,
+                source,
+            })
+    }
+
+    /// Tells Kafka how far the table has got, for lag dashboards. Best effort: positions are
+    /// always taken from the table, never from these offsets.
+    pub fn report_committed(&self, offsets: &[(PartitionKey, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (key, last) in offsets {
+            if tpl
+                .add_partition_offset(&key.topic, key.partition, Offset::Offset(last + 1))
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "informational Kafka offset commit failed");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Shared helpers: an in-process Kafka (librdkafka's mock cluster), configs pointing at a
+//! temporary table, and read-back of what the table holds.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Int32Type, Int64Type};
+use deltalake::datafusion::prelude::SessionContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use sluice::app::{self, RunningTable};
+use sluice::batch::BatchLimits;
+use sluice::config::{
+    Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StartFrom,
+    StorageConfig, TableConfig,
+};
+use sluice::delta::{table_location, table_url};
+use sluice::generator::Shape;
+use sluice::produce::{ProduceOptions, ProduceReport, produce};
+
+/// How long a test waits for the writer to catch up before failing with a message.
+pub const CATCH_UP: Duration = Duration::from_secs(120);
+
+pub struct Kafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl Kafka {
+    pub fn new(topics: &[&str], partitions: i32) -> Self {
+        let cluster = MockCluster::new(1).expect("mock cluster starts");
+        for t in topics {
+            cluster.create_topic(t, partitions, 1).expect("topic created");
+        }
+        Kafka { cluster }
+    }
+
+    pub fn brokers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A config writing `enriched_posts` under `root`, fed by the given shapes' default topics.
+pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits) -> Config {
+    Config {
+        kafka: KafkaConfig {
+            brokers: brokers.to_string(),
+            group_id: "sluice-test".into(),
+            start_from: StartFrom::Earliest,
+            properties: BTreeMap::from([
+                ("session.timeout.ms".to_string(), "6000".to_string()),
+                ("heartbeat.interval.ms".to_string(), "500".to_string()),
+            ]),
+        },
+        storage: StorageConfig {
+            root: root.to_string_lossy().into_owned(),
+            s3: Default::default(),
+        },
+        batch: limits,
+        ingest: IngestConfig::default(),
+        delta: DeltaConfig {
+            checkpoint_interval: 5,
+            ..DeltaConfig::default()
+        },
+        metrics: MetricsConfig::default(),
+        tables: vec![TableConfig {
+            schema: repo().join("schemas/enriched_posts.toml"),
+            sources: shapes
+                .iter()
+                .map(|s| SourceConfig {
+                    topic: s.default_topic().to_string(),
+                    mapping: repo().join("schemas").join(s.mapping_file()),
+                })
+                .collect(),
+        }],
+    }
+}
+
+pub fn limits(max_rows: usize, max_age_ms: u64) -> BatchLimits {
+    BatchLimits {
+        max_rows,
+        max_bytes: 64 * 1024 * 1024,
+        max_age_ms,
+    }
+}
+
+pub async fn publish(
+    brokers: &str,
+    shapes: &[Shape],
+    count: u64,
+    seed: u64,
+    bad_every: u64,
+) -> ProduceReport {
+    produce(&ProduceOptions {
+        brokers: brokers.to_string(),
+        shapes: shapes
+            .iter()
+            .map(|s| (*s, s.default_topic().to_string()))
+            .collect(),
+        count,
+        rate: 0,
+        seed,
+        embedding_dim: 16,
+        bad_every,
+        spread_days: 3,
+    })
+    .await
+    .expect("messages delivered")
+}
+
+/// A writer running in the background, stoppable gracefully or by abort (a crash).
+pub struct Writer {
+    pub table: RunningTable,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Writer {
+    pub async fn start(config: &Config) -> Writer {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut running = app::start(config, async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("writer starts");
+        Writer {
+            table: running.remove(0),
+            stop: Some(tx),
+        }
+    }
+
+    /// Waits until the writer has committed every offset up to `targets` (inclusive).
+    pub async fn wait_committed(&mut self, targets: &BTreeMap<(String, i32), i64>) {
+        let result = tokio::time::timeout(
+            CATCH_UP,
+            self.table.progress.wait_for(|p| {
+                targets.iter().all(|((topic, partition), last)| {
+                    p.committed.iter().any(|(k, c)| {
+                        &*k.topic == topic.as_str() && k.partition == *partition && c >= last
+                    })
+                })
+            }),
+        )
+        .await;
+        let progress = self.table.progress.borrow().clone();
+        assert!(
+            matches!(result, Ok(Ok(_))),
+            "writer did not catch up: wanted {targets:?}, committed {:?}",
+            progress.committed
+        );
+    }
+
+    /// Graceful stop: flushes and commits.
+    pub async fn stop(mut self) -> sluice::pipeline::Progress {
+        let _ = self.stop.take().unwrap().send(());
+        self.table.task.await.unwrap().expect("writer stops cleanly")
+    }
+
+    /// A crash: the task dies with whatever it buffered.
+    pub async fn crash(self) {
+        self.table.task.abort();
+        let _ = self.table.task.await;
+    }
+}
+
+/// (topic, partition, offset) of every row in the table.
+pub async fn table_offsets(root: &Path) -> Vec<(String, i32, i64)> {
+    let batches = query(
+        root,
+        "SELECT kafka_topic, kafka_partition, kafka_offset FROM enriched_posts",
+    )
+    .await;
+    let mut out = Vec::new();
+    for b in batches {
+        let topics = strings(b.column(0));
+        let parts = b.column(1).as_primitive::<Int32Type>();
+        let offs = b.column(2).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push((topics[i].clone(), parts.value(i), offs.value(i)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Asserts every offset up to `last_offsets` is in the table exactly once, except `missing`.
+pub fn assert_exactly_once(
+    rows: &[(String, i32, i64)],
+    last_offsets: &BTreeMap<(String, i32), i64>,
+    missing: &BTreeSet<(String, i32, i64)>,
+) {
+    let mut seen = BTreeSet::new();
+    for r in rows {
+        assert!(seen.insert(r.clone()), "duplicate row for {r:?}");
+    }
+    let mut expected = BTreeSet::new();
+    for ((topic, partition), last) in last_offsets {
+        for o in 0..=*last {
+            let key = (topic.clone(), *partition, o);
+            if !missing.contains(&key) {
+                expected.insert(key);
+            }
+        }
+    }
+    let lost: Vec<_> = expected.difference(&seen).take(10).collect();
+    let extra: Vec<_> = seen.difference(&expected).take(10).collect();
+    assert!(lost.is_empty(), "messages missing from the table: {lost:?}");
+    assert!(extra.is_empty(), "unexpected rows: {extra:?}");
+}
+
+pub async fn query(root: &Path, sql: &str) -> Vec<RecordBatch> {
+    let location = table_location(&root.to_string_lossy(), "enriched_posts");
+    let table = deltalake::open_table(table_url(&location).unwrap())
+        .await
+        .expect("table opens");
+    let ctx = SessionContext::new();
+    table.update_datafusion_session(&ctx.state()).unwrap();
+    ctx.register_table("enriched_posts", table.table_provider().await.unwrap())
+        .unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+pub fn strings(array: &dyn Array) -> Vec<String> {
+    if let Some(a) = array.as_string_view_opt() {
+        return (0..a.len()).map(|i| a.value(i).to_string()).collect();
+    }
+    let a = array.as_string::<i32>();
+    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+}
+
+pub fn scalar_i64(batches: &[RecordBatch]) -> i64 {
+    batches[0].column(0).as_primitive::<Int64Type>().value(0)
+}

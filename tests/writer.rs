@@ -1,0 +1,295 @@
+//! Exactly-once behaviour of the writer against a real Kafka protocol (librdkafka's mock
+//! cluster) and a real Delta table on the local filesystem.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+
+use common::*;
+use sluice::app::load_table;
+use sluice::decode::Chunk;
+use sluice::delta::{table_location, table_url};
+use sluice::generator::{Generator, Shape};
+
+const ALL: [Shape; 3] = Shape::ALL;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_run_lands_every_message_once_from_all_three_shapes() {
+    let kafka = Kafka::new(&ALL.map(|s| s.default_topic()), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &ALL, limits(700, 1000));
+    let mut writer = Writer::start(&config).await;
+    let produced = publish(&kafka.brokers(), &ALL, 3000, 1, 0).await;
+    writer.wait_committed(&produced.last_offsets).await;
+    let progress = writer.stop().await;
+
+    assert_eq!(progress.rows, 3000);
+    assert!(progress.commits >= 4, "max_rows=700 forces several commits");
+    let rows = table_offsets(dir.path()).await;
+    assert_exactly_once(&rows, &produced.last_offsets, &BTreeSet::new());
+
+    // Each shape's own fields landed in the shared columns.
+    let per_platform = query(
+        dir.path(),
+        "SELECT platform, count(*), count(text), count(created_at), count(author), \
+                count(appropriateness), count(entities), count(embedding), count(impression_count), \
+                count(toxicity_labels) \
+         FROM enriched_posts GROUP BY platform ORDER BY platform",
+    )
+    .await;
+    let b = &per_platform[0];
+    let platforms = strings(b.column(0));
+    assert_eq!(platforms, ["bluesky", "mastodon", "twitter"]);
+    let col = |i: usize| -> Vec<i64> { b.column(i).as_primitive::<Int64Type>().values().to_vec() };
+    assert_eq!(col(1), [1000, 1000, 1000]);
+    for i in 2..=4 {
+        assert_eq!(col(i), [1000, 1000, 1000], "column {i} populated for every shape");
+    }
+    assert_eq!(col(5), [0, 1000, 0], "appropriateness comes from mastodon");
+    assert_eq!(col(6), [1000, 0, 0], "entities come from bluesky");
+    assert_eq!(col(7), [0, 0, 1000], "embeddings come from tweets");
+    assert_eq!(col(8), [0, 0, 1000], "impressions come from tweets");
+    assert_eq!(col(9), [1000, 0, 0], "toxicity labels come from bluesky");
+
+    let dims = query(
+        dir.path(),
+        "SELECT min(array_length(embedding)), max(array_length(embedding)) FROM enriched_posts WHERE platform = 'twitter'",
+    )
+    .await;
+    let d = dims[0].column(0).as_primitive::<deltalake::arrow::datatypes::UInt64Type>();
+    assert_eq!(d.value(0), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_reads_back_with_declared_types_and_date_partitions() {
+    let kafka = Kafka::new(&[Shape::Bluesky.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &[Shape::Bluesky], limits(10_000, 1000));
+    let mut writer = Writer::start(&config).await;
+    let produced = publish(&kafka.brokers(), &[Shape::Bluesky], 300, 2, 0).await;
+    writer.wait_committed(&produced.last_offsets).await;
+    writer.stop().await;
+
+    let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
+    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    let snapshot = table.snapshot().unwrap();
+    let schema = snapshot.arrow_schema().unwrap();
+    assert_eq!(
+        schema.field_with_name("created_at").unwrap().data_type(),
+        &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+    );
+    assert_eq!(schema.field_with_name("event_date").unwrap().data_type(), &DataType::Date32);
+    let DataType::List(item) = schema.field_with_name("entities").unwrap().data_type() else {
+        panic!("entities is a list")
+    };
+    assert!(matches!(item.data_type(), DataType::Struct(f) if f.len() == 3));
+    let protocol = snapshot.protocol();
+    assert!(protocol.min_reader_version() <= 3 && protocol.min_writer_version() <= 7);
+    assert_eq!(snapshot.metadata().partition_columns(), &["event_date".to_string()]);
+
+    // Partition folders in the spec's string form, matching the rows' dates.
+    let folders: BTreeSet<String> = std::fs::read_dir(dir.path().join("enriched_posts"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("event_date="))
+        .collect();
+    let dates = query(
+        dir.path(),
+        "SELECT DISTINCT CAST(event_date AS VARCHAR) FROM enriched_posts",
+    )
+    .await;
+    let expected: BTreeSet<String> = dates
+        .iter()
+        .flat_map(|b| strings(b.column(0)))
+        .map(|d| format!("event_date={d}"))
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(folders, expected);
+
+    // event_date is the UTC date of created_at.
+    let mismatched = query(
+        dir.path(),
+        "SELECT count(*) FROM enriched_posts WHERE event_date <> CAST(created_at AS DATE)",
+    )
+    .await;
+    assert_eq!(scalar_i64(&mismatched), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_batch_then_restart_loses_and_duplicates_nothing() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 3);
+    let dir = tempfile::tempdir().unwrap();
+    // Age limit far away: only max_rows flushes, so a tail stays buffered when we crash.
+    let config = config(&kafka.brokers(), dir.path(), &[Shape::Mastodon], limits(400, 600_000));
+    let mut writer = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &[Shape::Mastodon], 1000, 3, 0).await;
+    tokio::time::timeout(CATCH_UP, writer.table.progress.wait_for(|p| p.commits >= 2))
+        .await
+        .expect("two commits")
+        .unwrap();
+    let before_crash = writer.table.progress.borrow().rows;
+    assert!(before_crash < 1000, "some messages were still buffered");
+    writer.crash().await;
+
+    let second = publish(&kafka.brokers(), &[Shape::Mastodon], 500, 4, 0).await;
+    let restarted_config = sluice::config::Config {
+        batch: limits(400, 1000),
+        ..config
+    };
+    let mut writer = Writer::start(&restarted_config).await;
+    writer.wait_committed(&second.last_offsets).await;
+    writer.stop().await;
+
+    let mut all = first.last_offsets.clone();
+    for (k, v) in second.last_offsets {
+        let e = all.entry(k).or_insert(v);
+        *e = (*e).max(v);
+    }
+    assert_exactly_once(&table_offsets(dir.path()).await, &all, &BTreeSet::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice() {
+    let kafka = Kafka::new(&[Shape::Tweets.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &[Shape::Tweets], limits(10_000, 1000));
+    let mut writer = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &[Shape::Tweets], 200, 5, 0).await;
+    writer.wait_committed(&first.last_offsets).await;
+    writer.stop().await;
+
+    // The state a writer leaves when it dies after uploading Parquet but before its commit:
+    // data files for the next offsets in the table folder, referenced by no commit.
+    let second = publish(&kafka.brokers(), &[Shape::Tweets], 300, 6, 0).await;
+    let loaded = load_table(&config, &config.tables[0]).unwrap();
+    let decoder = loaded.decoders.values().next().unwrap();
+    let mut chunk = Chunk::new(Arc::from(Shape::Tweets.default_topic()), 0);
+    let mut generator = Generator::new(6, 16, chrono::Utc::now().timestamp_millis(), 3);
+    for offset in 200..500 {
+        let (key, payload) = generator.next(Shape::Tweets);
+        chunk.push(offset, Some(0), Some(key.as_bytes()), Some(&payload));
+    }
+    let batch = decoder.decode(&chunk, 0).unwrap().batch.unwrap();
+    let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
+    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    let mut orphan_writer = RecordBatchWriter::for_table(&table).unwrap();
+    orphan_writer.write(batch).await.unwrap();
+    let orphans = orphan_writer.flush().await.unwrap();
+    assert!(!orphans.is_empty());
+    for add in &orphans {
+        assert!(dir.path().join("enriched_posts").join(&add.path).exists());
+    }
+
+    let mut writer = Writer::start(&config).await;
+    writer.wait_committed(&second.last_offsets).await;
+    writer.stop().await;
+    assert_exactly_once(&table_offsets(dir.path()).await, &second.last_offsets, &BTreeSet::new());
+    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    let live: BTreeSet<String> = table.get_file_uris().unwrap().collect();
+    for add in &orphans {
+        assert!(!live.iter().any(|u| u.ends_with(&add.path)), "orphan {} is not part of the table", add.path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_in_one_group_through_a_rebalance() {
+    let topics = [Shape::Mastodon.default_topic(), Shape::Bluesky.default_topic()];
+    let shapes = [Shape::Mastodon, Shape::Bluesky];
+    let kafka = Kafka::new(&topics, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &shapes, limits(300, 1000));
+
+    let mut a = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &shapes, 2000, 7, 0).await;
+    a.wait_committed(&first.last_offsets).await;
+
+    // B joins: the group rebalances and splits the partitions.
+    let mut b = Writer::start(&config).await;
+    tokio::time::timeout(CATCH_UP, b.table.progress.wait_for(|p| !p.committed.is_empty() || p.commits > 0))
+        .await
+        .ok();
+    let second = publish(&kafka.brokers(), &shapes, 2000, 8, 0).await;
+
+    // A leaves mid-stream (crash): B must take over A's partitions from the table's positions.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    a.crash().await;
+    let third = publish(&kafka.brokers(), &shapes, 1000, 9, 0).await;
+    b.wait_committed(&third.last_offsets).await;
+    let progress_b = b.stop().await;
+    assert!(progress_b.rows > 0, "the second writer did work");
+
+    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for report in [&first, &second, &third] {
+        for (k, v) in &report.last_offsets {
+            let e = all.entry(k.clone()).or_insert(*v);
+            *e = (*e).max(*v);
+        }
+    }
+    assert_exactly_once(&table_offsets(dir.path()).await, &all, &BTreeSet::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &[Shape::Mastodon], limits(10_000, 1000));
+    let mut writer = Writer::start(&config).await;
+    // Every 7th message is hostile, in five rotating kinds.
+    let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 700, 10, 7).await;
+    writer.wait_committed(&produced.last_offsets).await;
+    let progress = writer.stop().await;
+
+    assert_eq!(progress.rejected, 100);
+    assert_eq!(progress.rows, 600);
+    let reasons: BTreeMap<&str, u64> = progress.rejected_by_reason.clone();
+    assert_eq!(
+        reasons,
+        BTreeMap::from([
+            ("malformed_json", 40),
+            ("multiple_values", 20),
+            ("not_an_object", 20),
+            ("type_mismatch", 20),
+        ])
+    );
+    // The bad ones are exactly the offsets of every 7th message; all others are rows.
+    let missing: BTreeSet<(String, i32, i64)> = (1..=100)
+        .map(|k| (Shape::Mastodon.default_topic().to_string(), 0, k * 7 - 1))
+        .collect();
+    assert_exactly_once(&table_offsets(dir.path()).await, &produced.last_offsets, &missing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lakehouse");
+    let options = sluice::demo::DemoOptions {
+        dir: out.clone(),
+        records: 1500,
+        rate: 0,
+        partitions: 2,
+        embedding_dim: 8,
+        bad_every: 100,
+        seed: 11,
+    };
+    let report = sluice::demo::run(&options).await.expect("demo runs");
+    assert_eq!(report.produced.delivered, 1500);
+    assert_eq!(report.written.rejected, 15);
+    assert_eq!(report.table_rows, 1485);
+    let total: i64 = report.sentiment_by_category.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(total, 1485);
+    assert!(report.render().contains("1485 rows"));
+
+    // The config it leaves loads and points at the table it wrote.
+    let config = sluice::config::Config::load(&out.join("sluice.toml"), Vec::new()).unwrap();
+    assert_eq!(config.tables[0].sources.len(), 3);
+    assert!(out.join("enriched_posts/_delta_log").exists());
+
+    // Running it again starts from an empty table instead of piling up.
+    let again = sluice::demo::run(&options).await.expect("demo runs twice");
+    assert_eq!(again.table_rows, 1485);
+}
