@@ -68,7 +68,10 @@ pub fn load_table(config: &Config, table: &TableConfig) -> Result<LoadedTable, A
     for source in &table.sources {
         let mapping = Arc::new(Mapping::load(&source.mapping, &schema)?);
         let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.max_message_bytes);
-        if decoders.insert(Arc::from(source.topic.as_str()), decoder).is_some() {
+        if decoders
+            .insert(Arc::from(source.topic.as_str()), decoder)
+            .is_some()
+        {
             return Err(AppError::Table {
                 table: schema.name.clone(),
                 reason: format!("topic {} is listed twice", source.topic),
@@ -113,8 +116,13 @@ pub async fn start(
         )
         .await
         .map_err(PipelineError::from)?;
-        let topics: Vec<String> = table_config.sources.iter().map(|s| s.topic.clone()).collect();
-        let (source, events) = KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
+        let topics: Vec<String> = table_config
+            .sources
+            .iter()
+            .map(|s| s.topic.clone())
+            .collect();
+        let (source, events) =
+            KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
         let (writer, progress) = TableWriter::new(
             sink,
             source,
@@ -126,13 +134,20 @@ pub async fn start(
         tracing::info!(table = %name, location = %location, topics = ?topics, "writer started");
         let stop = shutdown.clone();
         let task = tokio::spawn(writer.run(stop));
-        running.push(RunningTable { name, progress, task });
+        running.push(RunningTable {
+            name,
+            progress,
+            task,
+        });
     }
     Ok(running)
 }
 
 /// Runs the service until `shutdown` resolves and every writer has committed its buffer.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Vec<Progress>, AppError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Progress>, AppError> {
     let running = start(&config, shutdown).await?;
     let mut results = Vec::new();
     let mut first_error = None;
@@ -144,7 +159,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
                 first_error.get_or_insert(AppError::Pipeline(e));
             }
             Err(join) => {
-                first_error.get_or_insert(AppError::Panicked { table: table.name, message: join.to_string() });
+                first_error.get_or_insert(AppError::Panicked {
+                    table: table.name,
+                    message: join.to_string(),
+                });
             }
         }
     }

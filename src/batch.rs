@@ -197,7 +197,10 @@ mod tests {
         b.add(1, 10, t0);
         b.add(1, 10, t0 + Duration::from_millis(900));
         assert_eq!(b.due(t0 + Duration::from_millis(999)), None);
-        assert_eq!(b.due(t0 + Duration::from_millis(1000)), Some(FlushReason::Age));
+        assert_eq!(
+            b.due(t0 + Duration::from_millis(1000)),
+            Some(FlushReason::Age)
+        );
         b.reset();
         assert_eq!(b.deadline(), None);
     }

@@ -252,13 +252,17 @@ impl Config {
             .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
         config.batch.validate().map_err(invalid)?;
         if config.tables.is_empty() {
-            return Err(invalid("`tables` is empty: configure at least one table".into()));
+            return Err(invalid(
+                "`tables` is empty: configure at least one table".into(),
+            ));
         }
         if config.ingest.decode_chunk == 0 {
             return Err(invalid("ingest.decode_chunk must be at least 1".into()));
         }
         if config.delta.checkpoint_interval == 0 {
-            return Err(invalid("delta.checkpoint_interval must be at least 1".into()));
+            return Err(invalid(
+                "delta.checkpoint_interval must be at least 1".into(),
+            ));
         }
         let base = file.parent().unwrap_or(Path::new("."));
         for table in &mut config.tables {
@@ -344,7 +348,9 @@ fn apply_env(
         } else {
             parse_scalar(&raw)
         };
-        let (last, parents) = path.split_last().expect("split yields at least one segment");
+        let (last, parents) = path
+            .split_last()
+            .expect("split yields at least one segment");
         let mut table = &mut *root;
         for key in parents {
             let entry = table
@@ -394,20 +400,29 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), MINIMAL);
         let env = vec![
-            ("SLUICE_KAFKA__BROKERS".to_string(), "b1:9092,b2:9092".to_string()),
+            (
+                "SLUICE_KAFKA__BROKERS".to_string(),
+                "b1:9092,b2:9092".to_string(),
+            ),
             ("SLUICE_BATCH__MAX_AGE_MS".to_string(), "2000".to_string()),
             (
                 "SLUICE_KAFKA__PROPERTIES__SASL_PASSWORD".to_string(),
                 "hunter2".to_string(),
             ),
-            ("SLUICE_LOG".to_string(), "ignored: no double underscore".to_string()),
+            (
+                "SLUICE_LOG".to_string(),
+                "ignored: no double underscore".to_string(),
+            ),
         ];
         let config = Config::load(&file, env).unwrap();
         assert_eq!(config.kafka.brokers, "b1:9092,b2:9092");
         assert_eq!(config.batch.max_age_ms, 2000);
         assert_eq!(config.kafka.properties["sasl.password"], "hunter2");
         assert_eq!(config.tables[0].schema, dir.path().join("schemas/t.toml"));
-        assert_eq!(config.storage.root, dir.path().join("lake").to_string_lossy());
+        assert_eq!(
+            config.storage.root,
+            dir.path().join("lake").to_string_lossy()
+        );
         let printed = config.redacted();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("<redacted>"));

@@ -281,12 +281,12 @@ impl BodyDecoder {
     }
 
     /// Cheap checks before any parsing, so hostile input costs little.
-    fn precheck<'a>(
-        &self,
-        payload: Option<&'a [u8]>,
-    ) -> Result<&'a [u8], (RejectReason, String)> {
+    fn precheck<'a>(&self, payload: Option<&'a [u8]>) -> Result<&'a [u8], (RejectReason, String)> {
         let Some(payload) = payload else {
-            return Err((RejectReason::MalformedJson, "empty message (tombstone)".into()));
+            return Err((
+                RejectReason::MalformedJson,
+                "empty message (tombstone)".into(),
+            ));
         };
         if payload.len() > self.max_message_bytes {
             return Err((
@@ -307,11 +307,14 @@ impl BodyDecoder {
         match payload.iter().find(|b| !b.is_ascii_whitespace()) {
             None => Err((RejectReason::MalformedJson, "empty message".into())),
             Some(b'{') => Ok(payload),
-            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => Err((
-                RejectReason::NotAnObject,
-                "the top-level JSON value is not an object".into(),
-            )),
-            Some(_) => Err((RejectReason::MalformedJson, "not JSON".into())),
+            // Not an object: only the rejection path pays for telling valid JSON from garbage.
+            Some(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+                Ok(_) => Err((
+                    RejectReason::NotAnObject,
+                    "the top-level JSON value is not an object".into(),
+                )),
+                Err(e) => Err((RejectReason::MalformedJson, format!("not JSON: {e}"))),
+            },
         }
     }
 
@@ -398,9 +401,9 @@ impl BodyDecoder {
                 Some(ColumnSource::KafkaPartition) => {
                     Arc::new(Int32Array::from_value(chunk.partition, n))
                 }
-                Some(ColumnSource::KafkaOffset) => Arc::new(Int64Array::from_iter_values(
-                    metas.iter().map(|m| m.offset),
-                )),
+                Some(ColumnSource::KafkaOffset) => {
+                    Arc::new(Int64Array::from_iter_values(metas.iter().map(|m| m.offset)))
+                }
                 Some(ColumnSource::KafkaTimestamp) => Arc::new(
                     TimestampMicrosecondArray::from_iter(
                         metas.iter().map(|m| m.timestamp_ms.map(|t| t * 1000)),
@@ -499,11 +502,7 @@ mod tests {
     fn decoder(shape: &str) -> BodyDecoder {
         let table = Arc::new(TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap());
         let mapping = Arc::new(
-            Mapping::load(
-                Path::new(&format!("schemas/mappings/{shape}.toml")),
-                &table,
-            )
-            .unwrap(),
+            Mapping::load(Path::new(&format!("schemas/mappings/{shape}.toml")), &table).unwrap(),
         );
         BodyDecoder::new(table, mapping, 4096)
     }

@@ -17,7 +17,7 @@ use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
 use crate::schema::TableSchema;
@@ -86,6 +86,9 @@ impl DeltaError {
                 source,
                 DeltaTableError::ObjectStore { .. }
                     | DeltaTableError::Io { .. }
+                    // The kernel reports storage failures while reading the log this way.
+                    | DeltaTableError::KernelError(_)
+                    | DeltaTableError::Kernel { .. }
                     | DeltaTableError::Transaction {
                         source: TransactionError::ObjectStore { .. }
                             | TransactionError::MaxCommitAttempts(_)
@@ -222,7 +225,7 @@ impl DeltaSink {
 
     /// Current table version.
     pub fn version(&self) -> i64 {
-        self.table.version().unwrap_or(-1)
+        self.table.version().map_or(-1, |v| v as i64)
     }
 
     /// Catches up with commits made by others since the last read.
@@ -292,7 +295,10 @@ impl DeltaSink {
             .collect();
         let properties = CommitProperties::default()
             .with_application_transactions(txns)
-            .with_metadata([("sluice".to_string(), serde_json::json!({ "ledger": ledger_json }))])
+            .with_metadata([(
+                "sluice".to_string(),
+                serde_json::json!({ "ledger": ledger_json }),
+            )])
             .with_create_checkpoint(true)
             .with_cleanup_expired_logs(Some(false));
         let operation = DeltaOperation::StreamingUpdate {
@@ -408,7 +414,7 @@ fn check_schema(table: &DeltaTable, schema: &TableSchema) -> Result<(), DeltaErr
     let expected = schema.arrow_schema();
     let existing = table
         .snapshot()
-        .and_then(|s| s.arrow_schema())
+        .map(|s| s.snapshot().arrow_schema())
         .map_err(|source| DeltaError::Delta {
             table: schema.name.clone(),
             operation: "read schema",
@@ -451,14 +457,14 @@ fn types_match(
 ) -> bool {
     use deltalake::arrow::datatypes::DataType as T;
     match (a, b) {
-        (T::List(x), T::List(y)) | (T::LargeList(x), T::List(y)) | (T::List(x), T::LargeList(y)) => {
-            types_match(x.data_type(), y.data_type())
-        }
+        (T::List(x), T::List(y))
+        | (T::LargeList(x), T::List(y))
+        | (T::List(x), T::LargeList(y)) => types_match(x.data_type(), y.data_type()),
         (T::Struct(x), T::Struct(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y.iter()).all(|(f, g)| {
-                    f.name() == g.name() && types_match(f.data_type(), g.data_type())
-                })
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(f, g)| f.name() == g.name() && types_match(f.data_type(), g.data_type()))
         }
         (T::Utf8 | T::LargeUtf8 | T::Utf8View, T::Utf8 | T::LargeUtf8 | T::Utf8View) => true,
         _ => a == b,

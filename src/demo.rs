@@ -29,9 +29,18 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 
 const SCHEMA: &str = include_str!("../schemas/enriched_posts.toml");
 const MAPPINGS: [(&str, &str); 3] = [
-    ("mastodon.toml", include_str!("../schemas/mappings/mastodon.toml")),
-    ("bluesky.toml", include_str!("../schemas/mappings/bluesky.toml")),
-    ("tweets.toml", include_str!("../schemas/mappings/tweets.toml")),
+    (
+        "mastodon.toml",
+        include_str!("../schemas/mappings/mastodon.toml"),
+    ),
+    (
+        "bluesky.toml",
+        include_str!("../schemas/mappings/bluesky.toml"),
+    ),
+    (
+        "tweets.toml",
+        include_str!("../schemas/mappings/tweets.toml"),
+    ),
 ];
 
 /// Errors running the demo.
@@ -150,16 +159,22 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     })
     .await?;
 
-    let mut table = running.into_iter().next().expect("the demo config has one table");
+    let mut table = running
+        .into_iter()
+        .next()
+        .expect("the demo config has one table");
     let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
         table
             .progress
             .wait_for(|p| {
-                produced.last_offsets.iter().all(|((topic, partition), last)| {
-                    p.committed.iter().any(|(k, c)| {
-                        &*k.topic == topic.as_str() && k.partition == *partition && c >= last
+                produced
+                    .last_offsets
+                    .iter()
+                    .all(|((topic, partition), last)| {
+                        p.committed.iter().any(|(k, c)| {
+                            &*k.topic == topic.as_str() && k.partition == *partition && c >= last
+                        })
                     })
-                })
             })
             .await
             .is_ok()
@@ -295,12 +310,40 @@ pub async fn summarize(location: &str) -> Result<(i64, Vec<(String, String, i64)
         .map_err(|e| q(&e))?;
     let mut rows = Vec::new();
     for batch in batches {
-        let s = batch.column(0).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect::<Vec<_>>())
-            .or_else(|| batch.column(0).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect()))
-            .ok_or_else(|| DemoError::Query(format!("unexpected type {}", batch.column(0).data_type())))?;
-        let c = batch.column(1).as_string_view_opt().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect::<Vec<_>>())
-            .or_else(|| batch.column(1).as_string_opt::<i32>().map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect()))
-            .ok_or_else(|| DemoError::Query(format!("unexpected type {}", batch.column(1).data_type())))?;
+        let s = batch
+            .column(0)
+            .as_string_view_opt()
+            .map(|a| {
+                (0..a.len())
+                    .map(|i| a.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .or_else(|| {
+                batch
+                    .column(0)
+                    .as_string_opt::<i32>()
+                    .map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect())
+            })
+            .ok_or_else(|| {
+                DemoError::Query(format!("unexpected type {}", batch.column(0).data_type()))
+            })?;
+        let c = batch
+            .column(1)
+            .as_string_view_opt()
+            .map(|a| {
+                (0..a.len())
+                    .map(|i| a.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .or_else(|| {
+                batch
+                    .column(1)
+                    .as_string_opt::<i32>()
+                    .map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect())
+            })
+            .ok_or_else(|| {
+                DemoError::Query(format!("unexpected type {}", batch.column(1).data_type()))
+            })?;
         let n = batch.column(2).as_primitive::<Int64Type>();
         for i in 0..batch.num_rows() {
             rows.push((s[i].clone(), c[i].clone(), n.value(i)));

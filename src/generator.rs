@@ -135,13 +135,17 @@ impl Generator {
         {
             return (format!("bad-{seq}"), self.bad_payload(seq / n));
         }
-        let created_ms = self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
+        let created_ms =
+            self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
         let (key, value) = match shape {
             Shape::Mastodon => self.mastodon(seq, created_ms),
             Shape::Bluesky => self.bluesky(seq, created_ms),
             Shape::Tweets => self.tweet(seq, created_ms),
         };
-        (key, serde_json::to_vec(&value).expect("generated JSON serializes"))
+        (
+            key,
+            serde_json::to_vec(&value).expect("generated JSON serializes"),
+        )
     }
 
     fn bad_payload(&mut self, k: u64) -> Vec<u8> {
@@ -221,7 +225,8 @@ impl Generator {
         } else {
             "not sarcastic"
         };
-        let instance = ["mastodon.social", "fosstodon.org", "hachyderm.io"][self.rng.random_range(0..3)];
+        let instance =
+            ["mastodon.social", "fosstodon.org", "hachyderm.io"][self.rng.random_range(0..3)];
         let value = json!({
             "id": id,
             "created_at": rfc3339(created_ms),

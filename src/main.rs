@@ -12,10 +12,20 @@ use sluice::produce::{ProduceOptions, produce};
 use sluice::telemetry::{LogFormat, init_logging, init_metrics};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Exactly-once Kafka → Delta Lake for enriched social streams")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Exactly-once Kafka → Delta Lake for enriched social streams"
+)]
 struct Cli {
     /// Log format: human-readable text or JSON lines.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "SLUICE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SLUICE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -35,7 +45,7 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         rate: u64,
         /// Partitions per topic.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 6)]
         partitions: i32,
         /// Embedding dimension of tweets.
         #[arg(long, default_value_t = 64)]
@@ -106,12 +116,34 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo { dir, records, rate, partitions, embedding_dim, bad_every, seed } => {
-            let options = DemoOptions { dir, records, rate, partitions, embedding_dim, bad_every, seed };
+        Command::Demo {
+            dir,
+            records,
+            rate,
+            partitions,
+            embedding_dim,
+            bad_every,
+            seed,
+        } => {
+            let options = DemoOptions {
+                dir,
+                records,
+                rate,
+                partitions,
+                embedding_dim,
+                bad_every,
+                seed,
+            };
             let report = run_demo(&options).await?;
             println!("{}", report.render());
         }
-        Command::Run { config, brokers, group_id, storage_root, metrics_listen } => {
+        Command::Run {
+            config,
+            brokers,
+            group_id,
+            storage_root,
+            metrics_listen,
+        } => {
             let mut cfg = Config::load(&config, std::env::vars())?;
             if let Some(b) = brokers {
                 cfg.kafka.brokers = b;
@@ -131,16 +163,46 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             tracing::info!(config = %config.display(), "starting sluice");
             sluice::app::run(cfg, shutdown_signal()).await?;
         }
-        Command::Produce { brokers, shape, topic, count, rate, embedding_dim, bad_every, seed } => {
-            let shapes: Vec<Shape> = if shape.is_empty() { Shape::ALL.to_vec() } else { shape };
+        Command::Produce {
+            brokers,
+            shape,
+            topic,
+            count,
+            rate,
+            embedding_dim,
+            bad_every,
+            seed,
+        } => {
+            let shapes: Vec<Shape> = if shape.is_empty() {
+                Shape::ALL.to_vec()
+            } else {
+                shape
+            };
             if topic.is_some() && shapes.len() != 1 {
                 anyhow::bail!("--topic needs exactly one --shape");
             }
             let shapes = shapes
                 .into_iter()
-                .map(|s| (s, topic.clone().unwrap_or_else(|| s.default_topic().to_string())))
+                .map(|s| {
+                    (
+                        s,
+                        topic
+                            .clone()
+                            .unwrap_or_else(|| s.default_topic().to_string()),
+                    )
+                })
                 .collect();
-            let report = produce(&ProduceOptions { brokers, shapes, count, rate, seed, embedding_dim, bad_every, spread_days: 3 }).await?;
+            let report = produce(&ProduceOptions {
+                brokers,
+                shapes,
+                count,
+                rate,
+                seed,
+                embedding_dim,
+                bad_every,
+                spread_days: 3,
+            })
+            .await?;
             let secs = report.elapsed.as_secs_f64().max(1e-9);
             println!(
                 "delivered {} messages ({:.1} MB) in {:.1}s: {:.0} msg/s",

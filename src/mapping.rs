@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Array, ArrayRef, StringArray, StructArray, make_array, new_null_array};
+use deltalake::arrow::array::{
+    Array, ArrayRef, StringArray, StructArray, make_array, new_null_array,
+};
 use deltalake::arrow::buffer::NullBuffer;
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
@@ -79,7 +81,10 @@ struct EntryDef {
 #[derive(Debug, Clone)]
 enum ValueSource {
     /// A JSON path; `leaf` is the Arrow type arrow-json decodes it as.
-    Path { segments: Vec<String>, leaf: DataType },
+    Path {
+        segments: Vec<String>,
+        leaf: DataType,
+    },
     /// The same string for every row (e.g. the platform name).
     Constant(String),
 }
@@ -134,8 +139,7 @@ impl Mapping {
             if column.source.is_some() {
                 return Err(err(
                     &name,
-                    "is filled by sluice itself (source in the schema) and cannot be mapped"
-                        .into(),
+                    "is filled by sluice itself (source in the schema) and cannot be mapped".into(),
                 ));
             }
             let source = match (def.path, def.value) {
@@ -145,7 +149,10 @@ impl Mapping {
                 (None, None) => return Err(err(&name, "needs a `path` or a `value`".into())),
                 (None, Some(value)) => {
                     if column.data_type != DataType::Utf8 {
-                        return Err(err(&name, "constant values are only allowed for string columns".into()));
+                        return Err(err(
+                            &name,
+                            "constant values are only allowed for string columns".into(),
+                        ));
                     }
                     if def.unit.is_some() {
                         return Err(err(&name, "`unit` applies only to paths".into()));
@@ -171,14 +178,19 @@ impl Mapping {
                                 other => {
                                     return Err(err(
                                         &name,
-                                        format!("unknown unit `{other}` (expected s, ms, us or ns)"),
+                                        format!(
+                                            "unknown unit `{other}` (expected s, ms, us or ns)"
+                                        ),
                                     ));
                                 }
                             };
                             DataType::Timestamp(unit, Some(UTC.into()))
                         }
                         (_, Some(_)) => {
-                            return Err(err(&name, "`unit` applies only to timestamp columns".into()));
+                            return Err(err(
+                                &name,
+                                "`unit` applies only to timestamp columns".into(),
+                            ));
                         }
                         (ty, None) => ty.clone(),
                     };
@@ -221,7 +233,8 @@ impl Mapping {
                     std::iter::repeat_n(v.as_str(), rows),
                 )),
                 ValueSource::Path { segments, leaf } => {
-                    let array = extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows));
+                    let array =
+                        extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows));
                     if array.data_type() == target {
                         array
                     } else {
@@ -300,7 +313,9 @@ impl Node {
             .into_iter()
             .map(|(name, kind)| match kind {
                 NodeKind::Leaf(ty) => Field::new(name, ty, true),
-                NodeKind::Object(node) => Field::new(name, DataType::Struct(node.into_fields()), true),
+                NodeKind::Object(node) => {
+                    Field::new(name, DataType::Struct(node.into_fields()), true)
+                }
             })
             .collect()
     }
@@ -344,11 +359,26 @@ mod tests {
         let table = flagship();
         let f = Path::new("m.toml");
         let cases = [
-            ("table = \"enriched_posts\"\n[columns]\nnope = { path = \"x\" }\n", "column `nope`: table `enriched_posts` has no such column"),
-            ("table = \"enriched_posts\"\n[columns]\nkafka_offset = { path = \"x\" }\n", "column `kafka_offset`: is filled by sluice itself"),
-            ("table = \"enriched_posts\"\n[columns]\nlike_count = { value = \"3\" }\n", "column `like_count`: constant values are only allowed for string columns"),
-            ("table = \"enriched_posts\"\n[columns]\ntext = { path = \"a\" }\nauthor = { path = \"a.b\" }\n", "is used both as an object and as a value"),
-            ("table = \"other\"\n[columns]\n", "column `table`: maps into `other`"),
+            (
+                "table = \"enriched_posts\"\n[columns]\nnope = { path = \"x\" }\n",
+                "column `nope`: table `enriched_posts` has no such column",
+            ),
+            (
+                "table = \"enriched_posts\"\n[columns]\nkafka_offset = { path = \"x\" }\n",
+                "column `kafka_offset`: is filled by sluice itself",
+            ),
+            (
+                "table = \"enriched_posts\"\n[columns]\nlike_count = { value = \"3\" }\n",
+                "column `like_count`: constant values are only allowed for string columns",
+            ),
+            (
+                "table = \"enriched_posts\"\n[columns]\ntext = { path = \"a\" }\nauthor = { path = \"a.b\" }\n",
+                "is used both as an object and as a value",
+            ),
+            (
+                "table = \"other\"\n[columns]\n",
+                "column `table`: maps into `other`",
+            ),
         ];
         for (text, expected) in cases {
             let e = Mapping::parse(text, f, &table).unwrap_err().to_string();

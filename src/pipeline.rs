@@ -147,7 +147,10 @@ impl TableWriter {
     }
 
     /// Runs until `shutdown` resolves, then commits what is buffered and returns.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Progress, PipelineError> {
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Progress, PipelineError> {
         let table = self.sink.name().to_string();
         tokio::pin!(shutdown);
         loop {
@@ -232,7 +235,8 @@ impl TableWriter {
                 }
                 for (key, state) in &states {
                     if let Some(ledger) = &state.ledger {
-                        positions.insert(key.clone(), rdkafka::Offset::Offset(ledger.last_offset + 1));
+                        positions
+                            .insert(key.clone(), rdkafka::Offset::Offset(ledger.last_offset + 1));
                     }
                 }
                 self.partitions = states;
@@ -281,7 +285,9 @@ impl TableWriter {
             }
         }
         let bytes = payload.map_or(0, <[u8]>::len);
-        state.pending.push(offset, timestamp_ms, message_key, payload);
+        state
+            .pending
+            .push(offset, timestamp_ms, message_key, payload);
         state.bytes += bytes;
         state.messages += 1;
         match &mut state.ledger {
@@ -304,7 +310,10 @@ impl TableWriter {
     }
 
     fn decode_pending(&mut self, key: &PartitionKey) -> Result<(), PipelineError> {
-        let state = self.partitions.get_mut(key).expect("caller checked ownership");
+        let state = self
+            .partitions
+            .get_mut(key)
+            .expect("caller checked ownership");
         if state.pending.is_empty() {
             return Ok(());
         }
@@ -312,9 +321,15 @@ impl TableWriter {
             .decoders
             .get(&key.topic)
             .expect("consumer only subscribes to configured topics");
-        let chunk = std::mem::replace(&mut state.pending, Chunk::new(key.topic.clone(), key.partition));
+        let chunk = std::mem::replace(
+            &mut state.pending,
+            Chunk::new(key.topic.clone(), key.partition),
+        );
         let decoded = decoder.decode(&chunk, chrono::Utc::now().timestamp_micros())?;
-        let ledger = state.ledger.as_mut().expect("pending messages have a ledger");
+        let ledger = state
+            .ledger
+            .as_mut()
+            .expect("pending messages have a ledger");
         if let Some(batch) = decoded.batch {
             ledger.rows += batch.num_rows() as u64;
             state.decoded.push(batch);
@@ -355,13 +370,23 @@ impl TableWriter {
                 self.batcher.reset();
                 return Ok(());
             }
-            in_flight = ledger.iter().map(|(k, l)| (k.clone(), l.last_offset)).collect();
+            in_flight = ledger
+                .iter()
+                .map(|(k, l)| (k.clone(), l.last_offset))
+                .collect();
             self.epoch += 1;
             let started = Instant::now();
             match self.sink.commit(&batches, &ledger, self.epoch).await {
                 Ok(committed) => {
                     let elapsed = started.elapsed();
-                    self.on_committed(&ledger, committed.version, committed.files, committed.bytes, reason, elapsed);
+                    self.on_committed(
+                        &ledger,
+                        committed.version,
+                        committed.files,
+                        committed.bytes,
+                        reason,
+                        elapsed,
+                    );
                     return Ok(());
                 }
                 Err(DeltaError::Conflict { .. }) => {
@@ -380,7 +405,10 @@ impl TableWriter {
     }
 
     /// Re-reads txn versions and reconciles every buffered partition with the table.
-    async fn verify_positions(&mut self, in_flight: &BTreeMap<PartitionKey, i64>) -> Result<(), DeltaError> {
+    async fn verify_positions(
+        &mut self,
+        in_flight: &BTreeMap<PartitionKey, i64>,
+    ) -> Result<(), DeltaError> {
         self.sink.refresh().await?;
         let keys: Vec<PartitionKey> = self
             .partitions
@@ -391,7 +419,10 @@ impl TableWriter {
         let mut landed = Vec::new();
         for key in keys {
             let actual = self.sink.txn_version(&key).await?;
-            let state = self.partitions.get_mut(&key).expect("key taken from the map");
+            let state = self
+                .partitions
+                .get_mut(&key)
+                .expect("key taken from the map");
             if actual == state.committed {
                 continue;
             }
@@ -403,7 +434,8 @@ impl TableWriter {
             }
             tracing::warn!(table = %self.sink.name(), partition = %key, believed = ?state.committed, actual = ?actual,
                 "the table holds another position for this partition; dropping its buffer and re-reading");
-            metrics::counter!("sluice_position_resets_total", "topic" => key.topic.to_string()).increment(1);
+            metrics::counter!("sluice_position_resets_total", "topic" => key.topic.to_string())
+                .increment(1);
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
             state.clear(&key);
@@ -415,11 +447,23 @@ impl TableWriter {
         if !landed.is_empty() {
             let ledger: Vec<(PartitionKey, PartitionLedger)> = landed
                 .iter()
-                .map(|k| (k.clone(), self.partitions[k].ledger.clone().expect("buffered")))
+                .map(|k| {
+                    (
+                        k.clone(),
+                        self.partitions[k].ledger.clone().expect("buffered"),
+                    )
+                })
                 .collect();
             tracing::info!(table = %self.sink.name(), partitions = landed.len(), "a retried commit had already landed");
             let version = self.sink.version();
-            self.on_committed(&ledger, version, 0, 0, FlushReason::Shutdown, Duration::ZERO);
+            self.on_committed(
+                &ledger,
+                version,
+                0,
+                0,
+                FlushReason::Shutdown,
+                Duration::ZERO,
+            );
         }
         Ok(())
     }
@@ -438,11 +482,18 @@ impl TableWriter {
         let mut rejected = 0;
         let mut offsets = Vec::with_capacity(ledger.len());
         for (key, l) in ledger {
-            let state = self.partitions.get_mut(key).expect("committed partitions are owned");
+            let state = self
+                .partitions
+                .get_mut(key)
+                .expect("committed partitions are owned");
             for r in &state.rejections {
                 tracing::debug!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
                     reason = r.reason.code(), detail = %r.detail, "message rejected");
-                *self.progress.rejected_by_reason.entry(r.reason.code()).or_default() += 1;
+                *self
+                    .progress
+                    .rejected_by_reason
+                    .entry(r.reason.code())
+                    .or_default() += 1;
                 metrics::counter!("sluice_messages_rejected_total", "topic" => key.topic.to_string(), "reason" => r.reason.code())
                     .increment(1);
             }
@@ -456,7 +507,8 @@ impl TableWriter {
             state.clear(key);
             self.progress.committed.insert(key.clone(), l.last_offset);
             offsets.push((key.clone(), l.last_offset));
-            metrics::counter!("sluice_rows_written_total", "topic" => key.topic.to_string()).increment(l.rows);
+            metrics::counter!("sluice_rows_written_total", "topic" => key.topic.to_string())
+                .increment(l.rows);
         }
         self.batcher.reset();
         self.source.report_committed(&offsets);
@@ -469,7 +521,8 @@ impl TableWriter {
         metrics::counter!("sluice_commits_total", "table" => table.clone()).increment(1);
         metrics::counter!("sluice_flushes_total", "table" => table.clone(), "reason" => reason.as_str()).increment(1);
         metrics::counter!("sluice_bytes_written_total", "table" => table.clone()).increment(bytes);
-        metrics::histogram!("sluice_commit_seconds", "table" => table.clone()).record(elapsed.as_secs_f64());
+        metrics::histogram!("sluice_commit_seconds", "table" => table.clone())
+            .record(elapsed.as_secs_f64());
         tracing::info!(table = %table, version, rows, rejected, files, bytes, reason = reason.as_str(),
             commit_ms = elapsed.as_millis() as u64, "committed batch");
         self.publish();

@@ -86,8 +86,13 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
             source,
         })?;
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let mut generator = Generator::new(options.seed, options.embedding_dim, now_ms, options.spread_days)
-        .with_bad_every(options.bad_every);
+    let mut generator = Generator::new(
+        options.seed,
+        options.embedding_dim,
+        now_ms,
+        options.spread_days,
+    )
+    .with_bad_every(options.bad_every);
     let started = Instant::now();
     let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
     let mut report = ProduceReport::default();
@@ -129,7 +134,12 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
             settle(d, options, &mut report, &mut failures).await;
         }
         if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(sent = n + 1, total = options.count, delivered = report.delivered, "producing");
+            tracing::info!(
+                sent = n + 1,
+                total = options.count,
+                delivered = report.delivered,
+                "producing"
+            );
             last_log = Instant::now();
         }
     }

@@ -156,7 +156,10 @@ impl TableSchema {
         };
         check_identifier(&raw.table.name).map_err(|r| field_err("table.name", r))?;
         if raw.columns.is_empty() {
-            return Err(field_err("columns", "a table needs at least one column".into()));
+            return Err(field_err(
+                "columns",
+                "a table needs at least one column".into(),
+            ));
         }
         let mut columns: Vec<Column> = Vec::with_capacity(raw.columns.len());
         for def in &raw.columns {
@@ -291,7 +294,10 @@ fn source_name(source: ColumnSource) -> &'static str {
 fn check_identifier(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-    if !first_ok || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     {
         return Err(format!(
             "`{name}` is not a lower-case snake_case name (a-z, 0-9, _; starting with a letter)"
@@ -304,10 +310,7 @@ fn check_identifier(name: &str) -> Result<(), String> {
 /// `string | boolean | int | long | float | double | timestamp | date | list<T> |
 /// struct<name:T,...>`.
 pub fn parse_type(text: &str) -> Result<DataType, String> {
-    let mut parser = TypeParser {
-        src: text,
-        pos: 0,
-    };
+    let mut parser = TypeParser { src: text, pos: 0 };
     let ty = parser.parse()?;
     parser.skip_ws();
     if parser.pos != text.len() {

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
 use crate::config::{KafkaConfig, StartFrom};
@@ -192,18 +192,20 @@ impl KafkaSource {
                     source,
                 })?;
         }
-        self.consumer.assign(&tpl).map_err(|source| SourceError::Position {
-            partition: positions
-                .keys()
-                .next()
-                .cloned()
-                .unwrap_or_else(|| PartitionKey {
-                    topic: Arc::from(""),
-                    partition: -1,
-                }),
-            offset: Offset::Invalid,
-            source,
-        })
+        self.consumer
+            .assign(&tpl)
+            .map_err(|source| SourceError::Position {
+                partition: positions
+                    .keys()
+                    .next()
+                    .cloned()
+                    .unwrap_or_else(|| PartitionKey {
+                        topic: Arc::from(""),
+                        partition: -1,
+                    }),
+                offset: Offset::Invalid,
+                source,
+            })
     }
 
     /// Re-reads a partition from `offset`; messages fetched before the seek are discarded by

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::array::AsArray;
 use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
@@ -48,7 +48,11 @@ async fn clean_run_lands_every_message_once_from_all_three_shapes() {
     let col = |i: usize| -> Vec<i64> { b.column(i).as_primitive::<Int64Type>().values().to_vec() };
     assert_eq!(col(1), [1000, 1000, 1000]);
     for i in 2..=4 {
-        assert_eq!(col(i), [1000, 1000, 1000], "column {i} populated for every shape");
+        assert_eq!(
+            col(i),
+            [1000, 1000, 1000],
+            "column {i} populated for every shape"
+        );
     }
     assert_eq!(col(5), [0, 1000, 0], "appropriateness comes from mastodon");
     assert_eq!(col(6), [1000, 0, 0], "entities come from bluesky");
@@ -61,7 +65,9 @@ async fn clean_run_lands_every_message_once_from_all_three_shapes() {
         "SELECT min(array_length(embedding)), max(array_length(embedding)) FROM enriched_posts WHERE platform = 'twitter'",
     )
     .await;
-    let d = dims[0].column(0).as_primitive::<deltalake::arrow::datatypes::UInt64Type>();
+    let d = dims[0]
+        .column(0)
+        .as_primitive::<deltalake::arrow::datatypes::UInt64Type>();
     assert_eq!(d.value(0), 16);
 }
 
@@ -69,28 +75,41 @@ async fn clean_run_lands_every_message_once_from_all_three_shapes() {
 async fn table_reads_back_with_declared_types_and_date_partitions() {
     let kafka = Kafka::new(&[Shape::Bluesky.default_topic()], 1);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&kafka.brokers(), dir.path(), &[Shape::Bluesky], limits(10_000, 1000));
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Bluesky],
+        limits(10_000, 1000),
+    );
     let mut writer = Writer::start(&config).await;
     let produced = publish(&kafka.brokers(), &[Shape::Bluesky], 300, 2, 0).await;
     writer.wait_committed(&produced.last_offsets).await;
     writer.stop().await;
 
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
-    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    let table = deltalake::open_table(table_url(&location).unwrap())
+        .await
+        .unwrap();
     let snapshot = table.snapshot().unwrap();
-    let schema = snapshot.arrow_schema().unwrap();
+    let schema = snapshot.snapshot().arrow_schema();
     assert_eq!(
         schema.field_with_name("created_at").unwrap().data_type(),
         &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
     );
-    assert_eq!(schema.field_with_name("event_date").unwrap().data_type(), &DataType::Date32);
+    assert_eq!(
+        schema.field_with_name("event_date").unwrap().data_type(),
+        &DataType::Date32
+    );
     let DataType::List(item) = schema.field_with_name("entities").unwrap().data_type() else {
         panic!("entities is a list")
     };
     assert!(matches!(item.data_type(), DataType::Struct(f) if f.len() == 3));
     let protocol = snapshot.protocol();
     assert!(protocol.min_reader_version() <= 3 && protocol.min_writer_version() <= 7);
-    assert_eq!(snapshot.metadata().partition_columns(), &["event_date".to_string()]);
+    assert_eq!(
+        snapshot.metadata().partition_columns(),
+        &["event_date".to_string()]
+    );
 
     // Partition folders in the spec's string form, matching the rows' dates.
     let folders: BTreeSet<String> = std::fs::read_dir(dir.path().join("enriched_posts"))
@@ -125,7 +144,12 @@ async fn crash_mid_batch_then_restart_loses_and_duplicates_nothing() {
     let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 3);
     let dir = tempfile::tempdir().unwrap();
     // Age limit far away: only max_rows flushes, so a tail stays buffered when we crash.
-    let config = config(&kafka.brokers(), dir.path(), &[Shape::Mastodon], limits(400, 600_000));
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(400, 600_000),
+    );
     let mut writer = Writer::start(&config).await;
     let first = publish(&kafka.brokers(), &[Shape::Mastodon], 1000, 3, 0).await;
     tokio::time::timeout(CATCH_UP, writer.table.progress.wait_for(|p| p.commits >= 2))
@@ -157,7 +181,12 @@ async fn crash_mid_batch_then_restart_loses_and_duplicates_nothing() {
 async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice() {
     let kafka = Kafka::new(&[Shape::Tweets.default_topic()], 1);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&kafka.brokers(), dir.path(), &[Shape::Tweets], limits(10_000, 1000));
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Tweets],
+        limits(10_000, 1000),
+    );
     let mut writer = Writer::start(&config).await;
     let first = publish(&kafka.brokers(), &[Shape::Tweets], 200, 5, 0).await;
     writer.wait_committed(&first.last_offsets).await;
@@ -176,7 +205,9 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
     }
     let batch = decoder.decode(&chunk, 0).unwrap().batch.unwrap();
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
-    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    let table = deltalake::open_table(table_url(&location).unwrap())
+        .await
+        .unwrap();
     let mut orphan_writer = RecordBatchWriter::for_table(&table).unwrap();
     orphan_writer.write(batch).await.unwrap();
     let orphans = orphan_writer.flush().await.unwrap();
@@ -188,17 +219,30 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
     let mut writer = Writer::start(&config).await;
     writer.wait_committed(&second.last_offsets).await;
     writer.stop().await;
-    assert_exactly_once(&table_offsets(dir.path()).await, &second.last_offsets, &BTreeSet::new());
-    let table = deltalake::open_table(table_url(&location).unwrap()).await.unwrap();
+    assert_exactly_once(
+        &table_offsets(dir.path()).await,
+        &second.last_offsets,
+        &BTreeSet::new(),
+    );
+    let table = deltalake::open_table(table_url(&location).unwrap())
+        .await
+        .unwrap();
     let live: BTreeSet<String> = table.get_file_uris().unwrap().collect();
     for add in &orphans {
-        assert!(!live.iter().any(|u| u.ends_with(&add.path)), "orphan {} is not part of the table", add.path);
+        assert!(
+            !live.iter().any(|u| u.ends_with(&add.path)),
+            "orphan {} is not part of the table",
+            add.path
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_in_one_group_through_a_rebalance() {
-    let topics = [Shape::Mastodon.default_topic(), Shape::Bluesky.default_topic()];
+    let topics = [
+        Shape::Mastodon.default_topic(),
+        Shape::Bluesky.default_topic(),
+    ];
     let shapes = [Shape::Mastodon, Shape::Bluesky];
     let kafka = Kafka::new(&topics, 4);
     let dir = tempfile::tempdir().unwrap();
@@ -210,9 +254,18 @@ async fn two_writers_in_one_group_through_a_rebalance() {
 
     // B joins: the group rebalances and splits the partitions.
     let mut b = Writer::start(&config).await;
-    tokio::time::timeout(CATCH_UP, b.table.progress.wait_for(|p| !p.committed.is_empty() || p.commits > 0))
-        .await
-        .ok();
+    tokio::time::timeout(
+        CATCH_UP,
+        b.table.progress.wait_for(|p| !p.committed.is_empty()),
+    )
+    .await
+    .expect("the second writer is assigned partitions already in the table")
+    .unwrap();
+    let a_owned = a.table.progress.borrow().committed.len();
+    assert!(
+        a_owned < 8,
+        "the first writer gave partitions up in the rebalance ({a_owned} of 8 left)"
+    );
     let second = publish(&kafka.brokers(), &shapes, 2000, 8, 0).await;
 
     // A leaves mid-stream (crash): B must take over A's partitions from the table's positions.
@@ -237,7 +290,12 @@ async fn two_writers_in_one_group_through_a_rebalance() {
 async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
     let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&kafka.brokers(), dir.path(), &[Shape::Mastodon], limits(10_000, 1000));
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 1000),
+    );
     let mut writer = Writer::start(&config).await;
     // Every 7th message is hostile, in five rotating kinds.
     let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 700, 10, 7).await;
@@ -260,7 +318,11 @@ async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
     let missing: BTreeSet<(String, i32, i64)> = (1..=100)
         .map(|k| (Shape::Mastodon.default_topic().to_string(), 0, k * 7 - 1))
         .collect();
-    assert_exactly_once(&table_offsets(dir.path()).await, &produced.last_offsets, &missing);
+    assert_exactly_once(
+        &table_offsets(dir.path()).await,
+        &produced.last_offsets,
+        &missing,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,9 @@ impl Kafka {
     pub fn new(topics: &[&str], partitions: i32) -> Self {
         let cluster = MockCluster::new(1).expect("mock cluster starts");
         for t in topics {
-            cluster.create_topic(t, partitions, 1).expect("topic created");
+            cluster
+                .create_topic(t, partitions, 1)
+                .expect("topic created");
         }
         Kafka { cluster }
     }
@@ -148,10 +150,12 @@ impl Writer {
                 })
             }),
         )
-        .await;
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
         let progress = self.table.progress.borrow().clone();
         assert!(
-            matches!(result, Ok(Ok(_))),
+            result,
             "writer did not catch up: wanted {targets:?}, committed {:?}",
             progress.committed
         );
@@ -160,7 +164,11 @@ impl Writer {
     /// Graceful stop: flushes and commits.
     pub async fn stop(mut self) -> sluice::pipeline::Progress {
         let _ = self.stop.take().unwrap().send(());
-        self.table.task.await.unwrap().expect("writer stops cleanly")
+        self.table
+            .task
+            .await
+            .unwrap()
+            .expect("writer stops cleanly")
     }
 
     /// A crash: the task dies with whatever it buffered.
