@@ -274,7 +274,9 @@ impl Config {
         if !config.storage.root.contains("://") {
             let root = Path::new(&config.storage.root);
             if root.is_relative() {
-                config.storage.root = base.join(root).to_string_lossy().into_owned();
+                // components() drops `.` segments, so "." resolves to the folder itself.
+                let joined: PathBuf = base.join(root).components().collect();
+                config.storage.root = joined.to_string_lossy().into_owned();
             }
         }
         Ok(config)

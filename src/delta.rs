@@ -42,8 +42,8 @@ pub enum DeltaError {
         table: String,
         /// What sluice was doing.
         operation: &'static str,
-        /// delta-rs' error.
-        source: DeltaTableError,
+        /// delta-rs' error (boxed: it is large and errors are rare).
+        source: Box<DeltaTableError>,
     },
     /// Another writer committed a txn version for one of our partitions since we last read it.
     #[error("table {table}: another writer committed to the same Kafka partitions concurrently")]
@@ -83,7 +83,7 @@ impl DeltaError {
     pub fn is_transient(&self) -> bool {
         match self {
             DeltaError::Delta { source, .. } => matches!(
-                source,
+                source.as_ref(),
                 DeltaTableError::ObjectStore { .. }
                     | DeltaTableError::Io { .. }
                     // The kernel reports storage failures while reading the log this way.
@@ -172,7 +172,7 @@ impl DeltaSink {
             move |source| DeltaError::Delta {
                 table,
                 operation,
-                source,
+                source: Box::new(source),
             }
         };
         let mut table = DeltaTableBuilder::from_url(url.clone())
@@ -197,7 +197,7 @@ impl DeltaSink {
         let level = ZstdLevel::try_new(zstd_level).map_err(|e| DeltaError::Delta {
             table: name.clone(),
             operation: "configure zstd",
-            source: DeltaTableError::Generic(e.to_string()),
+            source: Box::new(DeltaTableError::Generic(e.to_string())),
         })?;
         let writer_properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
@@ -344,7 +344,7 @@ impl DeltaSink {
         DeltaError::Delta {
             table: self.schema.name.clone(),
             operation,
-            source,
+            source: Box::new(source),
         }
     }
 }
@@ -418,7 +418,7 @@ fn check_schema(table: &DeltaTable, schema: &TableSchema) -> Result<(), DeltaErr
         .map_err(|source| DeltaError::Delta {
             table: schema.name.clone(),
             operation: "read schema",
-            source,
+            source: Box::new(source),
         })?;
     let mut problems = Vec::new();
     for field in expected.fields() {
@@ -490,7 +490,7 @@ async fn probe_conditional_put(
     let io = |source: object_store::Error| DeltaError::Delta {
         table: name.to_string(),
         operation: "probe conditional writes",
-        source: DeltaTableError::from(source),
+        source: Box::new(DeltaTableError::from(source)),
     };
     store
         .put_opts(&path, PutPayload::from_static(b"probe"), create())

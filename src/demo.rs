@@ -143,6 +143,27 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         let _ = stop_rx.await;
     })
     .await?;
+    let mut table = running
+        .into_iter()
+        .next()
+        .expect("the demo config has one table");
+    // The embedded broker delays a new group's first assignment by a few seconds; timing starts
+    // once the writer owns every partition.
+    let partitions = Shape::ALL.len() * options.partitions.max(1) as usize;
+    let assigned = tokio::time::timeout(
+        CATCH_UP_TIMEOUT,
+        table.progress.wait_for(|p| p.assigned == partitions),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
+    if !assigned {
+        return Err(DemoError::Stalled {
+            committed: 0,
+            produced: 0,
+            timeout: CATCH_UP_TIMEOUT,
+        });
+    }
     let started = Instant::now();
     let produced = produce(&ProduceOptions {
         brokers: config.kafka.brokers.clone(),
@@ -159,10 +180,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     })
     .await?;
 
-    let mut table = running
-        .into_iter()
-        .next()
-        .expect("the demo config has one table");
     let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
         table
             .progress
@@ -361,9 +378,10 @@ impl DemoReport {
         let _ = writeln!(out, "\nsluice demo: done in {:.1}s", secs);
         let _ = writeln!(
             out,
-            "  produced      {} messages ({:.1} MB) to 3 topics",
+            "  produced      {} messages ({:.1} MB) to 3 topics in {:.1}s",
             self.produced.delivered,
-            self.produced.bytes as f64 / 1e6
+            self.produced.bytes as f64 / 1e6,
+            self.produced.elapsed.as_secs_f64()
         );
         let _ = writeln!(
             out,
@@ -372,6 +390,14 @@ impl DemoReport {
             w.rejected,
             w.rows + w.rejected
         );
+        let lost = self.produced.delivered.saturating_sub(w.rows + w.rejected);
+        if lost > 0 {
+            let _ = writeln!(
+                out,
+                "  WARNING       {lost} messages were dropped by the embedded broker (it keeps only \
+                 ~5 MiB per partition) before the writer read them: lower --rate or raise --partitions"
+            );
+        }
         if !w.rejected_by_reason.is_empty() {
             let reasons: Vec<String> = w
                 .rejected_by_reason
@@ -391,7 +417,7 @@ impl DemoReport {
         );
         let _ = writeln!(
             out,
-            "  throughput    {:.0} records/s end to end ({:.1} MB/s of JSON)",
+            "  throughput    {:.0} records/s end to end, first produce to last commit ({:.1} MB/s of JSON)",
             (w.rows + w.rejected) as f64 / secs,
             self.produced.bytes as f64 / 1e6 / secs
         );

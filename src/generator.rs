@@ -131,7 +131,7 @@ impl Generator {
         self.count += 1;
         let seq = self.count;
         if let Some(n) = self.bad_every
-            && seq % n == 0
+            && seq.is_multiple_of(n)
         {
             return (format!("bad-{seq}"), self.bad_payload(seq / n));
         }

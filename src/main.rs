@@ -42,7 +42,7 @@ enum Command {
         #[arg(long, default_value_t = 60_000)]
         records: u64,
         /// Messages per second (0 = as fast as possible).
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 0)]
         rate: u64,
         /// Partitions per topic.
         #[arg(long, default_value_t = 6)]
@@ -106,7 +106,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format, "info,deltalake=warn,deltalake_core=warn");
+    // delta-kernel logs an ERROR when it looks for a table that does not exist yet (sluice then
+    // creates it); its real failures reach sluice as errors and are logged with context.
+    init_logging(
+        cli.log_format,
+        "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=off,buoyant_kernel_engine=off",
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

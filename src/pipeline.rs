@@ -62,6 +62,8 @@ pub struct Progress {
     pub committed: BTreeMap<PartitionKey, i64>,
     /// Rejection counts by reason code.
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
+    /// Partitions this writer currently owns.
+    pub assigned: usize,
 }
 
 /// Per-partition state of an owned partition.
@@ -204,6 +206,7 @@ impl TableWriter {
                     if let Some(state) = self.partitions.remove(&key) {
                         self.batcher.remove(state.messages, state.bytes);
                         self.progress.committed.remove(&key);
+                        self.progress.assigned = self.progress.assigned.saturating_sub(1);
                         if state.messages > 0 {
                             tracing::info!(table = %self.sink.name(), partition = %key, dropped = state.messages,
                                 "partition revoked; its buffered messages are left to the new owner");
@@ -240,6 +243,7 @@ impl TableWriter {
                     }
                 }
                 self.partitions = states;
+                self.progress.assigned = self.partitions.len();
                 self.progress.committed = self
                     .partitions
                     .iter()

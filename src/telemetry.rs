@@ -1,5 +1,6 @@
 //! Telemetry: `tracing` logs (human or JSON lines) and the Prometheus metrics endpoint.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
@@ -19,6 +20,7 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -32,6 +32,17 @@ async fn clean_run_lands_every_message_once_from_all_three_shapes() {
     assert!(progress.commits >= 4, "max_rows=700 forces several commits");
     let rows = table_offsets(dir.path()).await;
     assert_exactly_once(&rows, &produced.last_offsets, &BTreeSet::new());
+    // checkpoint_interval = 5: the writer's own commits produced a checkpoint Trino can parse.
+    let last_checkpoint: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            dir.path()
+                .join("enriched_posts/_delta_log/_last_checkpoint"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(last_checkpoint["version"].as_i64().unwrap() >= 4);
+    assert!(last_checkpoint.get("parts").is_none(), "{last_checkpoint}");
 
     // Each shape's own fields landed in the shared columns.
     let per_platform = query(

@@ -190,8 +190,8 @@ pub async fn table_offsets(root: &Path) -> Vec<(String, i32, i64)> {
         let topics = strings(b.column(0));
         let parts = b.column(1).as_primitive::<Int32Type>();
         let offs = b.column(2).as_primitive::<Int64Type>();
-        for i in 0..b.num_rows() {
-            out.push((topics[i].clone(), parts.value(i), offs.value(i)));
+        for (i, topic) in topics.into_iter().enumerate() {
+            out.push((topic, parts.value(i), offs.value(i)));
         }
     }
     out.sort();
