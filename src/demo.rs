@@ -10,7 +10,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::array::{Array, ArrayRef, AsArray};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::DataType;
 use deltalake::arrow::datatypes::Int64Type;
 use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
@@ -327,46 +329,23 @@ pub async fn summarize(location: &str) -> Result<(i64, Vec<(String, String, i64)
         .map_err(|e| q(&e))?;
     let mut rows = Vec::new();
     for batch in batches {
-        let s = batch
-            .column(0)
-            .as_string_view_opt()
-            .map(|a| {
-                (0..a.len())
-                    .map(|i| a.value(i).to_string())
-                    .collect::<Vec<_>>()
-            })
-            .or_else(|| {
-                batch
-                    .column(0)
-                    .as_string_opt::<i32>()
-                    .map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect())
-            })
-            .ok_or_else(|| {
-                DemoError::Query(format!("unexpected type {}", batch.column(0).data_type()))
-            })?;
-        let c = batch
-            .column(1)
-            .as_string_view_opt()
-            .map(|a| {
-                (0..a.len())
-                    .map(|i| a.value(i).to_string())
-                    .collect::<Vec<_>>()
-            })
-            .or_else(|| {
-                batch
-                    .column(1)
-                    .as_string_opt::<i32>()
-                    .map(|a| (0..a.len()).map(|i| a.value(i).to_string()).collect())
-            })
-            .ok_or_else(|| {
-                DemoError::Query(format!("unexpected type {}", batch.column(1).data_type()))
-            })?;
+        let sentiments = string_values(batch.column(0))?;
+        let categories = string_values(batch.column(1))?;
         let n = batch.column(2).as_primitive::<Int64Type>();
-        for i in 0..batch.num_rows() {
-            rows.push((s[i].clone(), c[i].clone(), n.value(i)));
+        for (i, (s, c)) in sentiments.into_iter().zip(categories).enumerate() {
+            rows.push((s, c, n.value(i)));
         }
     }
     Ok((table_rows, rows))
+}
+
+/// A string column as owned strings, whatever string encoding DataFusion chose.
+fn string_values(array: &ArrayRef) -> Result<Vec<String>, DemoError> {
+    let utf8 = cast(array, &DataType::Utf8).map_err(|e| DemoError::Query(e.to_string()))?;
+    let strings = utf8.as_string::<i32>();
+    Ok((0..strings.len())
+        .map(|i| strings.value(i).to_string())
+        .collect())
 }
 
 impl DemoReport {

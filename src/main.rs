@@ -34,29 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole pipeline on an in-process Kafka and a local table, then print a summary.
-    Demo {
-        /// Output folder: the table, its schema files and a sluice.toml.
-        #[arg(long, default_value = "lakehouse")]
-        dir: PathBuf,
-        /// Messages to publish.
-        #[arg(long, default_value_t = 60_000)]
-        records: u64,
-        /// Messages per second (0 = as fast as possible).
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Partitions per topic.
-        #[arg(long, default_value_t = 6)]
-        partitions: i32,
-        /// Embedding dimension of tweets.
-        #[arg(long, default_value_t = 64)]
-        embedding_dim: usize,
-        /// Every n-th message is a hostile payload, to show rejections (0 = none).
-        #[arg(long, default_value_t = 1000)]
-        bad_every: u64,
-        /// Generator seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-    },
+    Demo(DemoArgs),
     /// Run the writer service until SIGINT/SIGTERM.
     Run {
         /// Config file.
@@ -76,32 +54,76 @@ enum Command {
         metrics_listen: Option<String>,
     },
     /// Publish generated enriched posts to a Kafka cluster.
-    Produce {
-        /// Bootstrap servers.
-        #[arg(long, env = "SLUICE_KAFKA__BROKERS", default_value = "localhost:9092")]
-        brokers: String,
-        /// Upstream shape; repeat for several (round robin). Default: all three.
-        #[arg(long, value_enum)]
-        shape: Vec<Shape>,
-        /// Topic (only with a single --shape); default posts.<shape>.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Messages to publish.
-        #[arg(long, default_value_t = 10_000)]
-        count: u64,
-        /// Messages per second (0 = as fast as possible).
-        #[arg(long, default_value_t = 1_000)]
-        rate: u64,
-        /// Embedding dimension of tweets.
-        #[arg(long, default_value_t = 384)]
-        embedding_dim: usize,
-        /// Every n-th message is a hostile payload (0 = none).
-        #[arg(long, default_value_t = 0)]
-        bad_every: u64,
-        /// Generator seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    Produce(ProduceArgs),
+}
+
+/// `sluice demo` flags.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Output folder: the table, its schema files and a sluice.toml.
+    #[arg(long, default_value = "lakehouse")]
+    dir: PathBuf,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 60_000)]
+    records: u64,
+    /// Messages per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Embedding dimension of tweets.
+    #[arg(long, default_value_t = 64)]
+    embedding_dim: usize,
+    /// Every n-th message is a hostile payload, to show rejections (0 = none).
+    #[arg(long, default_value_t = 1000)]
+    bad_every: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl From<DemoArgs> for DemoOptions {
+    fn from(a: DemoArgs) -> Self {
+        DemoOptions {
+            dir: a.dir,
+            records: a.records,
+            rate: a.rate,
+            partitions: a.partitions,
+            embedding_dim: a.embedding_dim,
+            bad_every: a.bad_every,
+            seed: a.seed,
+        }
+    }
+}
+
+/// `sluice produce` flags.
+#[derive(clap::Args)]
+struct ProduceArgs {
+    /// Bootstrap servers.
+    #[arg(long, env = "SLUICE_KAFKA__BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Upstream shape; repeat for several (round robin). Default: all three.
+    #[arg(long, value_enum)]
+    shape: Vec<Shape>,
+    /// Topic (only with a single --shape); default posts.<shape>.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Messages per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Embedding dimension of tweets.
+    #[arg(long, default_value_t = 384)]
+    embedding_dim: usize,
+    /// Every n-th message is a hostile payload (0 = none).
+    #[arg(long, default_value_t = 0)]
+    bad_every: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,24 +143,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo {
-            dir,
-            records,
-            rate,
-            partitions,
-            embedding_dim,
-            bad_every,
-            seed,
-        } => {
-            let options = DemoOptions {
-                dir,
-                records,
-                rate,
-                partitions,
-                embedding_dim,
-                bad_every,
-                seed,
-            };
+        Command::Demo(args) => {
+            let options = DemoOptions::from(args);
             let report = run_demo(&options).await?;
             println!("{}", report.render());
         }
@@ -168,7 +174,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             tracing::info!(config = %config.display(), "starting sluice");
             sluice::app::run(cfg, shutdown_signal()).await?;
         }
-        Command::Produce {
+        Command::Produce(ProduceArgs {
             brokers,
             shape,
             topic,
@@ -177,7 +183,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             embedding_dim,
             bad_every,
             seed,
-        } => {
+        }) => {
             let shapes: Vec<Shape> = if shape.is_empty() {
                 Shape::ALL.to_vec()
             } else {
