@@ -114,6 +114,9 @@ pub struct TableWriter {
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     epoch: i64,
+    /// Table version at which every owned partition's txn version was last known to match our
+    /// own; while the table stays there, re-reading them (a log replay each) is unnecessary.
+    verified_version: i64,
 }
 
 impl TableWriter {
@@ -143,6 +146,7 @@ impl TableWriter {
                 progress,
                 progress_tx,
                 epoch: 0,
+                verified_version: -1,
             },
             progress_rx,
         )
@@ -383,6 +387,10 @@ impl TableWriter {
             match self.sink.commit(&batches, &ledger, self.epoch).await {
                 Ok(committed) => {
                     let elapsed = started.elapsed();
+                    // Only our commit landed since the last check: positions are still known.
+                    if committed.version == self.verified_version + 1 {
+                        self.verified_version = committed.version;
+                    }
                     self.on_committed(
                         &ledger,
                         committed.version,
@@ -414,6 +422,10 @@ impl TableWriter {
         in_flight: &BTreeMap<PartitionKey, i64>,
     ) -> Result<(), DeltaError> {
         self.sink.refresh().await?;
+        if self.sink.version() == self.verified_version {
+            // Nobody committed since our positions were last confirmed.
+            return Ok(());
+        }
         let keys: Vec<PartitionKey> = self
             .partitions
             .iter()
@@ -469,6 +481,7 @@ impl TableWriter {
                 Duration::ZERO,
             );
         }
+        self.verified_version = self.sink.version();
         Ok(())
     }
 
