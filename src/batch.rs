@@ -169,11 +169,6 @@ impl Batcher {
     pub fn rows(&self) -> usize {
         self.rows
     }
-
-    /// Payload bytes buffered.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
 }
 
 #[cfg(test)]

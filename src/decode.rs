@@ -82,9 +82,9 @@ pub struct MessageMeta {
     pub offset: i64,
     /// Kafka timestamp in milliseconds since the epoch, if the message has one.
     pub timestamp_ms: Option<i64>,
-    /// Message key.
-    pub key: Option<Box<[u8]>>,
-    /// Payload, or `None` for a tombstone.
+    /// Key, as a range of the chunk's key buffer.
+    key: Option<(usize, usize)>,
+    /// Payload, as a range of the chunk's payload buffer (`None` for a tombstone).
     range: Option<(usize, usize)>,
 }
 
@@ -96,6 +96,7 @@ pub struct Chunk {
     /// Partition the messages came from.
     pub partition: i32,
     payload: Vec<u8>,
+    keys: Vec<u8>,
     messages: Vec<MessageMeta>,
 }
 
@@ -106,6 +107,7 @@ impl Chunk {
             topic,
             partition,
             payload: Vec::new(),
+            keys: Vec::new(),
             messages: Vec::new(),
         }
     }
@@ -118,15 +120,18 @@ impl Chunk {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
     ) {
-        let range = payload.map(|p| {
-            let start = self.payload.len();
-            self.payload.extend_from_slice(p);
-            (start, self.payload.len())
-        });
+        // Keys and payloads are packed into two buffers: no allocation per message.
+        let append = |buffer: &mut Vec<u8>, bytes: &[u8]| {
+            let start = buffer.len();
+            buffer.extend_from_slice(bytes);
+            (start, buffer.len())
+        };
+        let range = payload.map(|p| append(&mut self.payload, p));
+        let key = key.map(|k| append(&mut self.keys, k));
         self.messages.push(MessageMeta {
             offset,
             timestamp_ms,
-            key: key.map(Box::from),
+            key,
             range,
         });
     }
@@ -141,18 +146,12 @@ impl Chunk {
         self.messages.is_empty()
     }
 
-    /// Payload bytes held.
-    pub fn payload_bytes(&self) -> usize {
-        self.payload.len()
-    }
-
-    /// Offset of the last message, if any.
-    pub fn last_offset(&self) -> Option<i64> {
-        self.messages.last().map(|m| m.offset)
-    }
-
     fn payload(&self, i: usize) -> Option<&[u8]> {
         self.messages[i].range.map(|(s, e)| &self.payload[s..e])
+    }
+
+    fn key(&self, meta: &MessageMeta) -> Option<&[u8]> {
+        meta.key.map(|(s, e)| &self.keys[s..e])
     }
 }
 
@@ -268,7 +267,6 @@ impl BodyDecoder {
             }
         }
         self.flush_segment(&mut decoder, chunk, &segment, &mut parts, &mut rejections);
-        rejections.sort_by_key(|r| r.offset);
 
         let batch = self
             .assemble(chunk, parts, ingested_at_us, &mut rejections)
@@ -277,6 +275,7 @@ impl BodyDecoder {
                 topic: chunk.topic.to_string(),
                 source,
             })?;
+        rejections.sort_by_key(|r| r.offset);
         Ok(Decoded { batch, rejections })
     }
 
@@ -413,7 +412,7 @@ impl BodyDecoder {
                 Some(ColumnSource::KafkaKey) => Arc::new(StringArray::from_iter(
                     metas
                         .iter()
-                        .map(|m| m.key.as_deref().map(|k| String::from_utf8_lossy(k))),
+                        .map(|m| chunk.key(m).map(String::from_utf8_lossy)),
                 )),
                 Some(ColumnSource::IngestedAt) => Arc::new(
                     TimestampMicrosecondArray::from_value(ingested_at_us, n).with_timezone(UTC),
@@ -476,7 +475,6 @@ impl BodyDecoder {
         if keep.iter().all(|k| *k) {
             return Ok(Some(batch));
         }
-        rejections.sort_by_key(|r| r.offset);
         let filtered = filter_record_batch(&batch, &BooleanArray::from(keep))?;
         Ok((filtered.num_rows() > 0).then_some(filtered))
     }

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
@@ -145,7 +144,6 @@ pub struct Committed {
 pub struct DeltaSink {
     table: DeltaTable,
     schema: Arc<TableSchema>,
-    arrow_schema: SchemaRef,
     writer_properties: WriterProperties,
     app_prefix: String,
     query_id: String,
@@ -204,7 +202,6 @@ impl DeltaSink {
             .build();
         Ok(DeltaSink {
             table,
-            arrow_schema: schema.arrow_schema(),
             schema,
             writer_properties,
             app_prefix: format!("sluice-{group_id}"),
@@ -330,16 +327,6 @@ impl DeltaSink {
         }
     }
 
-    /// The underlying delta-rs table (for reads and maintenance).
-    pub fn table(&self) -> &DeltaTable {
-        &self.table
-    }
-
-    /// The Arrow schema rows must have.
-    pub fn arrow_schema(&self) -> SchemaRef {
-        self.arrow_schema.clone()
-    }
-
     fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {
         DeltaError::Delta {
             table: self.schema.name.clone(),
@@ -364,6 +351,15 @@ pub fn table_url(location: &str) -> Result<Url, String> {
     };
     std::fs::create_dir_all(&absolute).map_err(|e| format!("cannot create folder: {e}"))?;
     Url::from_directory_path(&absolute).map_err(|()| "not an absolute path".to_string())
+}
+
+/// Opens an existing table at a configured location (local path or URL).
+pub async fn open_table(
+    location: &str,
+    storage_options: HashMap<String, String>,
+) -> Result<DeltaTable, DeltaTableError> {
+    let url = table_url(location).map_err(DeltaTableError::InvalidTableLocation)?;
+    deltalake::open_table_with_storage_options(url, storage_options).await
 }
 
 /// The location of a table under a storage root.

@@ -19,7 +19,7 @@ use rdkafka::mocking::MockCluster;
 
 use crate::app;
 use crate::config::Config;
-use crate::delta::{table_location, table_url};
+use crate::delta::{open_table, table_location};
 use crate::generator::Shape;
 use crate::pipeline::Progress;
 use crate::produce::{ProduceOptions, ProduceReport, produce};
@@ -182,23 +182,14 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     })
     .await?;
 
-    let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+    let caught_up = tokio::time::timeout(
+        CATCH_UP_TIMEOUT,
         table
             .progress
-            .wait_for(|p| {
-                produced
-                    .last_offsets
-                    .iter()
-                    .all(|((topic, partition), last)| {
-                        p.committed.iter().any(|(k, c)| {
-                            &*k.topic == topic.as_str() && k.partition == *partition && c >= last
-                        })
-                    })
-            })
-            .await
-            .is_ok()
-    })
-    .await;
+            .wait_for(|p| p.covers(&produced.last_offsets)),
+    )
+    .await
+    .map(|r| r.is_ok());
     let elapsed = started.elapsed();
     let _ = stop_tx.send(());
     let written = match table.task.await {
@@ -296,8 +287,9 @@ fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
 /// which reads exactly the files of the current table version.
 pub async fn summarize(location: &str) -> Result<(i64, Vec<(String, String, i64)>), DemoError> {
     let q = |e: &dyn std::fmt::Display| DemoError::Query(e.to_string());
-    let url = table_url(location).map_err(|e| q(&e))?;
-    let table = deltalake::open_table(url).await.map_err(|e| q(&e))?;
+    let table = open_table(location, Default::default())
+        .await
+        .map_err(|e| q(&e))?;
     let ctx = SessionContext::new();
     table
         .update_datafusion_session(&ctx.state())

@@ -172,6 +172,7 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 init_metrics(listen).map_err(anyhow::Error::msg)?;
             }
             tracing::info!(config = %config.display(), "starting sluice");
+            tracing::debug!(effective = %cfg.redacted(), "effective configuration");
             sluice::app::run(cfg, shutdown_signal()).await?;
         }
         Command::Produce(ProduceArgs {

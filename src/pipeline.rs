@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::record_batch::RecordBatch;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
 use crate::batch::{BatchLimits, Batcher, FlushReason};
@@ -66,6 +66,17 @@ pub struct Progress {
     pub assigned: usize,
 }
 
+impl Progress {
+    /// Whether every (topic, partition) of `targets` is committed up to its offset.
+    pub fn covers(&self, targets: &BTreeMap<(String, i32), i64>) -> bool {
+        targets.iter().all(|((topic, partition), last)| {
+            self.committed
+                .iter()
+                .any(|(k, c)| &*k.topic == topic.as_str() && k.partition == *partition && c >= last)
+        })
+    }
+}
+
 /// Per-partition state of an owned partition.
 struct PartitionState {
     /// Last offset in the table for this partition (`None`: never written).
@@ -102,12 +113,20 @@ impl PartitionState {
     }
 }
 
+/// What the writer keeps per subscribed topic.
+struct Topic {
+    /// The decoder for the topic's JSON shape.
+    decoder: BodyDecoder,
+    /// `sluice_messages_consumed_total` for the topic, registered once (not per message).
+    consumed: metrics::Counter,
+}
+
 /// Writes one table from its topics.
 pub struct TableWriter {
     sink: DeltaSink,
     source: KafkaSource,
     events: mpsc::UnboundedReceiver<PartitionEvent>,
-    decoders: HashMap<Arc<str>, BodyDecoder>,
+    topics: HashMap<Arc<str>, Topic>,
     batcher: Batcher,
     decode_chunk: usize,
     partitions: BTreeMap<PartitionKey, PartitionState>,
@@ -134,12 +153,19 @@ impl TableWriter {
             ..Progress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(progress.clone());
+        let topics = decoders
+            .into_iter()
+            .map(|(name, decoder)| {
+                let consumed = metrics::counter!("sluice_messages_consumed_total", "topic" => name.to_string());
+                (name, Topic { decoder, consumed })
+            })
+            .collect();
         (
             TableWriter {
                 sink,
                 source,
                 events,
-                decoders,
+                topics,
                 batcher: Batcher::new(limits),
                 decode_chunk,
                 partitions: BTreeMap::new(),
@@ -158,6 +184,7 @@ impl TableWriter {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Progress, PipelineError> {
         let table = self.sink.name().to_string();
+        let receiver = self.source.receiver();
         tokio::pin!(shutdown);
         loop {
             let deadline = self
@@ -174,15 +201,12 @@ impl TableWriter {
                         self.flush(reason).await?;
                     }
                 }
-                received = self.source.consumer().recv() => match received {
+                received = receiver.recv() => match received {
                     Ok(message) => {
-                        let key = PartitionKey { topic: Arc::from(message.topic()), partition: message.partition() };
-                        let timestamp = message.timestamp().to_millis();
-                        let offset = message.offset();
-                        let key_bytes = message.key().map(<[u8]>::to_vec);
-                        let payload = message.payload().map(<[u8]>::to_vec);
+                        let reason = self.on_message(&message)?;
+                        // The message borrows librdkafka's buffer; release it before awaiting.
                         drop(message);
-                        if let Some(reason) = self.on_message(key, offset, timestamp, key_bytes.as_deref(), payload.as_deref())? {
+                        if let Some(reason) = reason {
                             self.flush(reason).await?;
                         }
                     }
@@ -209,8 +233,6 @@ impl TableWriter {
                 for key in keys {
                     if let Some(state) = self.partitions.remove(&key) {
                         self.batcher.remove(state.messages, state.bytes);
-                        self.progress.committed.remove(&key);
-                        self.progress.assigned = self.progress.assigned.saturating_sub(1);
                         if state.messages > 0 {
                             tracing::info!(table = %self.sink.name(), partition = %key, dropped = state.messages,
                                 "partition revoked; its buffered messages are left to the new owner");
@@ -220,39 +242,19 @@ impl TableWriter {
                 self.publish();
             }
             PartitionEvent::Assigned(keys) => {
-                self.refresh_with_retry().await?;
-                let mut positions = BTreeMap::new();
-                let mut states = BTreeMap::new();
-                for key in keys {
-                    let committed = self.sink.txn_version(&key).await?;
-                    positions.insert(key.clone(), self.source.start_offset(committed));
-                    let mut state = PartitionState::new(&key, committed);
-                    // Keep buffers only if the table still agrees with them.
-                    if let Some(old) = self.partitions.remove(&key) {
-                        if old.committed == committed {
-                            state = old;
-                        } else {
-                            self.batcher.remove(old.messages, old.bytes);
-                        }
-                    }
-                    states.insert(key, state);
-                }
+                // The eager protocol revokes everything before it assigns; anything still
+                // buffered is dropped too and re-read from the table's position.
                 for (_, old) in std::mem::take(&mut self.partitions) {
                     self.batcher.remove(old.messages, old.bytes);
                 }
-                for (key, state) in &states {
-                    if let Some(ledger) = &state.ledger {
-                        positions
-                            .insert(key.clone(), rdkafka::Offset::Offset(ledger.last_offset + 1));
-                    }
+                self.refresh_with_retry().await?;
+                let mut positions = BTreeMap::new();
+                for key in keys {
+                    let committed = self.sink.txn_version(&key).await?;
+                    positions.insert(key.clone(), self.source.start_offset(committed));
+                    self.partitions
+                        .insert(key.clone(), PartitionState::new(&key, committed));
                 }
-                self.partitions = states;
-                self.progress.assigned = self.partitions.len();
-                self.progress.committed = self
-                    .partitions
-                    .iter()
-                    .filter_map(|(k, s)| s.committed.map(|c| (k.clone(), c)))
-                    .collect();
                 tracing::info!(table = %self.sink.name(), positions = ?positions.iter().map(|(k, o)| format!("{k}@{o:?}")).collect::<Vec<_>>(),
                     "assigning partitions at the table's positions");
                 self.source.assign(&positions)?;
@@ -265,12 +267,17 @@ impl TableWriter {
     /// Buffers one message; returns a flush reason when a size limit is reached.
     fn on_message(
         &mut self,
-        key: PartitionKey,
-        offset: i64,
-        timestamp_ms: Option<i64>,
-        message_key: Option<&[u8]>,
-        payload: Option<&[u8]>,
+        message: &BorrowedMessage<'_>,
     ) -> Result<Option<FlushReason>, PipelineError> {
+        let Some((name, topic)) = self.topics.get_key_value(message.topic()) else {
+            return Ok(None);
+        };
+        topic.consumed.increment(1);
+        let key = PartitionKey {
+            topic: name.clone(),
+            partition: message.partition(),
+        };
+        let offset = message.offset();
         let Some(state) = self.partitions.get_mut(&key) else {
             // A message fetched before its partition was revoked.
             return Ok(None);
@@ -292,10 +299,14 @@ impl TableWriter {
                     .increment((offset - next) as u64);
             }
         }
+        let payload = message.payload();
         let bytes = payload.map_or(0, <[u8]>::len);
-        state
-            .pending
-            .push(offset, timestamp_ms, message_key, payload);
+        state.pending.push(
+            offset,
+            message.timestamp().to_millis(),
+            message.key(),
+            payload,
+        );
         state.bytes += bytes;
         state.messages += 1;
         match &mut state.ledger {
@@ -309,8 +320,6 @@ impl TableWriter {
                 })
             }
         }
-        metrics::counter!("sluice_messages_consumed_total", "topic" => key.topic.to_string())
-            .increment(1);
         if state.pending.len() >= self.decode_chunk {
             self.decode_pending(&key)?;
         }
@@ -325,10 +334,11 @@ impl TableWriter {
         if state.pending.is_empty() {
             return Ok(());
         }
-        let decoder = self
-            .decoders
+        let decoder = &self
+            .topics
             .get(&key.topic)
-            .expect("consumer only subscribes to configured topics");
+            .expect("consumer only subscribes to configured topics")
+            .decoder;
         let chunk = std::mem::replace(
             &mut state.pending,
             Chunk::new(key.topic.clone(), key.partition),
@@ -357,14 +367,20 @@ impl TableWriter {
         let mut backoff = FIRST_BACKOFF;
         let mut in_flight: BTreeMap<PartitionKey, i64> = BTreeMap::new();
         loop {
-            if let Err(e) = self.verify_positions(&in_flight).await {
-                if !e.is_transient() {
-                    return Err(e.into());
+            match self.verify_positions(&in_flight).await {
+                Ok(landed) if !landed.is_empty() => {
+                    tracing::info!(table = %self.sink.name(), partitions = landed.len(), "a retried commit had already landed");
+                    let version = self.sink.version();
+                    self.on_committed(&landed, version, 0, 0, reason, Duration::ZERO);
                 }
-                tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "cannot read the table; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "cannot read the table; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
             }
             let mut batches = Vec::new();
             let mut ledger = Vec::new();
@@ -416,15 +432,16 @@ impl TableWriter {
         }
     }
 
-    /// Re-reads txn versions and reconciles every buffered partition with the table.
+    /// Re-reads txn versions and reconciles every buffered partition with the table. Returns
+    /// the ledgers of partitions an earlier attempt of this flush committed after all.
     async fn verify_positions(
         &mut self,
         in_flight: &BTreeMap<PartitionKey, i64>,
-    ) -> Result<(), DeltaError> {
+    ) -> Result<Vec<(PartitionKey, PartitionLedger)>, DeltaError> {
         self.sink.refresh().await?;
         if self.sink.version() == self.verified_version {
             // Nobody committed since our positions were last confirmed.
-            return Ok(());
+            return Ok(Vec::new());
         }
         let keys: Vec<PartitionKey> = self
             .partitions
@@ -445,7 +462,11 @@ impl TableWriter {
             let ours = in_flight.get(&key).copied();
             if actual.is_some() && actual == ours {
                 // An earlier attempt of this very flush landed before its error surfaced.
-                landed.push(key);
+                let ledger = state
+                    .ledger
+                    .clone()
+                    .expect("only buffered partitions are checked");
+                landed.push((key, ledger));
                 continue;
             }
             tracing::warn!(table = %self.sink.name(), partition = %key, believed = ?state.committed, actual = ?actual,
@@ -460,29 +481,8 @@ impl TableWriter {
                 tracing::warn!(partition = %key, error = %e, "seek failed; the partition will be reassigned");
             }
         }
-        if !landed.is_empty() {
-            let ledger: Vec<(PartitionKey, PartitionLedger)> = landed
-                .iter()
-                .map(|k| {
-                    (
-                        k.clone(),
-                        self.partitions[k].ledger.clone().expect("buffered"),
-                    )
-                })
-                .collect();
-            tracing::info!(table = %self.sink.name(), partitions = landed.len(), "a retried commit had already landed");
-            let version = self.sink.version();
-            self.on_committed(
-                &ledger,
-                version,
-                0,
-                0,
-                FlushReason::Shutdown,
-                Duration::ZERO,
-            );
-        }
         self.verified_version = self.sink.version();
-        Ok(())
+        Ok(landed)
     }
 
     fn on_committed(
@@ -522,7 +522,6 @@ impl TableWriter {
             rejected += l.rejected;
             state.committed = Some(l.last_offset);
             state.clear(key);
-            self.progress.committed.insert(key.clone(), l.last_offset);
             offsets.push((key.clone(), l.last_offset));
             metrics::counter!("sluice_rows_written_total", "topic" => key.topic.to_string())
                 .increment(l.rows);
@@ -545,7 +544,14 @@ impl TableWriter {
         self.publish();
     }
 
-    fn publish(&self) {
+    /// Publishes progress; ownership figures are derived from the partition map here.
+    fn publish(&mut self) {
+        self.progress.assigned = self.partitions.len();
+        self.progress.committed = self
+            .partitions
+            .iter()
+            .filter_map(|(k, s)| s.committed.map(|c| (k.clone(), c)))
+            .collect();
         let _ = self.progress_tx.send(self.progress.clone());
     }
 

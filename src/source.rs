@@ -42,6 +42,14 @@ pub enum SourceError {
         /// librdkafka's error.
         source: KafkaError,
     },
+    /// Taking ownership of the group's assignment failed.
+    #[error("assign {partitions} partitions: {source}")]
+    Assign {
+        /// Partitions in the assignment.
+        partitions: usize,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
     /// Assigning or seeking a partition failed.
     #[error("position {partition} at {offset:?}: {source}")]
     Position {
@@ -112,7 +120,7 @@ fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
 
 /// The consumer of one table's topics.
 pub struct KafkaSource {
-    consumer: StreamConsumer<RebalanceContext>,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
     start_from: StartFrom,
 }
 
@@ -160,16 +168,17 @@ impl KafkaSource {
             })?;
         Ok((
             KafkaSource {
-                consumer,
+                consumer: Arc::new(consumer),
                 start_from: config.start_from,
             },
             rx,
         ))
     }
 
-    /// The underlying consumer, for receiving messages.
-    pub fn consumer(&self) -> &StreamConsumer<RebalanceContext> {
-        &self.consumer
+    /// A handle for receiving messages; received messages borrow the handle, not the source,
+    /// so the writer can buffer them in place while it owns everything else mutably.
+    pub fn receiver(&self) -> Arc<StreamConsumer<RebalanceContext>> {
+        self.consumer.clone()
     }
 
     /// Where a partition starts given its last committed offset in the table.

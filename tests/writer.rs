@@ -13,7 +13,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use common::*;
 use sluice::app::load_table;
 use sluice::decode::Chunk;
-use sluice::delta::{table_location, table_url};
+use sluice::delta::{open_table, table_location};
 use sluice::generator::{Generator, Shape};
 
 const ALL: [Shape; 3] = Shape::ALL;
@@ -98,9 +98,7 @@ async fn table_reads_back_with_declared_types_and_date_partitions() {
     writer.stop().await;
 
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
-    let table = deltalake::open_table(table_url(&location).unwrap())
-        .await
-        .unwrap();
+    let table = open_table(&location, Default::default()).await.unwrap();
     let snapshot = table.snapshot().unwrap();
     let schema = snapshot.snapshot().arrow_schema();
     assert_eq!(
@@ -216,9 +214,7 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
     }
     let batch = decoder.decode(&chunk, 0).unwrap().batch.unwrap();
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
-    let table = deltalake::open_table(table_url(&location).unwrap())
-        .await
-        .unwrap();
+    let table = open_table(&location, Default::default()).await.unwrap();
     let mut orphan_writer = RecordBatchWriter::for_table(&table).unwrap();
     orphan_writer.write(batch).await.unwrap();
     let orphans = orphan_writer.flush().await.unwrap();
@@ -235,9 +231,7 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
         &second.last_offsets,
         &BTreeSet::new(),
     );
-    let table = deltalake::open_table(table_url(&location).unwrap())
-        .await
-        .unwrap();
+    let table = open_table(&location, Default::default()).await.unwrap();
     let live: BTreeSet<String> = table.get_file_uris().unwrap().collect();
     for add in &orphans {
         assert!(

@@ -19,7 +19,7 @@ use sluice::config::{
     Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StartFrom,
     StorageConfig, TableConfig,
 };
-use sluice::delta::{table_location, table_url};
+use sluice::delta::{open_table, table_location};
 use sluice::generator::Shape;
 use sluice::produce::{ProduceOptions, ProduceReport, produce};
 
@@ -142,13 +142,7 @@ impl Writer {
     pub async fn wait_committed(&mut self, targets: &BTreeMap<(String, i32), i64>) {
         let result = tokio::time::timeout(
             CATCH_UP,
-            self.table.progress.wait_for(|p| {
-                targets.iter().all(|((topic, partition), last)| {
-                    p.committed.iter().any(|(k, c)| {
-                        &*k.topic == topic.as_str() && k.partition == *partition && c >= last
-                    })
-                })
-            }),
+            self.table.progress.wait_for(|p| p.covers(targets)),
         )
         .await
         .map(|r| r.is_ok())
@@ -225,7 +219,7 @@ pub fn assert_exactly_once(
 
 pub async fn query(root: &Path, sql: &str) -> Vec<RecordBatch> {
     let location = table_location(&root.to_string_lossy(), "enriched_posts");
-    let table = deltalake::open_table(table_url(&location).unwrap())
+    let table = open_table(&location, Default::default())
         .await
         .expect("table opens");
     let ctx = SessionContext::new();
