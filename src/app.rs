@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, TableConfig};
+use crate::dead_letters;
 use crate::decode::BodyDecoder;
 use crate::delta::{DeltaSink, table_location};
 use crate::mapping::{Mapping, MappingError};
@@ -67,7 +68,7 @@ pub fn load_table(config: &Config, table: &TableConfig) -> Result<LoadedTable, A
     let mut decoders = HashMap::new();
     for source in &table.sources {
         let mapping = Arc::new(Mapping::load(&source.mapping, &schema)?);
-        let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.max_message_bytes);
+        let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.input_limits());
         if decoders
             .insert(Arc::from(source.topic.as_str()), decoder)
             .is_some()
@@ -116,6 +117,17 @@ pub async fn start(
         )
         .await
         .map_err(PipelineError::from)?;
+        let dead_letter_schema = Arc::new(dead_letters::schema(&name)?);
+        let dead_letter_sink = DeltaSink::open_or_create(
+            &table_location(&config.storage.root, &dead_letter_schema.name),
+            config.storage_options(),
+            dead_letter_schema,
+            &config.kafka.group_id,
+            config.delta.checkpoint_interval,
+            config.delta.zstd_level,
+        )
+        .await
+        .map_err(PipelineError::from)?;
         let topics: Vec<String> = table_config
             .sources
             .iter()
@@ -125,6 +137,7 @@ pub async fn start(
             KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
         let (writer, progress) = TableWriter::new(
             sink,
+            dead_letter_sink,
             source,
             events,
             table.decoders,

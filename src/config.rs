@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::BatchLimits;
+use crate::decode::InputLimits;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -19,6 +20,8 @@ pub const ENV_PREFIX: &str = "SLUICE_";
 pub const DEFAULT_GROUP_ID: &str = "sluice";
 /// Default largest accepted message, in bytes; larger messages are rejected unparsed.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Default deepest nesting of JSON objects and arrays; real posts nest a handful of levels.
+pub const DEFAULT_MAX_DEPTH: usize = 64;
 /// Default number of commits between Delta checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
 /// Default zstd level for Parquet files: level 1 encodes several times faster than the default
@@ -152,6 +155,10 @@ pub struct IngestConfig {
     /// Largest accepted message in bytes; larger ones are rejected before parsing.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Deepest accepted nesting of JSON objects and arrays; deeper messages are rejected
+    /// before parsing.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
     /// Messages of one partition decoded together.
     #[serde(default = "default_decode_chunk")]
     pub decode_chunk: usize,
@@ -160,14 +167,28 @@ pub struct IngestConfig {
 fn default_max_message_bytes() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
 }
+fn default_max_depth() -> usize {
+    DEFAULT_MAX_DEPTH
+}
 fn default_decode_chunk() -> usize {
     DEFAULT_DECODE_CHUNK
+}
+
+impl IngestConfig {
+    /// The limits checked on raw bytes before parsing.
+    pub fn input_limits(&self) -> InputLimits {
+        InputLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_depth: self.max_depth,
+        }
+    }
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_depth: DEFAULT_MAX_DEPTH,
             decode_chunk: DEFAULT_DECODE_CHUNK,
         }
     }

@@ -5,9 +5,11 @@
 //! syntax error, two values in one message, a value of the wrong type) sends only the affected
 //! messages down a slower per-message path, so one bad record costs its neighbours nothing.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use deltalake::arrow::array::AsArray;
 use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Date32Array, Int32Array, Int64Array, StringArray,
     TimestampMicrosecondArray, new_null_array,
@@ -19,6 +21,8 @@ use deltalake::arrow::json::ReaderBuilder;
 use deltalake::arrow::json::reader::Decoder;
 use deltalake::arrow::record_batch::RecordBatch;
 
+use crate::contract::{Broken, Contract, violations};
+use crate::labels::Outcome;
 use crate::mapping::Mapping;
 use crate::schema::{ColumnSource, TableSchema, UTC};
 
@@ -41,6 +45,14 @@ pub enum RejectReason {
     MissingRequired,
     /// A field holds a value of the wrong JSON type for its column.
     TypeMismatch,
+    /// Objects and arrays nest deeper than the configured maximum.
+    TooDeep,
+    /// A number is outside its column's range (NaN and infinities included).
+    OutOfRange,
+    /// A timestamp does not parse or lies outside its column's window.
+    BadTimestamp,
+    /// A list has another length than its column's dimension (embeddings).
+    WrongDimension,
 }
 
 impl RejectReason {
@@ -54,8 +66,27 @@ impl RejectReason {
             RejectReason::TooLarge => "too_large",
             RejectReason::MissingRequired => "missing_required",
             RejectReason::TypeMismatch => "type_mismatch",
+            RejectReason::TooDeep => "too_deep",
+            RejectReason::OutOfRange => "out_of_range",
+            RejectReason::BadTimestamp => "bad_timestamp",
+            RejectReason::WrongDimension => "wrong_dimension",
         }
     }
+
+    /// Every reason, in documentation order.
+    pub const ALL: [RejectReason; 11] = [
+        RejectReason::MalformedJson,
+        RejectReason::NotAnObject,
+        RejectReason::MultipleValues,
+        RejectReason::InvalidUtf8,
+        RejectReason::TooLarge,
+        RejectReason::TooDeep,
+        RejectReason::MissingRequired,
+        RejectReason::TypeMismatch,
+        RejectReason::OutOfRange,
+        RejectReason::BadTimestamp,
+        RejectReason::WrongDimension,
+    ];
 }
 
 impl fmt::Display for RejectReason {
@@ -64,11 +95,17 @@ impl fmt::Display for RejectReason {
     }
 }
 
-/// A message that could not become a row, with enough context to find and explain it.
+/// A message that could not become a row: a dead letter, with the bytes as received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
     /// Offset of the message in its partition.
     pub offset: i64,
+    /// Kafka timestamp in milliseconds since the epoch, if the message has one.
+    pub timestamp_ms: Option<i64>,
+    /// The message key as received.
+    pub key: Option<Vec<u8>>,
+    /// The payload as received (`None` for a tombstone).
+    pub payload: Option<Vec<u8>>,
     /// Reason code.
     pub reason: RejectReason,
     /// Human-readable explanation naming the field where there is one.
@@ -187,19 +224,43 @@ pub struct BodyDecoder {
     mapping: Arc<Mapping>,
     table_schema: SchemaRef,
     source_schema: SchemaRef,
-    max_message_bytes: usize,
+    limits: InputLimits,
+    /// Per label column: its position and one counter per [`Outcome`], registered once.
+    label_counters: Vec<(usize, [metrics::Counter; 5])>,
+}
+
+/// Limits checked on raw bytes before any parsing, so hostile input costs little.
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    /// Largest accepted payload in bytes.
+    pub max_message_bytes: usize,
+    /// Deepest accepted nesting of objects and arrays.
+    pub max_depth: usize,
 }
 
 impl BodyDecoder {
-    /// A decoder for `mapping` into `table`; messages over `max_message_bytes` are rejected
-    /// before any parsing.
-    pub fn new(table: Arc<TableSchema>, mapping: Arc<Mapping>, max_message_bytes: usize) -> Self {
+    /// A decoder for `mapping` into `table`.
+    pub fn new(table: Arc<TableSchema>, mapping: Arc<Mapping>, limits: InputLimits) -> Self {
+        let label_counters = table
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.labels.is_some())
+            .map(|(pos, c)| {
+                let counter = |o: Outcome| {
+                    metrics::counter!("sluice_labels_total", "table" => table.name.clone(),
+                        "column" => c.name.clone(), "outcome" => o.as_str())
+                };
+                (pos, Outcome::ALL.map(counter))
+            })
+            .collect();
         BodyDecoder {
             table_schema: table.arrow_schema(),
             source_schema: mapping.source_schema(),
             table,
             mapping,
-            max_message_bytes,
+            limits,
+            label_counters,
         }
     }
 
@@ -287,13 +348,13 @@ impl BodyDecoder {
                 "empty message (tombstone)".into(),
             ));
         };
-        if payload.len() > self.max_message_bytes {
+        if payload.len() > self.limits.max_message_bytes {
             return Err((
                 RejectReason::TooLarge,
                 format!(
                     "{} bytes, over the limit of {} bytes",
                     payload.len(),
-                    self.max_message_bytes
+                    self.limits.max_message_bytes
                 ),
             ));
         }
@@ -303,8 +364,21 @@ impl BodyDecoder {
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             ));
         }
+        if let Some(at) = too_deep(payload, self.limits.max_depth) {
+            return Err((
+                RejectReason::TooDeep,
+                format!(
+                    "objects and arrays nest deeper than {} levels (at byte {at})",
+                    self.limits.max_depth
+                ),
+            ));
+        }
         match payload.iter().find(|b| !b.is_ascii_whitespace()) {
             None => Err((RejectReason::MalformedJson, "empty message".into())),
+            Some(0xEF) if payload.starts_with(b"\xEF\xBB\xBF") => Err((
+                RejectReason::MalformedJson,
+                "starts with a UTF-8 byte order mark, which JSON does not allow".into(),
+            )),
             Some(b'{') => Ok(payload),
             // Not an object: only the rejection path pays for telling valid JSON from garbage.
             Some(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
@@ -359,14 +433,19 @@ impl BodyDecoder {
     }
 
     fn reject(&self, chunk: &Chunk, i: usize, reason: RejectReason, detail: String) -> Rejection {
+        let meta = &chunk.messages[i];
         Rejection {
-            offset: chunk.messages[i].offset,
+            offset: meta.offset,
+            timestamp_ms: meta.timestamp_ms,
+            key: chunk.key(meta).map(<[u8]>::to_vec),
+            payload: chunk.payload(i).map(<[u8]>::to_vec),
             reason,
             detail,
         }
     }
 
-    /// Builds the table batch: mapped columns, sluice's own columns, then the non-null contract.
+    /// Builds the table batch: mapped columns with canonical labels, sluice's own columns, then
+    /// the value contracts.
     fn assemble(
         &self,
         chunk: &Chunk,
@@ -385,7 +464,8 @@ impl BodyDecoder {
         }
         let source = concat_batches(&self.source_schema, &batches)?;
         let n = source.num_rows();
-        let mut mapped = self.mapping.project(&source, &self.table)?;
+        let projected = self.mapping.project(&source, &self.table)?;
+        let mut mapped = projected.columns;
         let metas: Vec<&MessageMeta> = rows.iter().map(|&i| &chunk.messages[i]).collect();
 
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.table.columns.len());
@@ -422,6 +502,7 @@ impl BodyDecoder {
             };
             columns.push(array);
         }
+        self.canonicalize_labels(&mut columns);
         for (pos, col) in self.table.columns.iter().enumerate() {
             if col.source != Some(ColumnSource::EventDate) {
                 continue;
@@ -445,31 +526,16 @@ impl BodyDecoder {
             columns[pos] = Arc::new(Date32Array::from_iter(days));
         }
         let batch = RecordBatch::try_new(self.table_schema.clone(), columns)?;
-        self.enforce_required(batch, &metas, rejections)
-    }
-
-    /// Rejects rows that leave a non-nullable column empty.
-    fn enforce_required(
-        &self,
-        batch: RecordBatch,
-        metas: &[&MessageMeta],
-        rejections: &mut Vec<Rejection>,
-    ) -> Result<Option<RecordBatch>, ArrowError> {
-        let mut keep = vec![true; batch.num_rows()];
-        for (pos, col) in self.table.columns.iter().enumerate() {
-            let array = batch.column(pos);
-            if col.nullable || array.null_count() == 0 {
-                continue;
-            }
-            for (row, kept) in keep.iter_mut().enumerate() {
-                if *kept && array.is_null(row) {
-                    *kept = false;
-                    rejections.push(Rejection {
-                        offset: metas[row].offset,
-                        reason: RejectReason::MissingRequired,
-                        detail: format!("required column `{}` is missing or null", col.name),
-                    });
-                }
+        let mut problems: Vec<Option<(RejectReason, String)>> = vec![None; n];
+        for (row, detail) in projected.bad_timestamps {
+            problems[row].get_or_insert((RejectReason::BadTimestamp, detail));
+        }
+        self.check_contracts(&batch, ingested_at_us, &mut problems);
+        let mut keep = Vec::with_capacity(n);
+        for (row, problem) in problems.into_iter().enumerate() {
+            keep.push(problem.is_none());
+            if let Some((reason, detail)) = problem {
+                rejections.push(self.reject(chunk, rows[row], reason, detail));
             }
         }
         if keep.iter().all(|k| *k) {
@@ -478,6 +544,116 @@ impl BodyDecoder {
         let filtered = filter_record_batch(&batch, &BooleanArray::from(keep))?;
         Ok((filtered.num_rows() > 0).then_some(filtered))
     }
+
+    /// Replaces raw labels with allowed values and fills each `<column>_raw` with the label as
+    /// received when it was not already an allowed value.
+    fn canonicalize_labels(&self, columns: &mut [ArrayRef]) {
+        for (pos, counters) in &self.label_counters {
+            let col = &self.table.columns[*pos];
+            let labels = col.labels.as_ref().expect("label columns have labels");
+            let Some(raw) = columns[*pos].as_string_opt::<i32>() else {
+                continue;
+            };
+            let mut counts = [0u64; 5];
+            // Labels repeat endlessly: decide each distinct spelling once per chunk.
+            let mut seen: HashMap<&str, (&str, Outcome)> = HashMap::new();
+            let mut canonical = Vec::with_capacity(raw.len());
+            let mut kept = Vec::with_capacity(raw.len());
+            for value in raw.iter() {
+                let Some(value) = value else {
+                    canonical.push(None);
+                    kept.push(None);
+                    continue;
+                };
+                let (stored, outcome) = *seen
+                    .entry(value)
+                    .or_insert_with(|| labels.canonicalize(value));
+                counts[outcome as usize] += 1;
+                canonical.push(Some(stored));
+                kept.push((outcome != Outcome::Exact).then_some(value));
+            }
+            let canonical: ArrayRef = Arc::new(StringArray::from(canonical));
+            let kept: ArrayRef = Arc::new(StringArray::from(kept));
+            columns[*pos] = canonical;
+            if let Some(raw_pos) = self
+                .table
+                .columns
+                .iter()
+                .position(|c| c.raw_of.as_deref() == Some(col.name.as_str()))
+            {
+                columns[raw_pos] = kept;
+            }
+            for (counter, count) in counters.iter().zip(counts) {
+                if count > 0 {
+                    counter.increment(count);
+                }
+            }
+        }
+    }
+
+    /// Records the first broken promise of each row: required columns, then value contracts.
+    fn check_contracts(
+        &self,
+        batch: &RecordBatch,
+        ingested_at_us: i64,
+        problems: &mut [Option<(RejectReason, String)>],
+    ) {
+        for (pos, col) in self.table.columns.iter().enumerate() {
+            let array = batch.column(pos);
+            if !col.nullable && array.null_count() > 0 {
+                for (row, problem) in problems.iter_mut().enumerate() {
+                    if array.is_null(row) && problem.is_none() {
+                        *problem = Some((
+                            RejectReason::MissingRequired,
+                            format!("required column `{}` is missing or null", col.name),
+                        ));
+                    }
+                }
+            }
+            if col.contract == Contract::default() {
+                continue;
+            }
+            for (row, broken, detail) in violations(array, &col.contract, &col.name, ingested_at_us)
+            {
+                let reason = match broken {
+                    Broken::Range => RejectReason::OutOfRange,
+                    Broken::Dimension => RejectReason::WrongDimension,
+                    Broken::TimeWindow => RejectReason::BadTimestamp,
+                };
+                problems[row].get_or_insert((reason, detail));
+            }
+        }
+    }
+}
+
+/// Where nesting first exceeds `max_depth`, scanning bytes outside strings.
+fn too_deep(payload: &[u8], max_depth: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &b) in payload.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Some(i);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// arrow-json prefixes its messages with "Json error: "; the reason code already says that.
@@ -502,7 +678,14 @@ mod tests {
         let mapping = Arc::new(
             Mapping::load(Path::new(&format!("schemas/mappings/{shape}.toml")), &table).unwrap(),
         );
-        BodyDecoder::new(table, mapping, 4096)
+        BodyDecoder::new(
+            table,
+            mapping,
+            InputLimits {
+                max_message_bytes: 4096,
+                max_depth: 64,
+            },
+        )
     }
 
     fn chunk(payloads: &[&[u8]]) -> Chunk {
@@ -512,6 +695,9 @@ mod tests {
         }
         c
     }
+
+    /// Ingestion time of the test messages: 2025-06-15.
+    const NOW: i64 = 1_750_000_000_000_000;
 
     const GOOD: &[u8] = br#"{"id":"1","content":"hi","created_at":"2025-03-01T10:00:00Z","sentiment":"positive","account":{"acct":"a@b"},"favourites_count":3}"#;
 
@@ -531,7 +717,7 @@ mod tests {
             b"not json",
             GOOD,
         ];
-        let decoded = decoder("mastodon").decode(&chunk(&payloads), 0).unwrap();
+        let decoded = decoder("mastodon").decode(&chunk(&payloads), NOW).unwrap();
         let batch = decoded.batch.unwrap();
         let offsets: Vec<i64> = batch
             .column_by_name("kafka_offset")
@@ -570,7 +756,7 @@ mod tests {
     fn event_date_comes_from_created_at_in_utc() {
         let payload: &[u8] =
             br#"{"id":"1","created_at":"2025-03-01T23:30:00-05:00","content":"x"}"#;
-        let decoded = decoder("mastodon").decode(&chunk(&[payload]), 0).unwrap();
+        let decoded = decoder("mastodon").decode(&chunk(&[payload]), NOW).unwrap();
         let batch = decoded.batch.unwrap();
         let dates = batch
             .column_by_name("event_date")
@@ -594,7 +780,7 @@ mod tests {
             "commit":{"cid":"bafy1","record":{"text":"hello","langs":["en"]}},
             "enrichment":{"toxicity":{"score":0.25,"labels":{"insult":0.1}},
             "entities":[{"text":"Paris","label":"LOC","score":0.9}],"sentiment":{"label":"neutral","score":0.7}}}"#;
-        let decoded = decoder("bluesky").decode(&chunk(&[payload]), 0).unwrap();
+        let decoded = decoder("bluesky").decode(&chunk(&[payload]), NOW).unwrap();
         assert!(decoded.rejections.is_empty(), "{:?}", decoded.rejections);
         let batch = decoded.batch.unwrap();
         let created = batch
@@ -612,5 +798,112 @@ mod tests {
                 .value(0),
             "hello"
         );
+    }
+
+    #[test]
+    fn contracts_reject_with_the_field_named_and_labels_are_canonical() {
+        let deep = format!(
+            "{{\"id\":\"d\",\"x\":{}{}}}",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        let payloads: Vec<&[u8]> = vec![
+            br#"{"id":"1","created_at":"2025-03-01T10:00:00Z","sentiment":"Positive ","language":"pt-BR","category":"Technolgy","appropriate language":"INAPROPRIATE"}"#,
+            br#"{"id":"2","created_at":"yesterday"}"#,
+            br#"{"id":"3","created_at":"1999-01-01T00:00:00Z"}"#,
+            br#"{"id":"4","favourites_count":-3}"#,
+            deep.as_bytes(),
+            b"\xEF\xBB\xBF{\"id\":\"5\"}",
+            br#"{"id":"6","sentiment":"very positive","category":"memes","sarcasm":"not sarcastic"}"#,
+        ];
+        let decoded = decoder("mastodon").decode(&chunk(&payloads), NOW).unwrap();
+        let reasons: Vec<(i64, &str)> = decoded
+            .rejections
+            .iter()
+            .map(|r| (r.offset, r.reason.code()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (101, "bad_timestamp"),
+                (102, "bad_timestamp"),
+                (103, "out_of_range"),
+                (104, "too_deep"),
+                (105, "malformed_json"),
+            ]
+        );
+        assert!(
+            decoded.rejections[0]
+                .detail
+                .contains("`created_at`: `yesterday` is not a timestamp")
+        );
+        assert!(decoded.rejections[2].detail.contains("`like_count` is -3"));
+        assert!(decoded.rejections[4].detail.contains("byte order mark"));
+        assert_eq!(
+            decoded.rejections[3].payload.as_deref(),
+            Some(deep.as_bytes())
+        );
+
+        let batch = decoded.batch.unwrap();
+        let text = |name: &str| -> Vec<Option<String>> {
+            batch
+                .column_by_name(name)
+                .unwrap()
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect()
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(text("sentiment"), vec![s("positive"), s("UNKNOWN")]);
+        assert_eq!(
+            text("sentiment_raw"),
+            vec![s("Positive "), s("very positive")]
+        );
+        assert_eq!(text("language"), vec![s("pt"), None]);
+        assert_eq!(text("language_raw"), vec![s("pt-BR"), None]);
+        assert_eq!(text("category"), vec![s("technology"), s("UNKNOWN")]);
+        assert_eq!(text("category_raw"), vec![s("Technolgy"), s("memes")]);
+        assert_eq!(text("appropriateness"), vec![s("inappropriate"), None]);
+        assert_eq!(text("sarcasm"), vec![None, s("not_sarcastic")]);
+    }
+
+    #[test]
+    fn hostile_sizes_and_depths_are_refused_before_parsing() {
+        let decoder = BodyDecoder::new(
+            Arc::new(TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap()),
+            Arc::new(
+                Mapping::load(
+                    Path::new("schemas/mappings/mastodon.toml"),
+                    &TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap(),
+                )
+                .unwrap(),
+            ),
+            InputLimits {
+                max_message_bytes: 4 * 1024 * 1024,
+                max_depth: 64,
+            },
+        );
+        let mut huge = b"{\"id\":\"1\",\"content\":\"".to_vec();
+        huge.resize(8 * 1024 * 1024, b'x');
+        huge.extend_from_slice(b"\"}");
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let deep_object = format!(
+            "{{\"a\":{}1{}}}",
+            "{\"b\":".repeat(100_000),
+            "}".repeat(100_000)
+        );
+        // Brackets inside strings are text, not nesting.
+        let shallow = format!("{{\"id\":\"1\",\"content\":\"{}\"}}", "[".repeat(1000));
+        let payloads: Vec<&[u8]> = vec![
+            &huge,
+            deep.as_bytes(),
+            deep_object.as_bytes(),
+            shallow.as_bytes(),
+        ];
+        let decoded = decoder.decode(&chunk(&payloads), NOW).unwrap();
+        let reasons: Vec<&str> = decoded.rejections.iter().map(|r| r.reason.code()).collect();
+        assert_eq!(reasons, vec!["too_large", "too_deep", "too_deep"]);
+        assert_eq!(decoded.batch.unwrap().num_rows(), 1);
     }
 }

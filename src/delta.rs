@@ -19,11 +19,19 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
-use crate::schema::TableSchema;
+use crate::schema::{TableSchema, type_name};
 
 /// Errors talking to a Delta table, with the table they concern.
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
+    /// An invariant inside sluice broke; this is a bug.
+    #[error("bug: table {table}: {message}")]
+    Bug {
+        /// Table name.
+        table: String,
+        /// What broke.
+        message: String,
+    },
     /// The storage location is not a valid URL or path.
     #[error("table {table}: invalid location {location}: {reason}")]
     Location {
@@ -145,7 +153,7 @@ pub struct DeltaSink {
     table: DeltaTable,
     schema: Arc<TableSchema>,
     writer_properties: WriterProperties,
-    app_prefix: String,
+    group_id: String,
     query_id: String,
 }
 
@@ -191,7 +199,7 @@ impl DeltaSink {
             }
             Err(e) => return Err(delta_err("load")(e)),
         }
-        check_schema(&table, &schema)?;
+        evolve_schema(&mut table, &schema).await?;
         let level = ZstdLevel::try_new(zstd_level).map_err(|e| DeltaError::Delta {
             table: name.clone(),
             operation: "configure zstd",
@@ -204,7 +212,7 @@ impl DeltaSink {
             table,
             schema,
             writer_properties,
-            app_prefix: format!("sluice-{group_id}"),
+            group_id: group_id.to_string(),
             query_id: format!("sluice-{group_id}-{name}"),
         })
     }
@@ -214,10 +222,14 @@ impl DeltaSink {
         &self.schema.name
     }
 
-    /// The txn app id for a Kafka partition: group, topic and partition, so two groups writing
-    /// one table keep separate positions.
+    /// The table's definition.
+    pub fn schema(&self) -> &TableSchema {
+        &self.schema
+    }
+
+    /// The txn app id for a Kafka partition (see [`app_id`]).
     pub fn app_id(&self, key: &PartitionKey) -> String {
-        format!("{}-{}-{}", self.app_prefix, key.topic, key.partition)
+        app_id(&self.group_id, key)
     }
 
     /// Current table version.
@@ -336,6 +348,12 @@ impl DeltaSink {
     }
 }
 
+/// The txn app id for a Kafka partition: group, topic and partition, so two groups writing one
+/// table keep separate positions.
+pub fn app_id(group_id: &str, key: &PartitionKey) -> String {
+    format!("sluice-{group_id}-{}-{}", key.topic, key.partition)
+}
+
 /// Turns a configured location (local path or URL) into a table URL.
 pub fn table_url(location: &str) -> Result<Url, String> {
     if location.contains("://") {
@@ -375,12 +393,7 @@ async fn create_table(
     let arrow = schema.arrow_schema();
     let mut fields = Vec::with_capacity(arrow.fields().len());
     for (field, column) in arrow.fields().iter().zip(&schema.columns) {
-        let mut f = StructField::try_from_arrow(field.as_ref())
-            .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
-        if let Some(doc) = &column.doc {
-            f = f.with_metadata([("comment", MetadataValue::String(doc.clone()))]);
-        }
-        fields.push(f);
+        fields.push(delta_field(field, column)?);
     }
     let mut create = table
         .create()
@@ -404,45 +417,86 @@ async fn create_table(
     create.await
 }
 
-/// Refuses to use a table whose columns differ from the schema file, instead of writing files
-/// readers would mis-read.
-fn check_schema(table: &DeltaTable, schema: &TableSchema) -> Result<(), DeltaError> {
+/// Brings the table's columns in line with the schema file: columns added to the file are
+/// added to the table (old rows read them as null); a column removed from the file or given
+/// another type is refused with what to do instead, never written over.
+async fn evolve_schema(table: &mut DeltaTable, schema: &TableSchema) -> Result<(), DeltaError> {
     let expected = schema.arrow_schema();
+    let delta_err = |operation, source| DeltaError::Delta {
+        table: schema.name.clone(),
+        operation,
+        source: Box::new(source),
+    };
     let existing = table
         .snapshot()
         .map(|s| s.snapshot().arrow_schema())
-        .map_err(|source| DeltaError::Delta {
-            table: schema.name.clone(),
-            operation: "read schema",
-            source: Box::new(source),
-        })?;
+        .map_err(|source| delta_err("read schema", source))?;
     let mut problems = Vec::new();
-    for field in expected.fields() {
+    let mut added = Vec::new();
+    for (field, column) in expected.fields().iter().zip(&schema.columns) {
         match existing.field_with_name(field.name()) {
-            Err(_) => problems.push(format!("`{}` is missing from the table", field.name())),
+            Err(_) if !column.nullable => problems.push(format!(
+                "`{}` is new and declared `nullable = false`, but the table's existing rows have \
+                 no value for it; add it as nullable",
+                field.name()
+            )),
+            Err(_) => added.push((field.clone(), column)),
             Ok(f) if !types_match(f.data_type(), field.data_type()) => problems.push(format!(
-                "`{}` is {} in the table but {} in the schema file",
+                "`{}` is `{}` in the table but `{}` in the schema file; a column's type cannot \
+                 change in place: restore the old type, or add a column with a new name",
                 field.name(),
-                f.data_type(),
-                field.data_type()
+                type_name(f.data_type()),
+                type_name(field.data_type())
             )),
             Ok(_) => {}
         }
     }
     for field in existing.fields() {
         if expected.field_with_name(field.name()).is_err() {
-            problems.push(format!("`{}` is not in the schema file", field.name()));
+            problems.push(format!(
+                "`{}` is in the table but not in the schema file; columns cannot be removed \
+                 (readers and old files still have it): put it back, it may stay unmapped",
+                field.name()
+            ));
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(DeltaError::SchemaMismatch {
+    if !problems.is_empty() {
+        return Err(DeltaError::SchemaMismatch {
             table: schema.name.clone(),
             file: schema.file.display().to_string(),
             detail: problems.join("; "),
-        })
+        });
     }
+    if added.is_empty() {
+        return Ok(());
+    }
+    let mut fields = Vec::with_capacity(added.len());
+    for (field, column) in &added {
+        fields.push(delta_field(field, column).map_err(|e| delta_err("add columns", e))?);
+    }
+    let names: Vec<&str> = added.iter().map(|(f, _)| f.name().as_str()).collect();
+    let evolved = table
+        .clone()
+        .add_columns()
+        .with_fields(fields)
+        .await
+        .map_err(|source| delta_err("add columns", source))?;
+    *table = evolved;
+    tracing::info!(table = %schema.name, columns = ?names, version = table.version(), "added columns from the schema file");
+    Ok(())
+}
+
+/// A Delta column for an Arrow field, with the schema file's doc as its comment.
+fn delta_field(
+    field: &deltalake::arrow::datatypes::Field,
+    column: &crate::schema::Column,
+) -> Result<StructField, DeltaTableError> {
+    let mut f =
+        StructField::try_from_arrow(field).map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+    if let Some(doc) = &column.doc {
+        f = f.with_metadata([("comment", MetadataValue::String(doc.clone()))]);
+    }
+    Ok(f)
 }
 
 /// Compares types ignoring nested field names and nullability, which Delta and Arrow spell

@@ -21,12 +21,16 @@
 //! - [`telemetry`]: logs and the Prometheus endpoint.
 
 pub mod app;
+pub mod audit;
 pub mod batch;
 pub mod config;
+pub mod contract;
+pub mod dead_letters;
 pub mod decode;
 pub mod delta;
 pub mod demo;
 pub mod generator;
+pub mod labels;
 pub mod mapping;
 pub mod pipeline;
 pub mod produce;

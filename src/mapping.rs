@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, StringArray, StructArray, make_array, new_null_array,
+    Array, ArrayRef, AsArray, StringArray, StructArray, make_array, new_null_array,
 };
 use deltalake::arrow::buffer::NullBuffer;
 use deltalake::arrow::compute::cast;
@@ -19,7 +19,8 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
-use crate::schema::{TableSchema, UTC};
+use crate::contract::timestamps_from_text;
+use crate::schema::TableSchema;
 
 /// Errors found while reading a mapping file.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,7 @@ enum ValueSource {
     Path {
         segments: Vec<String>,
         leaf: DataType,
+        unit: Option<TimeUnit>,
     },
     /// The same string for every row (e.g. the platform name).
     Constant(String),
@@ -142,6 +144,14 @@ impl Mapping {
                     "is filled by sluice itself (source in the schema) and cannot be mapped".into(),
                 ));
             }
+            if let Some(label_column) = &column.raw_of {
+                return Err(err(
+                    &name,
+                    format!(
+                        "is filled by sluice with the raw labels of `{label_column}`; map `{label_column}` instead"
+                    ),
+                ));
+            }
             let source = match (def.path, def.value) {
                 (Some(_), Some(_)) => {
                     return Err(err(&name, "set either `path` or `value`, not both".into()));
@@ -167,36 +177,40 @@ impl Mapping {
                     if segments.is_empty() || segments.iter().any(String::is_empty) {
                         return Err(err(&name, "the path has an empty segment".into()));
                     }
-                    let leaf = match (&column.data_type, def.unit.as_deref()) {
-                        (DataType::Timestamp(_, _), None) => column.data_type.clone(),
-                        (DataType::Timestamp(_, _), Some(unit)) => {
-                            let unit = match unit {
-                                "s" => TimeUnit::Second,
-                                "ms" => TimeUnit::Millisecond,
-                                "us" => TimeUnit::Microsecond,
-                                "ns" => TimeUnit::Nanosecond,
-                                other => {
-                                    return Err(err(
-                                        &name,
-                                        format!(
-                                            "unknown unit `{other}` (expected s, ms, us or ns)"
-                                        ),
-                                    ));
-                                }
-                            };
-                            DataType::Timestamp(unit, Some(UTC.into()))
-                        }
+                    let unit = match (&column.data_type, def.unit.as_deref()) {
+                        (_, None) => None,
+                        (DataType::Timestamp(_, _), Some(unit)) => Some(match unit {
+                            "s" => TimeUnit::Second,
+                            "ms" => TimeUnit::Millisecond,
+                            "us" => TimeUnit::Microsecond,
+                            "ns" => TimeUnit::Nanosecond,
+                            other => {
+                                return Err(err(
+                                    &name,
+                                    format!("unknown unit `{other}` (expected s, ms, us or ns)"),
+                                ));
+                            }
+                        }),
                         (_, Some(_)) => {
                             return Err(err(
                                 &name,
                                 "`unit` applies only to timestamp columns".into(),
                             ));
                         }
-                        (ty, None) => ty.clone(),
+                    };
+                    // Timestamps are read as text (numbers are coerced to their digits) and
+                    // parsed by sluice, which knows every form upstreams send.
+                    let leaf = match &column.data_type {
+                        DataType::Timestamp(_, _) => DataType::Utf8,
+                        ty => ty.clone(),
                     };
                     tree.insert(&segments, leaf.clone())
                         .map_err(|reason| err(&name, reason))?;
-                    ValueSource::Path { segments, leaf }
+                    ValueSource::Path {
+                        segments,
+                        leaf,
+                        unit,
+                    }
                 }
             };
             entries.push((name, source));
@@ -215,14 +229,15 @@ impl Mapping {
     }
 
     /// Lifts mapped columns out of a decoded source batch, cast to their table types.
-    /// Columns the mapping does not mention are absent from the result.
+    /// Columns the mapping does not mention are absent from the result. Timestamp texts that
+    /// do not parse leave the value null and are reported with their row.
     pub fn project(
         &self,
         source: &RecordBatch,
         table: &TableSchema,
-    ) -> Result<BTreeMap<String, ArrayRef>, ArrowError> {
+    ) -> Result<Projected, ArrowError> {
         let rows = source.num_rows();
-        let mut out = BTreeMap::new();
+        let mut projected = Projected::default();
         for (name, value) in &self.entries {
             let target = &table
                 .column(name)
@@ -232,20 +247,39 @@ impl Mapping {
                 ValueSource::Constant(v) => Arc::new(StringArray::from_iter_values(
                     std::iter::repeat_n(v.as_str(), rows),
                 )),
-                ValueSource::Path { segments, leaf } => {
+                ValueSource::Path {
+                    segments,
+                    leaf,
+                    unit,
+                } => {
                     let array =
                         extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows));
-                    if array.data_type() == target {
+                    if let (DataType::Timestamp(_, _), Some(texts)) =
+                        (target, array.as_string_opt::<i32>())
+                    {
+                        let (ts, errors) = timestamps_from_text(texts, *unit, name);
+                        projected.bad_timestamps.extend(errors);
+                        Arc::new(ts)
+                    } else if array.data_type() == target {
                         array
                     } else {
                         cast(&array, target)?
                     }
                 }
             };
-            out.insert(name.clone(), array);
+            projected.columns.insert(name.clone(), array);
         }
-        Ok(out)
+        Ok(projected)
     }
+}
+
+/// Mapped columns of a batch.
+#[derive(Debug, Default)]
+pub struct Projected {
+    /// Column name → values, in table types.
+    pub columns: BTreeMap<String, ArrayRef>,
+    /// Rows whose timestamp text did not parse, with the column and the text named.
+    pub bad_timestamps: Vec<(usize, String)>,
 }
 
 /// Walks a path through nested structs, folding each parent's nulls into the child so a
@@ -339,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn source_schema_nests_paths_and_keeps_units() {
+    fn source_schema_nests_paths_and_reads_timestamps_as_text() {
         let table = flagship();
         let m = Mapping::load(Path::new("schemas/mappings/bluesky.toml"), &table).unwrap();
         let schema = m.source_schema();
@@ -348,9 +382,10 @@ mod tests {
             panic!("commit should be a struct")
         };
         assert!(fields.find("record").is_some());
+        // Timestamps are decoded as text and parsed by sluice (see contract::parse_timestamp).
         assert_eq!(
             schema.field_with_name("time_us").unwrap().data_type(),
-            &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+            &DataType::Utf8
         );
     }
 

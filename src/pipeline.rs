@@ -18,6 +18,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
 use crate::batch::{BatchLimits, Batcher, FlushReason};
+use crate::dead_letters;
 use crate::decode::{BodyDecoder, Chunk, DecodeError, Rejection};
 use crate::delta::{DeltaError, DeltaSink, PartitionKey, PartitionLedger};
 use crate::source::{KafkaSource, PartitionEvent, SourceError};
@@ -28,6 +29,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Rejections logged individually per flush before summarising.
 const MAX_LOGGED_REJECTIONS: usize = 20;
+/// Environment variable naming a point where the writer aborts the process, so tests can crash
+/// it exactly there: `after_dead_letter_commit` (dead letters landed, rows not yet).
+pub const FAILPOINT_ENV: &str = "SLUICE_FAILPOINT";
 
 /// Errors that stop the writer loop (transient ones are retried inside it).
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,10 @@ pub struct Progress {
     pub committed: BTreeMap<PartitionKey, i64>,
     /// Rejection counts by reason code.
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
+    /// Dead letters this writer stored in the dead-letter table.
+    pub dead_letters: u64,
+    /// Latest version of the dead-letter table this writer committed.
+    pub dead_letter_version: i64,
     /// Partitions this writer currently owns.
     pub assigned: usize,
 }
@@ -87,6 +95,8 @@ struct PartitionState {
     decoded: Vec<RecordBatch>,
     /// Rejections awaiting commit.
     rejections: Vec<Rejection>,
+    /// Whether this buffer's rejections are already in the dead-letter table.
+    dead_letters_stored: bool,
     /// What the buffered messages cover.
     ledger: Option<PartitionLedger>,
     /// Payload bytes buffered (pending + decoded), for the batcher.
@@ -102,6 +112,7 @@ impl PartitionState {
             pending: Chunk::new(key.topic.clone(), key.partition),
             decoded: Vec::new(),
             rejections: Vec::new(),
+            dead_letters_stored: false,
             ledger: None,
             bytes: 0,
             messages: 0,
@@ -124,6 +135,9 @@ struct Topic {
 /// Writes one table from its topics.
 pub struct TableWriter {
     sink: DeltaSink,
+    dead_letters: DeltaSink,
+    /// Test aid: abort the process at a named point (see [`FAILPOINT_ENV`]).
+    failpoint: Option<String>,
     source: KafkaSource,
     events: mpsc::UnboundedReceiver<PartitionEvent>,
     topics: HashMap<Arc<str>, Topic>,
@@ -142,6 +156,7 @@ impl TableWriter {
     /// Composes a writer from its stages; `decoders` maps each topic to its shape's decoder.
     pub fn new(
         sink: DeltaSink,
+        dead_letters: DeltaSink,
         source: KafkaSource,
         events: mpsc::UnboundedReceiver<PartitionEvent>,
         decoders: HashMap<Arc<str>, BodyDecoder>,
@@ -150,6 +165,7 @@ impl TableWriter {
     ) -> (Self, watch::Receiver<Progress>) {
         let progress = Progress {
             table_version: sink.version(),
+            dead_letter_version: dead_letters.version(),
             ..Progress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(progress.clone());
@@ -163,6 +179,8 @@ impl TableWriter {
         (
             TableWriter {
                 sink,
+                dead_letters,
+                failpoint: std::env::var(FAILPOINT_ENV).ok(),
                 source,
                 events,
                 topics,
@@ -382,6 +400,22 @@ impl TableWriter {
                 }
                 Err(e) => return Err(e.into()),
             }
+            match self.store_dead_letters().await {
+                Ok(()) => {}
+                Err(DeltaError::Conflict { .. }) => {
+                    tracing::warn!(table = %self.dead_letters.name(), "dead-letter commit conflicted with another writer; re-checking positions");
+                    metrics::counter!("sluice_commit_conflicts_total", "table" => self.dead_letters.name().to_string()).increment(1);
+                    continue;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(table = %self.dead_letters.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "dead-letter commit failed; retrying");
+                    metrics::counter!("sluice_commit_retries_total", "table" => self.dead_letters.name().to_string()).increment(1);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             let mut batches = Vec::new();
             let mut ledger = Vec::new();
             for (key, state) in &self.partitions {
@@ -430,6 +464,83 @@ impl TableWriter {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Commits the buffered rejections to the dead-letter table, before the rows (see
+    /// [`crate::dead_letters`]). Dead letters at or below the dead-letter table's txn version for
+    /// their partition were stored by an earlier attempt whose rows never landed: skipped.
+    async fn store_dead_letters(&mut self) -> Result<(), DeltaError> {
+        let pending: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.rejections.is_empty() && !s.dead_letters_stored)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.dead_letters.refresh().await?;
+        let mut letters: Vec<(&PartitionKey, &Rejection)> = Vec::new();
+        let mut ledger = Vec::new();
+        let mut already_stored = 0usize;
+        for key in &pending {
+            let stored = self.dead_letters.txn_version(key).await?;
+            let state = &self.partitions[key];
+            let before = letters.len();
+            for r in &state.rejections {
+                if stored.is_some_and(|v| r.offset <= v) {
+                    already_stored += 1;
+                } else {
+                    letters.push((key, r));
+                }
+            }
+            let count = (letters.len() - before) as u64;
+            if count > 0 {
+                let l = state.ledger.as_ref().expect("rejections have a ledger");
+                ledger.push((
+                    key.clone(),
+                    PartitionLedger {
+                        first_offset: l.first_offset,
+                        last_offset: l.last_offset,
+                        rows: count,
+                        rejected: 0,
+                    },
+                ));
+            }
+        }
+        if already_stored > 0 {
+            tracing::info!(table = %self.dead_letters.name(), already_stored,
+                "skipping dead letters an interrupted earlier flush already stored");
+        }
+        if !letters.is_empty() {
+            let now = chrono::Utc::now().timestamp_micros();
+            let batch =
+                dead_letters::batch(self.dead_letters.schema(), &letters, now).map_err(|e| {
+                    DeltaError::Bug {
+                        table: self.dead_letters.name().to_string(),
+                        message: format!("dead-letter batch does not match its schema: {e}"),
+                    }
+                })?;
+            let stored = letters.len() as u64;
+            self.epoch += 1;
+            let committed = self
+                .dead_letters
+                .commit(&[batch], &ledger, self.epoch)
+                .await?;
+            tracing::info!(table = %self.dead_letters.name(), version = committed.version, dead_letters = stored, "committed dead letters");
+            self.progress.dead_letters += stored;
+            self.progress.dead_letter_version = committed.version;
+            if self.failpoint.as_deref() == Some("after_dead_letter_commit") {
+                tracing::error!("failpoint after_dead_letter_commit: aborting");
+                std::process::abort();
+            }
+        }
+        for key in &pending {
+            if let Some(state) = self.partitions.get_mut(key) {
+                state.dead_letters_stored = true;
+            }
+        }
+        Ok(())
     }
 
     /// Re-reads txn versions and reconciles every buffered partition with the table. Returns

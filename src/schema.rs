@@ -10,6 +10,12 @@ use std::sync::Arc;
 use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use serde::Deserialize;
 
+use crate::contract::{Contract, parse_duration_us, parse_timestamp};
+use crate::labels::{LabelSet, LabelSpec};
+
+/// Suffix of the column that keeps a label as received when it was not already canonical.
+pub const RAW_SUFFIX: &str = "_raw";
+
 /// The only timezone that maps to Delta's `timestamp` type (anything else becomes `timestamp_ntz`).
 pub const UTC: &str = "UTC";
 
@@ -95,6 +101,16 @@ struct ColumnDef {
     event_time: Option<String>,
     #[serde(default)]
     doc: Option<String>,
+    #[serde(default)]
+    labels: Option<LabelSpec>,
+    #[serde(default)]
+    range: Option<[f64; 2]>,
+    #[serde(default)]
+    dimension: Option<usize>,
+    #[serde(default)]
+    not_before: Option<String>,
+    #[serde(default)]
+    max_future: Option<String>,
 }
 
 fn default_nullable() -> bool {
@@ -116,6 +132,12 @@ pub struct Column {
     pub event_time: Option<String>,
     /// Human description, copied into the Delta column comment.
     pub doc: Option<String>,
+    /// Allowed labels, for enum-like string columns filled by LLMs.
+    pub labels: Option<Arc<LabelSet>>,
+    /// For a `<column>_raw` column: the label column whose raw values it keeps.
+    pub raw_of: Option<String>,
+    /// Promises on values beyond the type (ranges, dimension, timestamp window).
+    pub contract: Contract,
 }
 
 /// A table definition loaded from a schema file.
@@ -161,6 +183,7 @@ impl TableSchema {
                 "a table needs at least one column".into(),
             ));
         }
+        let raw_defs = &raw.columns;
         let mut columns: Vec<Column> = Vec::with_capacity(raw.columns.len());
         for def in &raw.columns {
             check_identifier(&def.name).map_err(|r| field_err(&def.name, r))?;
@@ -189,6 +212,21 @@ impl TableSchema {
                     "`event_time` only applies to columns with source = \"event_date\"".into(),
                 ));
             }
+            let contract = parse_contract(def, &data_type).map_err(|r| field_err(&def.name, r))?;
+            let labels = match &def.labels {
+                None => None,
+                Some(_) if data_type != DataType::Utf8 => {
+                    return Err(field_err(
+                        &def.name,
+                        "`labels` applies only to string columns".into(),
+                    ));
+                }
+                Some(spec) => Some(Arc::new(
+                    LabelSet::new(spec)
+                        .map_err(|r| field_err(&def.name, format!("labels: {r}")))?,
+                )),
+            };
+            let has_labels = labels.is_some();
             columns.push(Column {
                 name: def.name.clone(),
                 data_type,
@@ -196,7 +234,37 @@ impl TableSchema {
                 source: def.source,
                 event_time: def.event_time.clone(),
                 doc: def.doc.clone(),
+                labels,
+                raw_of: None,
+                contract,
             });
+            if has_labels {
+                // The raw label travels next to the canonical one, so nothing is lost to folding.
+                let raw = format!("{}{RAW_SUFFIX}", def.name);
+                if raw_defs.iter().any(|d| d.name == raw) {
+                    return Err(field_err(
+                        &raw,
+                        format!(
+                            "is added automatically for the labels of `{}`; remove it",
+                            def.name
+                        ),
+                    ));
+                }
+                columns.push(Column {
+                    name: raw,
+                    data_type: DataType::Utf8,
+                    nullable: true,
+                    source: None,
+                    event_time: None,
+                    doc: Some(format!(
+                        "`{}` as the model wrote it, when that was not already an allowed value.",
+                        def.name
+                    )),
+                    labels: None,
+                    raw_of: Some(def.name.clone()),
+                    contract: Contract::default(),
+                });
+            }
         }
         for col in &columns {
             if let Some(event_time) = &col.event_time {
@@ -262,6 +330,57 @@ impl TableSchema {
     }
 }
 
+/// Reads a column's value contract, refusing options that do not fit its type.
+fn parse_contract(def: &ColumnDef, data_type: &DataType) -> Result<Contract, String> {
+    let mut contract = Contract::default();
+    if let Some([min, max]) = def.range {
+        if !numeric_leaves(data_type) {
+            return Err(
+                "`range` applies only to numeric columns (or lists and structs of numbers)".into(),
+            );
+        }
+        if min.is_nan() || max.is_nan() || min > max {
+            return Err(format!("`range` [{min}, {max}] is empty"));
+        }
+        contract.range = Some((min, max));
+    }
+    if let Some(dim) = def.dimension {
+        if !matches!(data_type, DataType::List(_)) {
+            return Err("`dimension` applies only to list columns".into());
+        }
+        contract.dimension = Some(dim);
+    }
+    let is_timestamp = matches!(data_type, DataType::Timestamp(_, _));
+    if let Some(text) = &def.not_before {
+        if !is_timestamp {
+            return Err("`not_before` applies only to timestamp columns".into());
+        }
+        contract.not_before_us =
+            Some(parse_timestamp(text, None).map_err(|e| format!("not_before: {e}"))?);
+    }
+    if let Some(text) = &def.max_future {
+        if !is_timestamp {
+            return Err("`max_future` applies only to timestamp columns".into());
+        }
+        contract.max_future_us =
+            Some(parse_duration_us(text).map_err(|e| format!("max_future: {e}"))?);
+    }
+    if def.source.is_some() && contract != Contract::default() {
+        return Err("value contracts apply to mapped columns, not to sluice-filled ones".into());
+    }
+    Ok(contract)
+}
+
+/// Whether every leaf of a type is a number (so a range can apply to all of them).
+fn numeric_leaves(ty: &DataType) -> bool {
+    match ty {
+        DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64 => true,
+        DataType::List(f) => numeric_leaves(f.data_type()),
+        DataType::Struct(fields) => fields.iter().all(|f| numeric_leaves(f.data_type())),
+        _ => false,
+    }
+}
+
 /// The Arrow type sluice stores timestamps as: microseconds in UTC, i.e. Delta `timestamp`.
 pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
@@ -307,7 +426,7 @@ fn check_identifier(name: &str) -> Result<(), String> {
 }
 
 /// Parses a type from the schema grammar:
-/// `string | boolean | int | long | float | double | timestamp | date | list<T> |
+/// `string | boolean | int | long | float | double | timestamp | date | binary | list<T> |
 /// struct<name:T,...>`.
 pub fn parse_type(text: &str) -> Result<DataType, String> {
     let mut parser = TypeParser { src: text, pos: 0 };
@@ -333,6 +452,7 @@ pub fn type_name(ty: &DataType) -> String {
         DataType::Float64 => "double".into(),
         DataType::Timestamp(_, _) => "timestamp".into(),
         DataType::Date32 => "date".into(),
+        DataType::Binary => "binary".into(),
         DataType::List(f) => format!("list<{}>", type_name(f.data_type())),
         DataType::Struct(fields) => {
             let inner: Vec<String> = fields
@@ -395,6 +515,7 @@ impl TypeParser<'_> {
             "double" => DataType::Float64,
             "timestamp" => timestamp_type(),
             "date" => DataType::Date32,
+            "binary" => DataType::Binary,
             "list" => {
                 self.expect('<')?;
                 let inner = self.parse()?;
@@ -426,7 +547,7 @@ impl TypeParser<'_> {
             other => {
                 return Err(format!(
                     "unknown type `{other}` (expected string, boolean, int, long, float, double, \
-                     timestamp, date, list<T> or struct<name:T,...>)"
+                     timestamp, date, binary, list<T> or struct<name:T,...>)"
                 ));
             }
         })

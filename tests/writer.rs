@@ -212,7 +212,8 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
         let (key, payload) = generator.next(Shape::Tweets);
         chunk.push(offset, Some(0), Some(key.as_bytes()), Some(&payload));
     }
-    let batch = decoder.decode(&chunk, 0).unwrap().batch.unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    let batch = decoder.decode(&chunk, now).unwrap().batch.unwrap();
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
     let table = open_table(&location, Default::default()).await.unwrap();
     let mut orphan_writer = RecordBatchWriter::for_table(&table).unwrap();

@@ -217,16 +217,58 @@ pub fn assert_exactly_once(
     assert!(extra.is_empty(), "unexpected rows: {extra:?}");
 }
 
+/// Runs `sql` over `enriched_posts` and, once it exists, `enriched_posts_dead_letters`.
 pub async fn query(root: &Path, sql: &str) -> Vec<RecordBatch> {
-    let location = table_location(&root.to_string_lossy(), "enriched_posts");
-    let table = open_table(&location, Default::default())
-        .await
-        .expect("table opens");
     let ctx = SessionContext::new();
-    table.update_datafusion_session(&ctx.state()).unwrap();
-    ctx.register_table("enriched_posts", table.table_provider().await.unwrap())
-        .unwrap();
+    for name in ["enriched_posts", "enriched_posts_dead_letters"] {
+        let location = table_location(&root.to_string_lossy(), name);
+        let Ok(table) = open_table(&location, Default::default()).await else {
+            assert_ne!(name, "enriched_posts", "the main table opens");
+            continue;
+        };
+        table.update_datafusion_session(&ctx.state()).unwrap();
+        ctx.register_table(name, table.table_provider().await.unwrap())
+            .unwrap();
+    }
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+/// Sends payloads one by one (`None` is a tombstone) and returns their offsets.
+pub async fn send_raw(brokers: &str, topic: &str, payloads: &[Option<Vec<u8>>]) -> Vec<i64> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "20000000")
+        .create()
+        .expect("producer");
+    let mut offsets = Vec::new();
+    for (i, payload) in payloads.iter().enumerate() {
+        let key = format!("raw-{i}");
+        let mut record = FutureRecord::<str, [u8]>::to(topic).key(&key).partition(0);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        let delivered = producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+        offsets.push(delivered.offset);
+    }
+    offsets
+}
+
+/// `sum(...)`-style results as u64 per first-column string key.
+pub fn counts_by_key(batches: &[RecordBatch]) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let keys = strings(b.column(0));
+        let values = b.column(1).as_primitive::<Int64Type>();
+        for (i, k) in keys.into_iter().enumerate() {
+            out.insert(k, values.value(i));
+        }
+    }
+    out
 }
 
 pub fn strings(array: &dyn Array) -> Vec<String> {

@@ -1,0 +1,589 @@
+//! The audit: proves from the broker and the tables alone that every Kafka offset a table claims
+//! to have written is there exactly once, as a row or as a dead letter.
+//!
+//! For each partition of a table's topics it reads the message offsets the broker still has up
+//! to the table's committed position (the txn version), reads every (topic, partition, offset)
+//! of the table and of its dead letters from one snapshot each, and counts what is missing and
+//! what is duplicated. Messages after the committed position are reported as pending, so the
+//! audit can run against a live table while the writer works.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::{DeltaTable, DeltaTableError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{Config, TableConfig};
+use crate::dead_letters;
+use crate::delta::{PartitionKey, app_id, open_table, table_location};
+use crate::schema::{ColumnSource, TableSchema};
+
+/// How long the broker may stay silent while the audit still expects messages.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Missing offsets listed per partition before summarising.
+const LISTED_MISSING: usize = 10;
+
+/// Errors that keep the audit from reaching a verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The table cannot be read.
+    #[error("audit of {table}: {operation}: {source}")]
+    Table {
+        /// Table name.
+        table: String,
+        /// What the audit was doing.
+        operation: &'static str,
+        /// delta-rs' or DataFusion's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The table has no Kafka provenance columns to audit against.
+    #[error(
+        "audit of {table}: the schema has no column with source = \"{source_name}\"; the audit \
+         needs kafka_topic, kafka_partition and kafka_offset columns"
+    )]
+    NoProvenance {
+        /// Table name.
+        table: String,
+        /// The missing source.
+        source_name: &'static str,
+    },
+    /// The broker could not be read.
+    #[error("audit of {table}: kafka {topic}: {reason}")]
+    Kafka {
+        /// Table name.
+        table: String,
+        /// Topic being read.
+        topic: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The verdict for one topic partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionAudit {
+    /// Kafka topic.
+    pub topic: String,
+    /// Kafka partition.
+    pub partition: i32,
+    /// First offset the broker still has.
+    pub kafka_low: i64,
+    /// Offset the broker will give the next message.
+    pub kafka_high: i64,
+    /// Last offset the table says it has written (its txn version), if any.
+    pub committed: Option<i64>,
+    /// Messages the broker has up to the committed position: the ones checked.
+    pub checked: u64,
+    /// Of those, how many are rows.
+    pub rows: u64,
+    /// Of those, how many are dead letters.
+    pub dead_letters: u64,
+    /// Checked messages in neither table.
+    pub missing: u64,
+    /// Offsets present more than once across both tables.
+    pub duplicated: u64,
+    /// Offsets in the tables at or below the committed position that the broker does not have
+    /// as messages although it still holds that range.
+    pub unexpected: u64,
+    /// Messages after the committed position, not written yet.
+    pub pending: u64,
+    /// The first missing offsets, to look up.
+    pub first_missing: Vec<i64>,
+}
+
+impl PartitionAudit {
+    /// Whether this partition is complete and free of duplicates.
+    pub fn is_clean(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.unexpected == 0
+    }
+}
+
+/// The verdict for one table and its dead letters.
+#[derive(Debug, Clone)]
+pub struct TableAudit {
+    /// Table name.
+    pub table: String,
+    /// Table version audited.
+    pub version: u64,
+    /// Dead-letter table version audited (`None` if it does not exist).
+    pub dead_letter_version: Option<u64>,
+    /// One entry per topic partition.
+    pub partitions: Vec<PartitionAudit>,
+}
+
+impl TableAudit {
+    /// Whether every partition is clean.
+    pub fn is_clean(&self) -> bool {
+        self.partitions.iter().all(PartitionAudit::is_clean)
+    }
+
+    /// A table a user can read (and paste).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let dl = self
+            .dead_letter_version
+            .map_or("none".to_string(), |v| format!("version {v}"));
+        let _ = writeln!(
+            out,
+            "table {} (version {}; dead letters: {dl})",
+            self.table, self.version
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:>4} {:>22} {:>12} {:>10} {:>10} {:>8} {:>8} {:>6} {:>8}",
+            "topic",
+            "part",
+            "kafka offsets",
+            "written to",
+            "checked",
+            "rows",
+            "dead",
+            "missing",
+            "dup",
+            "pending"
+        );
+        for p in &self.partitions {
+            let written = p.committed.map_or("-".to_string(), |c| c.to_string());
+            let _ = writeln!(
+                out,
+                "{:<24} {:>4} {:>22} {:>12} {:>10} {:>10} {:>8} {:>8} {:>6} {:>8}",
+                p.topic,
+                p.partition,
+                format!("{}..{}", p.kafka_low, p.kafka_high),
+                written,
+                p.checked,
+                p.rows,
+                p.dead_letters,
+                p.missing,
+                p.duplicated,
+                p.pending
+            );
+            if !p.first_missing.is_empty() {
+                let _ = writeln!(out, "    first missing offsets: {:?}", p.first_missing);
+            }
+            if p.unexpected > 0 {
+                let _ = writeln!(
+                    out,
+                    "    {} offsets in the tables are not messages in Kafka",
+                    p.unexpected
+                );
+            }
+        }
+        let totals = self.partitions.iter().fold((0, 0, 0, 0, 0), |t, p| {
+            (
+                t.0 + p.checked,
+                t.1 + p.rows,
+                t.2 + p.dead_letters,
+                t.3 + p.missing,
+                t.4 + p.duplicated,
+            )
+        });
+        let _ = writeln!(
+            out,
+            "{}: {} messages checked, {} rows, {} dead letters, {} missing, {} duplicated",
+            if self.is_clean() {
+                "CLEAN"
+            } else {
+                "NOT CLEAN"
+            },
+            totals.0,
+            totals.1,
+            totals.2,
+            totals.3,
+            totals.4
+        );
+        out
+    }
+}
+
+/// Audits one configured table against the broker.
+pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAudit, AuditError> {
+    let schema = TableSchema::load(&table.schema).map_err(|e| AuditError::Table {
+        table: table.schema.display().to_string(),
+        operation: "read schema",
+        source: Box::new(e),
+    })?;
+    let name = schema.name.clone();
+    let err = |operation: &'static str| {
+        let table = name.clone();
+        move |e: DeltaTableError| AuditError::Table {
+            table,
+            operation,
+            source: Box::new(e),
+        }
+    };
+    let provenance = |source: ColumnSource, source_name: &'static str| {
+        schema
+            .columns
+            .iter()
+            .find(|c| c.source == Some(source))
+            .map(|c| c.name.clone())
+            .ok_or(AuditError::NoProvenance {
+                table: name.clone(),
+                source_name,
+            })
+    };
+    let columns = [
+        provenance(ColumnSource::KafkaTopic, "kafka_topic")?,
+        provenance(ColumnSource::KafkaPartition, "kafka_partition")?,
+        provenance(ColumnSource::KafkaOffset, "kafka_offset")?,
+    ];
+
+    // The main table first: the dead-letter table, read after it, covers everything it covers.
+    let location = table_location(&config.storage.root, &name);
+    let main = open_table(&location, config.storage_options())
+        .await
+        .map_err(err("open table"))?;
+    let version = main.version().unwrap_or_default();
+    let mut tables = offsets_in(&main, &name, &columns).await?;
+    let dl_name = dead_letters::table_name(&name);
+    let dl_location = table_location(&config.storage.root, &dl_name);
+    let dead_letter_version = match open_table(&dl_location, config.storage_options()).await {
+        Ok(dl) => {
+            let dl_columns = ["kafka_topic", "kafka_partition", "kafka_offset"].map(String::from);
+            for (key, found) in offsets_in(&dl, &dl_name, &dl_columns).await? {
+                tables.entry(key).or_default().dead_letters = found.rows;
+            }
+            dl.version()
+        }
+        Err(DeltaTableError::NotATable(_)) => None,
+        Err(e) => return Err(err("open dead-letter table")(e)),
+    };
+
+    let mut partitions = Vec::new();
+    for source in &table.sources {
+        let topic = source.topic.clone();
+        let kafka = KafkaReader::new(config, &name, &topic)?;
+        let ranges = kafka.watermarks().await?;
+        let snapshot = main.snapshot().map_err(err("snapshot"))?;
+        let mut plan = Vec::new();
+        for (partition, (low, high)) in ranges {
+            let key = PartitionKey {
+                topic: Arc::from(topic.as_str()),
+                partition,
+            };
+            let committed = snapshot
+                .transaction_version(
+                    main.log_store().as_ref(),
+                    app_id(&config.kafka.group_id, &key),
+                )
+                .await
+                .map_err(err("read txn version"))?;
+            plan.push((partition, low, high, committed));
+        }
+        let wanted: Vec<(i32, i64, i64)> = plan
+            .iter()
+            .filter_map(|&(p, low, high, c)| {
+                let end = c.map_or(low, |c| (c + 1).min(high));
+                (end > low).then_some((p, low, end))
+            })
+            .collect();
+        let mut read = kafka.read_offsets(wanted).await?;
+        for (partition, low, high, committed) in plan {
+            let found = tables
+                .remove(&(topic.clone(), partition))
+                .unwrap_or_default();
+            let in_kafka = read.remove(&partition).unwrap_or_default();
+            partitions.push(judge(
+                &topic, partition, low, high, committed, &in_kafka, &found,
+            ));
+        }
+    }
+    Ok(TableAudit {
+        table: name,
+        version,
+        dead_letter_version,
+        partitions,
+    })
+}
+
+/// Offsets found in the two tables for one partition.
+#[derive(Debug, Default)]
+struct Found {
+    rows: Vec<i64>,
+    dead_letters: Vec<i64>,
+}
+
+fn judge(
+    topic: &str,
+    partition: i32,
+    low: i64,
+    high: i64,
+    committed: Option<i64>,
+    in_kafka: &[i64],
+    found: &Found,
+) -> PartitionAudit {
+    let mut counts: HashMap<i64, (u32, u32)> =
+        HashMap::with_capacity(found.rows.len() + found.dead_letters.len());
+    for &o in &found.rows {
+        counts.entry(o).or_default().0 += 1;
+    }
+    for &o in &found.dead_letters {
+        counts.entry(o).or_default().1 += 1;
+    }
+    let duplicated = counts.values().filter(|(r, d)| r + d > 1).count() as u64;
+    let (mut rows, mut dead_letters, mut missing) = (0, 0, 0);
+    let mut first_missing = Vec::new();
+    for o in in_kafka {
+        match counts.get(o) {
+            None | Some((0, 0)) => {
+                missing += 1;
+                if first_missing.len() < LISTED_MISSING {
+                    first_missing.push(*o);
+                }
+            }
+            Some((r, d)) => {
+                rows += u64::from((*r).min(1));
+                dead_letters += u64::from(*r == 0 && *d > 0);
+            }
+        }
+    }
+    // Offsets in the tables inside the range the broker still holds but that it does not have.
+    let unexpected = committed.map_or(0, |c| {
+        let end = (c + 1).min(high);
+        let mut kafka_sorted = in_kafka.to_vec();
+        kafka_sorted.sort_unstable();
+        counts
+            .keys()
+            .filter(|&&o| o >= low && o < end && kafka_sorted.binary_search(&o).is_err())
+            .count() as u64
+    });
+    let next = committed.map_or(low, |c| (c + 1).max(low));
+    PartitionAudit {
+        topic: topic.to_string(),
+        partition,
+        kafka_low: low,
+        kafka_high: high,
+        committed,
+        checked: in_kafka.len() as u64,
+        rows,
+        dead_letters,
+        missing,
+        duplicated,
+        unexpected,
+        pending: (high - next).max(0) as u64,
+        first_missing,
+    }
+}
+
+/// Every (topic, partition) → offsets of a table, from one snapshot.
+async fn offsets_in(
+    table: &DeltaTable,
+    name: &str,
+    columns: &[String; 3],
+) -> Result<BTreeMap<(String, i32), Found>, AuditError> {
+    let fail = |operation: &'static str| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+            table: name.to_string(),
+            operation,
+            source: e,
+        }
+    };
+    let ctx = SessionContext::new();
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| fail("query")(Box::new(e)))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| fail("query")(Box::new(e)))?;
+    ctx.register_table("t", provider)
+        .map_err(|e| fail("query")(Box::new(e)))?;
+    let sql = format!(
+        "SELECT \"{}\", \"{}\", \"{}\" FROM t",
+        columns[0], columns[1], columns[2]
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(|e| fail("query")(Box::new(e)))?
+        .collect()
+        .await
+        .map_err(|e| fail("query")(Box::new(e)))?;
+    let mut out: BTreeMap<(String, i32), Found> = BTreeMap::new();
+    for batch in batches {
+        let topics =
+            cast(batch.column(0), &DataType::Utf8).map_err(|e| fail("query")(Box::new(e)))?;
+        let topics = topics.as_string::<i32>();
+        let partitions = batch.column(1).as_primitive::<Int32Type>();
+        let offsets = batch.column(2).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            if topics.is_null(row) || partitions.is_null(row) || offsets.is_null(row) {
+                continue;
+            }
+            out.entry((topics.value(row).to_string(), partitions.value(row)))
+                .or_default()
+                .rows
+                .push(offsets.value(row));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads message offsets of one topic straight from the broker, outside any consumer group.
+struct KafkaReader {
+    consumer: Arc<BaseConsumer>,
+    table: String,
+    topic: String,
+}
+
+impl KafkaReader {
+    fn new(config: &Config, table: &str, topic: &str) -> Result<Self, AuditError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("group.id", format!("{}-audit", config.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true");
+        for (key, value) in &config.kafka.properties {
+            client.set(key, value);
+        }
+        let consumer: BaseConsumer = client.create().map_err(|e| AuditError::Kafka {
+            table: table.to_string(),
+            topic: topic.to_string(),
+            reason: format!("cannot create a consumer: {e}"),
+        })?;
+        Ok(KafkaReader {
+            consumer: Arc::new(consumer),
+            table: table.to_string(),
+            topic: topic.to_string(),
+        })
+    }
+
+    fn fail(&self, reason: String) -> AuditError {
+        AuditError::Kafka {
+            table: self.table.clone(),
+            topic: self.topic.clone(),
+            reason,
+        }
+    }
+
+    /// Low and high watermark of every partition of the topic.
+    async fn watermarks(&self) -> Result<BTreeMap<i32, (i64, i64)>, AuditError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), READ_TIMEOUT)
+                .map_err(|e| format!("cannot read metadata: {e}"))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err("the topic does not exist or has no partitions".to_string());
+            }
+            let mut out = BTreeMap::new();
+            for p in partitions {
+                let marks = consumer
+                    .fetch_watermarks(&topic, p, READ_TIMEOUT)
+                    .map_err(|e| format!("cannot read the offsets of partition {p}: {e}"))?;
+                out.insert(p, marks);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| self.fail(format!("bug: metadata task failed: {e}")))?;
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Offsets of the messages in `[from, to)` for each `(partition, from, to)`.
+    async fn read_offsets(
+        &self,
+        wanted: Vec<(i32, i64, i64)>,
+    ) -> Result<HashMap<i32, Vec<i64>>, AuditError> {
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut list = TopicPartitionList::new();
+            let mut ends: HashMap<i32, i64> = HashMap::new();
+            for &(p, from, to) in &wanted {
+                list.add_partition_offset(&topic, p, Offset::Offset(from))
+                    .map_err(|e| e.to_string())?;
+                ends.insert(p, to);
+            }
+            consumer.assign(&list).map_err(|e| e.to_string())?;
+            let mut out: HashMap<i32, Vec<i64>> = HashMap::new();
+            let mut last_progress = Instant::now();
+            while !ends.is_empty() {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        last_progress = Instant::now();
+                        let p = m.partition();
+                        let Some(&end) = ends.get(&p) else { continue };
+                        if m.offset() < end {
+                            out.entry(p).or_default().push(m.offset());
+                        }
+                        if m.offset() + 1 >= end {
+                            ends.remove(&p);
+                        }
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                        // Nothing more to read: the range ends in transaction markers or
+                        // removed messages.
+                        ends.remove(&p);
+                    }
+                    Some(Err(e)) => return Err(format!("read failed: {e}")),
+                    None if last_progress.elapsed() > READ_TIMEOUT => {
+                        return Err(format!(
+                            "no messages for {}s while partitions {:?} were still expected",
+                            READ_TIMEOUT.as_secs(),
+                            ends.keys().collect::<Vec<_>>()
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| self.fail(format!("bug: reader task failed: {e}")))?;
+        result.map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_duplicated_and_pending_are_counted_per_partition() {
+        let found = Found {
+            rows: vec![0, 1, 3, 3, 7],
+            dead_letters: vec![2, 7, 9],
+        };
+        let kafka: Vec<i64> = (0..8).collect();
+        let a = judge("posts", 0, 0, 12, Some(7), &kafka, &found);
+        assert_eq!(a.checked, 8);
+        assert_eq!(a.rows, 4); // 0, 1, 3, 7
+        assert_eq!(a.dead_letters, 1); // 2
+        assert_eq!(a.missing, 3); // 4, 5, 6
+        assert_eq!(a.first_missing, vec![4, 5, 6]);
+        assert_eq!(a.duplicated, 2); // 3 twice as a row; 7 as a row and a dead letter
+        assert_eq!(a.pending, 4); // 8..12
+        assert!(!a.is_clean());
+
+        let clean = Found {
+            rows: vec![5, 6, 8],
+            dead_letters: vec![7, 10], // 10 is past the position: a dead letter whose rows are pending
+        };
+        let kafka: Vec<i64> = vec![5, 6, 7, 8];
+        let a = judge("posts", 1, 5, 11, Some(8), &kafka, &clean);
+        assert!(a.is_clean(), "{a:?}");
+        assert_eq!((a.rows, a.dead_letters, a.pending), (3, 1, 2));
+    }
+}

@@ -1,0 +1,192 @@
+//! Dead letters: messages that could not become rows, stored with their raw bytes in a Delta
+//! table next to the main one (`<table>_dead_letters`).
+//!
+//! Exactly-once across the two tables: a flush commits its dead letters first, with one txn per
+//! Kafka partition (version = last offset the flush covers), then its rows. A crash in between
+//! leaves dead letters whose rows never landed; the restarted writer re-reads those messages
+//! from the main table's position and skips every dead letter at or below the dead-letter
+//! table's txn version, because those are already stored. Every consumed offset therefore ends
+//! up exactly once in one of the two tables.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    ArrayRef, BinaryArray, Date32Array, Int32Array, Int64Array, StringArray,
+    TimestampMicrosecondArray,
+};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatch;
+
+use crate::decode::Rejection;
+use crate::delta::PartitionKey;
+use crate::schema::{SchemaError, TableSchema, UTC};
+
+/// Suffix of a main table's dead-letter table.
+pub const SUFFIX: &str = "_dead_letters";
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// The dead-letter table's columns; the same for every main table.
+const SCHEMA: &str = r#"
+[table]
+name = "TABLE_dead_letters"
+description = "Messages that could not become rows, with their raw bytes and why."
+partition_column = "event_date"
+
+[[columns]]
+name = "kafka_topic"
+type = "string"
+nullable = false
+
+[[columns]]
+name = "kafka_partition"
+type = "int"
+nullable = false
+
+[[columns]]
+name = "kafka_offset"
+type = "long"
+nullable = false
+
+[[columns]]
+name = "kafka_timestamp"
+type = "timestamp"
+
+[[columns]]
+name = "kafka_key"
+type = "binary"
+doc = "The message key as received."
+
+[[columns]]
+name = "payload"
+type = "binary"
+doc = "The message value as received, byte for byte (null for a tombstone)."
+
+[[columns]]
+name = "payload_bytes"
+type = "long"
+doc = "Size of the payload in bytes."
+
+[[columns]]
+name = "reason"
+type = "string"
+nullable = false
+doc = "Reason code: malformed_json, not_an_object, multiple_values, invalid_utf8, too_large, too_deep, missing_required, type_mismatch, out_of_range, bad_timestamp, wrong_dimension."
+
+[[columns]]
+name = "detail"
+type = "string"
+doc = "What exactly was wrong, naming the field where there is one."
+
+[[columns]]
+name = "dead_lettered_at"
+type = "timestamp"
+nullable = false
+doc = "When sluice stored the dead letter."
+
+[[columns]]
+name = "event_date"
+type = "date"
+nullable = false
+doc = "UTC date of the Kafka timestamp (else of dead_lettered_at); the partition column."
+"#;
+
+/// The dead-letter table's name for a main table.
+pub fn table_name(main: &str) -> String {
+    format!("{main}{SUFFIX}")
+}
+
+/// The dead-letter table definition for a main table.
+pub fn schema(main: &str) -> Result<TableSchema, SchemaError> {
+    let text = SCHEMA.replace("TABLE_dead_letters", &table_name(main));
+    TableSchema::parse(&text, Path::new("<built-in dead-letter schema>"))
+}
+
+/// One row per rejection, in the dead-letter table's column order.
+pub fn batch(
+    schema: &TableSchema,
+    letters: &[(&PartitionKey, &Rejection)],
+    now_us: i64,
+) -> Result<RecordBatch, ArrowError> {
+    let event_date = |r: &Rejection| {
+        let micros = r.timestamp_ms.map_or(now_us, |t| t * 1000);
+        micros.div_euclid(MICROS_PER_DAY) as i32
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            letters.iter().map(|(k, _)| &*k.topic),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            letters.iter().map(|(k, _)| k.partition),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            letters.iter().map(|(_, r)| r.offset),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(
+                letters
+                    .iter()
+                    .map(|(_, r)| r.timestamp_ms.map(|t| t * 1000)),
+            )
+            .with_timezone(UTC),
+        ),
+        Arc::new(BinaryArray::from_iter(
+            letters.iter().map(|(_, r)| r.key.as_deref()),
+        )),
+        Arc::new(BinaryArray::from_iter(
+            letters.iter().map(|(_, r)| r.payload.as_deref()),
+        )),
+        Arc::new(Int64Array::from_iter(letters.iter().map(|(_, r)| {
+            Some(r.payload.as_ref().map_or(0, Vec::len) as i64)
+        }))),
+        Arc::new(StringArray::from_iter_values(
+            letters.iter().map(|(_, r)| r.reason.code()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            letters.iter().map(|(_, r)| r.detail.as_str()),
+        )),
+        Arc::new(TimestampMicrosecondArray::from_value(now_us, letters.len()).with_timezone(UTC)),
+        Arc::new(Date32Array::from_iter_values(
+            letters.iter().map(|(_, r)| event_date(r)),
+        )),
+    ];
+    RecordBatch::try_new(schema.arrow_schema(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use deltalake::arrow::array::AsArray;
+
+    use super::*;
+    use crate::decode::RejectReason;
+
+    #[test]
+    fn a_dead_letter_keeps_the_bytes_and_the_reason() {
+        let schema = schema("enriched_posts").unwrap();
+        assert_eq!(schema.name, "enriched_posts_dead_letters");
+        let key = PartitionKey {
+            topic: "posts".into(),
+            partition: 2,
+        };
+        let rejection = Rejection {
+            offset: 41,
+            timestamp_ms: Some(1_740_823_200_000),
+            key: Some(b"k1".to_vec()),
+            payload: Some(b"\xff\xfe{}".to_vec()),
+            reason: RejectReason::InvalidUtf8,
+            detail: "invalid UTF-8 at byte 0".into(),
+        };
+        let batch = batch(&schema, &[(&key, &rejection)], 0).unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        let payload = batch.column_by_name("payload").unwrap().as_binary::<i32>();
+        assert_eq!(payload.value(0), b"\xff\xfe{}");
+        let reason = batch.column_by_name("reason").unwrap().as_string::<i32>();
+        assert_eq!(reason.value(0), "invalid_utf8");
+        let day = batch
+            .column_by_name("event_date")
+            .unwrap()
+            .as_primitive::<deltalake::arrow::datatypes::Date32Type>();
+        assert_eq!(day.value(0), 20148); // 2025-03-01
+    }
+}

@@ -1,0 +1,534 @@
+//! Label canonicalization: turns what an LLM wrote (`Positive `, `INAPROPRIATE`, `pt-BR`) into
+//! one of a column's allowed values, or into `UNKNOWN` when no single value is a safe match.
+//!
+//! The steps, first match wins: the value as is; folded (case, surrounding whitespace, trailing
+//! punctuation, `-`/space → `_`); an alias; the closest allowed value or alias within a small
+//! edit distance, but only when exactly one target is that close. Anything else is `UNKNOWN`,
+//! and the caller keeps the raw label, so nothing lands silently in the wrong bucket.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+/// The value stored when no allowed value matches.
+pub const DEFAULT_UNKNOWN: &str = "UNKNOWN";
+/// Default largest edit distance for a fuzzy match.
+pub const DEFAULT_MAX_EDITS: usize = 2;
+
+/// How a raw label was turned into a stored one; counted per column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Already an allowed value, byte for byte.
+    Exact,
+    /// An allowed value after case, whitespace and punctuation folding.
+    Folded,
+    /// A configured (or built-in language) alias.
+    Alias,
+    /// The single closest allowed value within the edit-distance limit.
+    Fuzzy,
+    /// No safe match: stored as the unknown value.
+    Unknown,
+}
+
+impl Outcome {
+    /// Every outcome, in reporting order.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Exact,
+        Outcome::Folded,
+        Outcome::Alias,
+        Outcome::Fuzzy,
+        Outcome::Unknown,
+    ];
+
+    /// The label used in metrics and summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Exact => "exact",
+            Outcome::Folded => "folded",
+            Outcome::Alias => "alias",
+            Outcome::Fuzzy => "fuzzy",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// The `labels` entry of a column in a schema file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSpec {
+    /// Allowed values, as stored. Optional with `language = true` (defaults to ISO 639-1).
+    #[serde(default)]
+    pub allowed: Vec<String>,
+    /// Spellings that mean an allowed value, e.g. `pos = "positive"`.
+    #[serde(default)]
+    pub aliases: HashMap<String, String>,
+    /// Largest edit distance for a fuzzy match (also capped at a quarter of the value's length).
+    #[serde(default)]
+    pub max_edits: Option<usize>,
+    /// Stored when nothing matches.
+    #[serde(default)]
+    pub unknown: Option<String>,
+    /// Normalize to lower-case ISO 639-1 codes (`EN` → `en`, `pt-BR` → `pt`, `UA` → `uk`).
+    #[serde(default)]
+    pub language: bool,
+}
+
+/// A validated set of labels for one column.
+#[derive(Debug, Clone)]
+pub struct LabelSet {
+    /// Allowed values as stored.
+    allowed: Vec<String>,
+    /// Folded spelling → allowed value (allowed values themselves and aliases).
+    lookup: HashMap<String, (usize, Outcome)>,
+    /// Fuzzy candidates: folded spelling and the allowed value it means.
+    candidates: Vec<(String, usize)>,
+    max_edits: usize,
+    unknown: String,
+    language: bool,
+}
+
+impl LabelSet {
+    /// Builds a label set; the error says which alias or value is wrong.
+    pub fn new(spec: &LabelSpec) -> Result<Self, String> {
+        let mut allowed = spec.allowed.clone();
+        let mut aliases: Vec<(String, String)> = Vec::new();
+        if spec.language {
+            if allowed.is_empty() {
+                allowed = ISO_639_1.iter().map(|c| c.to_string()).collect();
+            }
+            aliases.extend(
+                LANGUAGE_ALIASES
+                    .iter()
+                    .filter(|(_, code)| allowed.iter().any(|a| a == code))
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+        }
+        if allowed.is_empty() {
+            return Err("`labels` needs a non-empty `allowed` list (or `language = true`)".into());
+        }
+        let mut sorted: Vec<(&String, &String)> = spec.aliases.iter().collect();
+        sorted.sort();
+        aliases.extend(sorted.into_iter().map(|(k, v)| (k.clone(), v.clone())));
+
+        let mut lookup = HashMap::new();
+        let mut candidates = Vec::new();
+        for (i, value) in allowed.iter().enumerate() {
+            let folded = fold(value);
+            if folded.is_empty() {
+                return Err("an allowed value is empty".into());
+            }
+            if let Some((j, _)) = lookup.insert(folded.clone(), (i, Outcome::Folded)) {
+                return Err(format!(
+                    "allowed values `{}` and `{value}` fold to the same label",
+                    allowed[j]
+                ));
+            }
+            candidates.push((folded, i));
+        }
+        for (alias, target) in aliases {
+            let Some(i) = allowed.iter().position(|a| *a == target) else {
+                return Err(format!(
+                    "alias `{alias}` points to `{target}`, which is not an allowed value"
+                ));
+            };
+            let folded = fold(&alias);
+            match lookup.get(&folded) {
+                Some((j, _)) if *j != i => {
+                    return Err(format!(
+                        "alias `{alias}` means `{target}` but folds to `{}`",
+                        allowed[*j]
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    lookup.insert(folded.clone(), (i, Outcome::Alias));
+                    candidates.push((folded, i));
+                }
+            }
+        }
+        Ok(LabelSet {
+            allowed,
+            lookup,
+            candidates,
+            max_edits: spec.max_edits.unwrap_or(DEFAULT_MAX_EDITS),
+            unknown: spec
+                .unknown
+                .clone()
+                .unwrap_or_else(|| DEFAULT_UNKNOWN.into()),
+            language: spec.language,
+        })
+    }
+
+    /// The stored value for a raw label, and how it was found.
+    pub fn canonicalize(&self, raw: &str) -> (&str, Outcome) {
+        if let Some(value) = self.allowed.iter().find(|a| a.as_str() == raw) {
+            return (value, Outcome::Exact);
+        }
+        let folded = fold(raw);
+        if let Some(&(i, outcome)) = self.lookup.get(&folded) {
+            return (&self.allowed[i], outcome);
+        }
+        if self.language {
+            // A region or script subtag: `pt_br`, `zh_hant`.
+            if let Some((primary, _)) = folded.split_once('_')
+                && let Some(&(i, _)) = self.lookup.get(primary)
+            {
+                return (&self.allowed[i], Outcome::Alias);
+            }
+        }
+        match self.closest(&folded) {
+            Some(i) => (&self.allowed[i], Outcome::Fuzzy),
+            None => (&self.unknown, Outcome::Unknown),
+        }
+    }
+
+    /// The allowed value whose spellings are uniquely closest to `folded`, if within limits.
+    fn closest(&self, folded: &str) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None; // (distance, allowed index)
+        let mut tied = false;
+        for (spelling, i) in &self.candidates {
+            let limit = self.max_edits.min(spelling.chars().count() / 4);
+            if limit == 0 {
+                continue;
+            }
+            let Some(d) = edit_distance(folded, spelling, limit) else {
+                continue;
+            };
+            match best {
+                Some((bd, bi)) if d == bd && bi != *i => tied = true,
+                Some((bd, _)) if d < bd => {
+                    best = Some((d, *i));
+                    tied = false;
+                }
+                None => best = Some((d, *i)),
+                _ => {}
+            }
+        }
+        if tied { None } else { best.map(|(_, i)| i) }
+    }
+}
+
+/// Case, whitespace and punctuation folding: `" Not Sarcastic!"` → `not_sarcastic`.
+pub fn fold(raw: &str) -> String {
+    let trimmed = raw
+        .trim_matches(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+        .trim_end_matches(|c: char| c.is_whitespace() || matches!(c, '.' | ',' | ';' | ':' | '!'));
+    let mut out = String::with_capacity(trimmed.len());
+    let mut gap = false;
+    for c in trimmed.chars() {
+        if c.is_whitespace() || c == '-' || c == '_' {
+            gap = true;
+            continue;
+        }
+        if gap && !out.is_empty() {
+            out.push('_');
+        }
+        gap = false;
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+/// Levenshtein distance, or `None` as soon as it must exceed `limit`.
+fn edit_distance(a: &str, b: &str, limit: usize) -> Option<usize> {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    if a.len().abs_diff(b.len()) > limit {
+        return None;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        let mut row_min = cur[0];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+            row_min = row_min.min(cur[j + 1]);
+        }
+        if row_min > limit {
+            return None;
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    (prev[b.len()] <= limit).then_some(prev[b.len()])
+}
+
+/// The ISO 639-1 two-letter language codes.
+const ISO_639_1: &[&str] = &[
+    "aa", "ab", "ae", "af", "ak", "am", "an", "ar", "as", "av", "ay", "az", "ba", "be", "bg", "bi",
+    "bm", "bn", "bo", "br", "bs", "ca", "ce", "ch", "co", "cr", "cs", "cu", "cv", "cy", "da", "de",
+    "dv", "dz", "ee", "el", "en", "eo", "es", "et", "eu", "fa", "ff", "fi", "fj", "fo", "fr", "fy",
+    "ga", "gd", "gl", "gn", "gu", "gv", "ha", "he", "hi", "ho", "hr", "ht", "hu", "hy", "hz", "ia",
+    "id", "ie", "ig", "ii", "ik", "io", "is", "it", "iu", "ja", "jv", "ka", "kg", "ki", "kj", "kk",
+    "kl", "km", "kn", "ko", "kr", "ks", "ku", "kv", "kw", "ky", "la", "lb", "lg", "li", "ln", "lo",
+    "lt", "lu", "lv", "mg", "mh", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "na", "nb", "nd",
+    "ne", "ng", "nl", "nn", "no", "nr", "nv", "ny", "oc", "oj", "om", "or", "os", "pa", "pi", "pl",
+    "ps", "pt", "qu", "rm", "rn", "ro", "ru", "rw", "sa", "sc", "sd", "se", "sg", "si", "sk", "sl",
+    "sm", "sn", "so", "sq", "sr", "ss", "st", "su", "sv", "sw", "ta", "te", "tg", "th", "ti", "tk",
+    "tl", "tn", "to", "tr", "ts", "tt", "tw", "ty", "ug", "uk", "ur", "uz", "ve", "vi", "vo", "wa",
+    "wo", "xh", "yi", "yo", "za", "zh", "zu",
+];
+
+/// What upstreams send instead of ISO 639-1: country codes that are not language codes,
+/// withdrawn codes, ISO 639-2/3 codes and English (and a few native) language names.
+const LANGUAGE_ALIASES: &[(&str, &str)] = &[
+    // Country codes used as language codes (only those that are not language codes themselves).
+    ("ua", "uk"),
+    ("jp", "ja"),
+    ("cn", "zh"),
+    ("gr", "el"),
+    ("dk", "da"),
+    ("cz", "cs"),
+    ("il", "he"),
+    ("vn", "vi"),
+    ("ir", "fa"),
+    ("kz", "kk"),
+    ("rs", "sr"),
+    ("al", "sq"),
+    // Withdrawn ISO 639-1 codes.
+    ("iw", "he"),
+    ("in", "id"),
+    ("ji", "yi"),
+    ("jw", "jv"),
+    ("mo", "ro"),
+    // ISO 639-2/3 codes.
+    ("eng", "en"),
+    ("spa", "es"),
+    ("por", "pt"),
+    ("fra", "fr"),
+    ("fre", "fr"),
+    ("deu", "de"),
+    ("ger", "de"),
+    ("ita", "it"),
+    ("nld", "nl"),
+    ("dut", "nl"),
+    ("rus", "ru"),
+    ("jpn", "ja"),
+    ("zho", "zh"),
+    ("chi", "zh"),
+    ("cmn", "zh"),
+    ("kor", "ko"),
+    ("ara", "ar"),
+    ("hin", "hi"),
+    ("tur", "tr"),
+    ("pol", "pl"),
+    ("ukr", "uk"),
+    ("swe", "sv"),
+    ("nor", "no"),
+    ("dan", "da"),
+    ("fin", "fi"),
+    ("ces", "cs"),
+    ("cze", "cs"),
+    ("ell", "el"),
+    ("gre", "el"),
+    ("heb", "he"),
+    ("ind", "id"),
+    ("vie", "vi"),
+    ("tha", "th"),
+    ("fas", "fa"),
+    ("per", "fa"),
+    ("ron", "ro"),
+    ("rum", "ro"),
+    ("hun", "hu"),
+    ("cat", "ca"),
+    // Names.
+    ("english", "en"),
+    ("spanish", "es"),
+    ("español", "es"),
+    ("portuguese", "pt"),
+    ("português", "pt"),
+    ("french", "fr"),
+    ("français", "fr"),
+    ("german", "de"),
+    ("deutsch", "de"),
+    ("italian", "it"),
+    ("italiano", "it"),
+    ("dutch", "nl"),
+    ("russian", "ru"),
+    ("japanese", "ja"),
+    ("chinese", "zh"),
+    ("mandarin", "zh"),
+    ("korean", "ko"),
+    ("arabic", "ar"),
+    ("hindi", "hi"),
+    ("turkish", "tr"),
+    ("polish", "pl"),
+    ("ukrainian", "uk"),
+    ("swedish", "sv"),
+    ("norwegian", "no"),
+    ("danish", "da"),
+    ("finnish", "fi"),
+    ("czech", "cs"),
+    ("greek", "el"),
+    ("hebrew", "he"),
+    ("indonesian", "id"),
+    ("vietnamese", "vi"),
+    ("thai", "th"),
+    ("persian", "fa"),
+    ("farsi", "fa"),
+    ("romanian", "ro"),
+    ("hungarian", "hu"),
+    ("catalan", "ca"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(allowed: &[&str], aliases: &[(&str, &str)]) -> LabelSet {
+        LabelSet::new(&LabelSpec {
+            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+            aliases: aliases
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..LabelSpec::default()
+        })
+        .unwrap()
+    }
+
+    fn check(labels: &LabelSet, cases: &[(&str, &str, Outcome)]) {
+        for (raw, value, outcome) in cases {
+            assert_eq!(
+                labels.canonicalize(raw),
+                (*value, *outcome),
+                "raw label {raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn llm_spellings_of_sentiment_become_allowed_values() {
+        let s = set(
+            &["positive", "negative", "neutral", "mixed"],
+            &[("pos", "positive"), ("neg", "negative"), ("neu", "neutral")],
+        );
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("positive", "positive", Exact),
+                ("Positive ", "positive", Folded),
+                ("POSITIVE", "positive", Folded),
+                ("  negative.", "negative", Folded),
+                ("\"Neutral\"", "neutral", Folded),
+                ("Neutral!", "neutral", Folded),
+                ("NEG", "negative", Alias),
+                ("postive", "positive", Fuzzy),
+                ("Positve", "positive", Fuzzy),
+                ("negatve", "negative", Fuzzy),
+                ("neutrall", "neutral", Fuzzy),
+                ("happy", "UNKNOWN", Unknown),
+                ("", "UNKNOWN", Unknown),
+                ("very positive", "UNKNOWN", Unknown),
+            ],
+        );
+    }
+
+    #[test]
+    fn appropriateness_misspellings_pick_the_single_closest_value() {
+        let s = set(&["appropriate", "inappropriate"], &[]);
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("INAPROPRIATE", "inappropriate", Fuzzy),
+                ("Appropriate ", "appropriate", Folded),
+                ("inapropriate", "inappropriate", Fuzzy),
+                ("apropriate", "appropriate", Fuzzy),
+                ("in-appropriate", "inappropriate", Fuzzy),
+            ],
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_distant_labels_become_unknown() {
+        // "aatch" is one edit from both values: no single closest value.
+        let s = set(&["batch", "catch"], &[]);
+        assert_eq!(s.canonicalize("aatch"), ("UNKNOWN", Outcome::Unknown));
+        assert_eq!(s.canonicalize("bbtch").0, "batch");
+        // Short values never match fuzzily: "sad" is not "mad".
+        let s = set(&["mad", "glad"], &[]);
+        assert_eq!(s.canonicalize("sad"), ("UNKNOWN", Outcome::Unknown));
+        // Categories the LLM invented stay out of the real buckets.
+        let s = set(&["politics", "sports", "technology", "entertainment"], &[]);
+        for invented in ["crypto", "vibes", "sport news", "politics and sports"] {
+            assert_eq!(
+                s.canonicalize(invented),
+                ("UNKNOWN", Outcome::Unknown),
+                "{invented}"
+            );
+        }
+        assert_eq!(s.canonicalize("Sport"), ("sports", Outcome::Fuzzy));
+        assert_eq!(s.canonicalize("Technolgy"), ("technology", Outcome::Fuzzy));
+    }
+
+    #[test]
+    fn two_word_labels_fold_spaces_and_hyphens() {
+        let s = set(&["sarcastic", "not_sarcastic"], &[]);
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("not sarcastic", "not_sarcastic", Folded),
+                ("Not-Sarcastic", "not_sarcastic", Folded),
+                ("NOT  SARCASTIC.", "not_sarcastic", Folded),
+                ("Sarcastic", "sarcastic", Folded),
+                ("not sarcstic", "not_sarcastic", Fuzzy),
+            ],
+        );
+    }
+
+    #[test]
+    fn languages_normalize_to_iso_639_1() {
+        let s = LabelSet::new(&LabelSpec {
+            language: true,
+            ..LabelSpec::default()
+        })
+        .unwrap();
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("en", "en", Exact),
+                ("EN", "en", Folded),
+                ("pt-BR", "pt", Alias),
+                ("zh_Hant", "zh", Alias),
+                ("UA", "uk", Alias),
+                ("jp", "ja", Alias),
+                ("iw", "he", Alias),
+                ("eng", "en", Alias),
+                ("English", "en", Alias),
+                ("Portugese", "pt", Fuzzy),
+                ("xx", "UNKNOWN", Unknown),
+                ("und", "UNKNOWN", Unknown),
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_label_specs_are_explained() {
+        let err = LabelSet::new(&LabelSpec {
+            allowed: vec!["positive".into()],
+            aliases: [("good".to_string(), "great".to_string())].into(),
+            ..LabelSpec::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("alias `good` points to `great`"), "{err}");
+        let err = LabelSet::new(&LabelSpec {
+            allowed: vec!["Positive".into(), "positive".into()],
+            ..LabelSpec::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("fold to the same label"), "{err}");
+        assert!(LabelSet::new(&LabelSpec::default()).is_err());
+    }
+
+    #[test]
+    fn edit_distance_stops_at_the_limit() {
+        assert_eq!(edit_distance("kitten", "sitting", 3), Some(3));
+        assert_eq!(edit_distance("kitten", "sitting", 2), None);
+        assert_eq!(edit_distance("same", "same", 0), Some(0));
+    }
+}

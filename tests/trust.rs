@@ -1,0 +1,343 @@
+//! Data you can trust: every message ends up as a row or a dead letter with its reason and
+//! bytes, labels are canonical with the raw value kept, schemas evolve additively, and the audit
+//! proves it from the broker and the tables.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int64Type};
+
+use common::*;
+use sluice::audit::audit_table;
+use sluice::generator::{Generator, Shape};
+
+/// Hostile payloads and the reason each must be stored with.
+fn hostile_corpus() -> Vec<(Option<Vec<u8>>, &'static str)> {
+    // 2 MiB against a 1 MiB limit: the mock broker keeps only ~5 MiB per partition, so the
+    // 8 MiB case is in decode's unit tests.
+    let mut big = b"{\"id\":\"big\",\"content\":\"".to_vec();
+    big.resize(2 * 1024 * 1024, b'a');
+    big.extend_from_slice(b"\"}");
+    let deep = format!(
+        "{{\"id\":\"deep\",\"x\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+        .collect();
+    vec![
+        (Some(big), "too_large"),
+        (Some(deep.into_bytes()), "too_deep"),
+        (
+            Some(br#"{"id":"nan","favourites_count":NaN}"#.to_vec()),
+            "malformed_json",
+        ),
+        (Some(noise), "invalid_utf8"),
+        (
+            Some(b"\xEF\xBB\xBF{\"id\":\"bom\"}".to_vec()),
+            "malformed_json",
+        ),
+        (Some(br#"{"id":"a"}{"id":"b"}"#.to_vec()), "multiple_values"),
+        (
+            Some(br#"{"id":"neg","favourites_count":-5}"#.to_vec()),
+            "out_of_range",
+        ),
+        (
+            Some(br#"{"id":"when","created_at":"last tuesday"}"#.to_vec()),
+            "bad_timestamp",
+        ),
+        (
+            Some(br#"{"id":"old","created_at":"1970-01-02T00:00:00Z"}"#.to_vec()),
+            "bad_timestamp",
+        ),
+        (Some(br#"{"content":"no id"}"#.to_vec()), "missing_required"),
+        (
+            Some(br#"{"id":"x","favourites_count":"many"}"#.to_vec()),
+            "type_mismatch",
+        ),
+        (Some(b"[1,2,3]".to_vec()), "not_an_object"),
+        (
+            Some(br#"{"id":"cut","content":"unterminated"#.to_vec()),
+            "malformed_json",
+        ),
+        (Some(Vec::new()), "malformed_json"),
+        (None, "malformed_json"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_become_dead_letters_and_good_neighbours_become_rows() {
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 500),
+    );
+    config.ingest.max_message_bytes = 1024 * 1024;
+    let mut writer = Writer::start(&config).await;
+
+    // A good post before and after every hostile one.
+    let mut generator = Generator::new(3, 8, chrono::Utc::now().timestamp_millis(), 2);
+    let corpus = hostile_corpus();
+    let mut payloads = Vec::new();
+    let mut expected_reason = Vec::new();
+    for (payload, reason) in &corpus {
+        payloads.push(Some(generator.next(Shape::Mastodon).1));
+        expected_reason.push(None);
+        payloads.push(payload.clone());
+        expected_reason.push(Some(*reason));
+    }
+    payloads.push(Some(generator.next(Shape::Mastodon).1));
+    expected_reason.push(None);
+    let offsets = send_raw(&kafka.brokers(), topic, &payloads).await;
+    let last = BTreeMap::from([((topic.to_string(), 0), *offsets.last().unwrap())]);
+    writer.wait_committed(&last).await;
+    let progress = writer.stop().await;
+
+    let dead = query(
+        dir.path(),
+        "SELECT kafka_offset, reason, payload, detail FROM enriched_posts_dead_letters ORDER BY kafka_offset",
+    )
+    .await;
+    let mut stored = Vec::new();
+    for b in &dead {
+        let offs = b.column(0).as_primitive::<Int64Type>();
+        let reasons = strings(b.column(1));
+        let payload = cast(b.column(2), &DataType::Binary).unwrap();
+        let payload = payload.as_binary::<i32>();
+        let details = strings(b.column(3));
+        for i in 0..b.num_rows() {
+            let bytes = payload.is_valid(i).then(|| payload.value(i).to_vec());
+            stored.push((offs.value(i), reasons[i].clone(), bytes, details[i].clone()));
+        }
+    }
+    let mut expected = Vec::new();
+    for (i, reason) in expected_reason.iter().enumerate() {
+        if let Some(reason) = reason {
+            expected.push((offsets[i], reason.to_string(), payloads[i].clone()));
+        }
+    }
+    let stored_reasons: Vec<(i64, &str)> = stored.iter().map(|s| (s.0, s.1.as_str())).collect();
+    let expected_reasons: Vec<(i64, &str)> = expected.iter().map(|e| (e.0, e.1.as_str())).collect();
+    assert_eq!(stored_reasons, expected_reasons);
+    assert_eq!(progress.dead_letters, corpus.len() as u64);
+    for ((offset, reason, bytes, detail), (e_offset, e_reason, e_bytes)) in
+        stored.iter().zip(&expected)
+    {
+        assert_eq!((offset, reason), (e_offset, e_reason), "{detail}");
+        assert!(
+            bytes == e_bytes,
+            "offset {offset}: payload stored byte for byte"
+        );
+        assert!(!detail.is_empty());
+    }
+    let details: Vec<&str> = stored.iter().map(|s| s.3.as_str()).collect();
+    assert!(
+        details.iter().any(|d| d.contains("`like_count` is -5")),
+        "{details:?}"
+    );
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("`created_at`: `last tuesday` is not a timestamp"))
+    );
+
+    let rows = query(
+        dir.path(),
+        "SELECT kafka_offset FROM enriched_posts ORDER BY kafka_offset",
+    )
+    .await;
+    let row_offsets: Vec<i64> = rows
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+        .collect();
+    let good: Vec<i64> = expected_reason
+        .iter()
+        .zip(&offsets)
+        .filter(|(r, _)| r.is_none())
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(row_offsets, good);
+
+    let audit = audit_table(&config, &config.tables[0]).await.unwrap();
+    assert!(audit.is_clean(), "{}", audit.render());
+    let p = &audit.partitions[0];
+    assert_eq!(
+        (p.checked, p.rows, p.dead_letters),
+        (
+            payloads.len() as u64,
+            good.len() as u64,
+            corpus.len() as u64
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messy_llm_labels_land_canonical_with_the_raw_value_kept() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 500),
+    );
+    let mut writer = Writer::start(&config).await;
+    let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 2000, 5, 0).await;
+    writer.wait_committed(&produced.last_offsets).await;
+    writer.stop().await;
+
+    let allowed = [
+        (
+            "sentiment",
+            vec!["positive", "negative", "neutral", "mixed"],
+        ),
+        ("sarcasm", vec!["sarcastic", "not_sarcastic"]),
+        ("appropriateness", vec!["appropriate", "inappropriate"]),
+        (
+            "category",
+            vec![
+                "technology",
+                "politics",
+                "sports",
+                "entertainment",
+                "science",
+                "business",
+                "health",
+                "climate",
+            ],
+        ),
+        ("language", vec!["en", "de", "es", "pt", "uk"]),
+    ];
+    for (column, values) in allowed {
+        let found = counts_by_key(
+            &query(
+                dir.path(),
+                &format!("SELECT {column}, count(*) FROM enriched_posts GROUP BY {column}"),
+            )
+            .await,
+        );
+        for value in found.keys() {
+            assert!(
+                values.contains(&value.as_str()) || value == "UNKNOWN",
+                "{column} holds {value:?}: {found:?}"
+            );
+        }
+        // The raw label is kept exactly when the stored one differs from it.
+        let kept = query(
+            dir.path(),
+            &format!(
+                "SELECT count(*) FROM enriched_posts WHERE {column}_raw IS NOT NULL AND {column}_raw = {column}"
+            ),
+        )
+        .await;
+        assert_eq!(
+            scalar_i64(&kept),
+            0,
+            "{column}_raw only holds non-canonical labels"
+        );
+    }
+    // The generator's misspellings and shouting are folded or matched, not lost.
+    let fixed = counts_by_key(
+        &query(
+            dir.path(),
+            "SELECT appropriateness_raw, count(*) FROM enriched_posts WHERE appropriateness = 'inappropriate' AND appropriateness_raw IS NOT NULL GROUP BY appropriateness_raw",
+        )
+        .await,
+    );
+    assert!(fixed.contains_key("INAPROPRIATE"), "{fixed:?}");
+    // Invented categories are UNKNOWN with the invention kept; "Sport" is close enough to sports.
+    let unknown = counts_by_key(
+        &query(
+            dir.path(),
+            "SELECT category_raw, count(*) FROM enriched_posts WHERE category = 'UNKNOWN' GROUP BY category_raw",
+        )
+        .await,
+    );
+    assert!(
+        unknown
+            .keys()
+            .all(|k| k == "memes" || k == "Tech & Gadgets"),
+        "{unknown:?}"
+    );
+    assert!(!unknown.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 500),
+    );
+    let mut writer = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 8, 0).await;
+    writer.wait_committed(&first.last_offsets).await;
+    writer.stop().await;
+
+    // Version 2 of the schema: a new nullable column, filled from the status URL.
+    let schema = std::fs::read_to_string(format!("{repo}/schemas/enriched_posts.toml")).unwrap()
+        + "\n[[columns]]\nname = \"url\"\ntype = \"string\"\ndoc = \"Link to the post.\"\n";
+    let mapping = std::fs::read_to_string(format!("{repo}/schemas/mappings/mastodon.toml"))
+        .unwrap()
+        + "url = { path = \"url\" }\n";
+    std::fs::write(dir.path().join("v2.toml"), &schema).unwrap();
+    std::fs::write(dir.path().join("mastodon-v2.toml"), &mapping).unwrap();
+    config.tables[0].schema = dir.path().join("v2.toml");
+    config.tables[0].sources[0].mapping = dir.path().join("mastodon-v2.toml");
+
+    let mut writer = Writer::start(&config).await;
+    let second = publish(&kafka.brokers(), &[Shape::Mastodon], 200, 9, 0).await;
+    writer.wait_committed(&second.last_offsets).await;
+    writer.stop().await;
+
+    let old = query(
+        dir.path(),
+        "SELECT count(*) FROM enriched_posts WHERE kafka_offset < 300 AND url IS NULL",
+    )
+    .await;
+    assert_eq!(
+        scalar_i64(&old),
+        300,
+        "old rows read the new column as null"
+    );
+    let new = query(
+        dir.path(),
+        "SELECT count(*) FROM enriched_posts WHERE kafka_offset >= 300 AND url LIKE 'https://%'",
+    )
+    .await;
+    assert_eq!(scalar_i64(&new), 200, "new rows carry it");
+
+    // Removing a column is refused with what to do instead.
+    let without_author = schema.replace(
+        "[[columns]]\nname = \"author\"\ntype = \"string\"\ndoc = \"Account handle or DID of the author.\"\n",
+        "",
+    );
+    assert_ne!(without_author, schema);
+    let stripped_mapping = mapping.replace("author = { path = \"account.acct\" }\n", "");
+    std::fs::write(dir.path().join("v3.toml"), without_author).unwrap();
+    std::fs::write(dir.path().join("mastodon-v3.toml"), stripped_mapping).unwrap();
+    config.tables[0].schema = dir.path().join("v3.toml");
+    config.tables[0].sources[0].mapping = dir.path().join("mastodon-v3.toml");
+    let err = match sluice::app::start(&config, std::future::pending()).await {
+        Ok(_) => panic!("a removed column must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(
+            "`author` is in the table but not in the schema file; columns cannot be removed"
+        ),
+        "{err}"
+    );
+}
