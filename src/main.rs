@@ -1,6 +1,7 @@
 //! The `sluice` command line: parse, start telemetry, hand over to the library.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -55,7 +56,24 @@ enum Command {
     },
     /// Publish generated enriched posts to a Kafka cluster.
     Produce(ProduceArgs),
+    /// Prove every Kafka offset is in the table or its dead letters exactly once.
+    ///
+    /// Exit codes: 0 clean, 2 something missing or duplicated, 1 the audit could not run.
+    Audit {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Audit only this table (default: every configured table).
+        #[arg(long)]
+        table: Option<String>,
+        /// Override kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
 }
+
+/// Exit code of `sluice audit` when something is missing or duplicated.
+const EXIT_AUDIT_FAILED: u8 = 2;
 
 /// `sluice demo` flags.
 #[derive(clap::Args)]
@@ -126,7 +144,7 @@ struct ProduceArgs {
     seed: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // delta-kernel logs an ERROR when it looks for a table that does not exist yet (sluice then
     // creates it); its real failures reach sluice as errors and are logged with context.
@@ -141,7 +159,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async_main(cli.command))
 }
 
-async fn async_main(command: Command) -> anyhow::Result<()> {
+async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo(args) => {
             let options = DemoOptions::from(args);
@@ -224,8 +242,40 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
                 report.delivered as f64 / secs
             );
         }
+        Command::Audit {
+            config,
+            table,
+            brokers,
+        } => {
+            let mut cfg = Config::load(&config, std::env::vars())?;
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            let mut clean = true;
+            let mut audited = 0;
+            for table_config in &cfg.tables {
+                let name = sluice::schema::TableSchema::load(&table_config.schema)?.name;
+                if table.as_ref().is_some_and(|t| *t != name) {
+                    continue;
+                }
+                let audit = sluice::audit::audit_table(&cfg, table_config).await?;
+                print!("{}", audit.render());
+                clean &= audit.is_clean();
+                audited += 1;
+            }
+            if audited == 0 {
+                anyhow::bail!(
+                    "no table named {} in {}",
+                    table.unwrap_or_default(),
+                    config.display()
+                );
+            }
+            if !clean {
+                return Ok(ExitCode::from(EXIT_AUDIT_FAILED));
+            }
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -143,3 +143,157 @@ fn a_wrong_schema_file_is_reported_with_file_field_and_reason() {
         "{stderr}"
     );
 }
+
+/// Rows in the table, or 0 before the writer has created it.
+async fn rows_if_created(lake: &std::path::Path) -> usize {
+    let location = sluice::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
+    match sluice::delta::open_table(&location, Default::default()).await {
+        Ok(_) => table_offsets(lake).await.len(),
+        Err(_) => 0,
+    }
+}
+
+fn write_config(dir: &std::path::Path, brokers: &str, max_rows: usize) -> std::path::PathBuf {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let config_file = dir.join("sluice.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "cli-test"
+[storage]
+root = "lake"
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+[batch]
+max_rows = {max_rows}
+max_age_ms = 1000
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
+"#
+        ),
+    )
+    .unwrap();
+    config_file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_dead_letter_commit_and_the_row_commit_loses_and_duplicates_nothing() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config_file = write_config(dir.path(), &kafka.brokers(), 100);
+    // 300 posts, every 10th hostile: 30 dead letters, 270 rows.
+    let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 21, 10).await;
+
+    let crashed = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .env("SLUICE_FAILPOINT", "after_dead_letter_commit")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the failpoint aborts the writer");
+    let log = String::from_utf8_lossy(&crashed.stderr);
+    assert!(log.contains("committed dead letters"), "{log}");
+    // The crash left dead letters whose rows never landed.
+    let lake = dir.path().join("lake");
+    let dead = query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await;
+    assert_eq!(scalar_i64(&dead), 10);
+    assert!(table_offsets(&lake).await.is_empty());
+
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let caught_up = tokio::time::timeout(CATCH_UP, async {
+        while rows_if_created(&lake).await < 270 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
+    assert!(
+        caught_up.is_ok(),
+        "the restarted writer wrote every good post"
+    );
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["audit", "--config"])
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    assert!(
+        report.contains(
+            "CLEAN: 300 messages checked, 270 rows, 30 dead letters, 0 missing, 0 duplicated"
+        ),
+        "{report}"
+    );
+    let dead = query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await;
+    assert_eq!(scalar_i64(&dead), 30, "no dead letter stored twice");
+    assert_eq!(produced.last_offsets.values().next(), Some(&299));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config_file = write_config(dir.path(), &kafka.brokers(), 50);
+    publish(&kafka.brokers(), &[Shape::Mastodon], 100, 22, 0).await;
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lake = dir.path().join("lake");
+    let caught_up = tokio::time::timeout(CATCH_UP, async {
+        while rows_if_created(&lake).await < 100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
+    assert!(caught_up.is_ok());
+
+    // Lose rows behind the writer's back: delete offset 42 from the table.
+    let location = sluice::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
+    let table = sluice::delta::open_table(&location, Default::default())
+        .await
+        .unwrap();
+    table
+        .delete()
+        .with_predicate("kafka_offset = 42")
+        .await
+        .unwrap();
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["audit", "--config"])
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(audit.status.code(), Some(2), "{report}");
+    assert!(report.contains("first missing offsets: [42]"), "{report}");
+    assert!(report.contains("NOT CLEAN"), "{report}");
+}
