@@ -14,7 +14,7 @@ use crate::dead_letters;
 use crate::decode::BodyDecoder;
 use crate::delta::{DeltaSink, table_location};
 use crate::mapping::{Mapping, MappingError};
-use crate::pipeline::{PipelineError, Progress, TableWriter};
+use crate::pipeline::{Destination, PipelineError, Progress, TableWriter};
 use crate::schema::{SchemaError, TableSchema};
 use crate::source::KafkaSource;
 
@@ -135,9 +135,24 @@ pub async fn start(
             .collect();
         let (source, events) =
             KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
+        let forwarder = match &table_config.dead_letter_topic {
+            None => None,
+            Some(topic) => Some(
+                dead_letters::Forwarder::new(&config.kafka, topic, &name).map_err(|e| {
+                    AppError::Table {
+                        table: name.clone(),
+                        reason: format!("cannot create the dead-letter topic producer: {e}"),
+                    }
+                })?,
+            ),
+        };
+        let destination = Destination {
+            table: sink,
+            dead_letters: dead_letter_sink,
+            forwarder,
+        };
         let (writer, progress) = TableWriter::new(
-            sink,
-            dead_letter_sink,
+            destination,
             source,
             events,
             table.decoders,

@@ -17,8 +17,10 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableError};
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -429,9 +431,23 @@ async fn offsets_in(
     Ok(out)
 }
 
+/// Client callbacks for the audit's reader: reaching the end of a partition is how the reader
+/// knows it is done, not an error worth logging.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
 /// Reads message offsets of one topic straight from the broker, outside any consumer group.
 struct KafkaReader {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<BaseConsumer<ReaderContext>>,
     table: String,
     topic: String,
 }
@@ -447,11 +463,13 @@ impl KafkaReader {
         for (key, value) in &config.kafka.properties {
             client.set(key, value);
         }
-        let consumer: BaseConsumer = client.create().map_err(|e| AuditError::Kafka {
-            table: table.to_string(),
-            topic: topic.to_string(),
-            reason: format!("cannot create a consumer: {e}"),
-        })?;
+        let consumer: BaseConsumer<ReaderContext> = client
+            .create_with_context(ReaderContext)
+            .map_err(|e| AuditError::Kafka {
+                table: table.to_string(),
+                topic: topic.to_string(),
+                reason: format!("cannot create a consumer: {e}"),
+            })?;
         Ok(KafkaReader {
             consumer: Arc::new(consumer),
             table: table.to_string(),
@@ -532,7 +550,7 @@ impl KafkaReader {
                             ends.remove(&p);
                         }
                     }
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
                         // Nothing more to read: the range ends in transaction markers or
                         // removed messages.
                         ends.remove(&p);

@@ -239,6 +239,10 @@ pub struct TableConfig {
     pub schema: PathBuf,
     /// Topics feeding the table, each with the mapping for its JSON shape.
     pub sources: Vec<SourceConfig>,
+    /// Also publish every dead letter to this Kafka topic (at least once; the dead-letter
+    /// table stays the exactly-once record). Unset: table only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// One topic feeding a table.

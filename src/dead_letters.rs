@@ -18,6 +18,12 @@ use deltalake::arrow::array::{
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::KafkaConfig;
 use crate::decode::Rejection;
 use crate::delta::PartitionKey;
 use crate::schema::{SchemaError, TableSchema, UTC};
@@ -91,6 +97,110 @@ type = "date"
 nullable = false
 doc = "UTC date of the Kafka timestamp (else of dead_lettered_at); the partition column."
 "#;
+
+/// Largest payload forwarded to the dead-letter topic; Kafka's default message limit is 1 MB.
+/// Bigger payloads are forwarded without their bytes (header `sluice.payload_omitted`); the
+/// dead-letter table always has them.
+pub const MAX_FORWARDED_PAYLOAD: usize = 900_000;
+
+/// Publishes dead letters to a Kafka topic as well, for consumers that alert or repair.
+///
+/// Sent and acknowledged before the dead-letter table commit, so a crash can repeat a message
+/// on the topic but never skip one: at least once there, exactly once in the table.
+pub struct Forwarder {
+    producer: FutureProducer,
+    topic: String,
+    table: String,
+}
+
+impl Forwarder {
+    /// A producer for `topic` with the cluster settings of `kafka`.
+    pub fn new(kafka: &KafkaConfig, topic: &str, table: &str) -> Result<Self, KafkaError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("enable.idempotence", "true")
+            .set("message.max.bytes", "1000000");
+        for (key, value) in &kafka.properties {
+            client.set(key, value);
+        }
+        Ok(Forwarder {
+            producer: client.create()?,
+            topic: topic.to_string(),
+            table: table.to_string(),
+        })
+    }
+
+    /// The topic dead letters go to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Publishes each dead letter with its original key and payload, and where it came from and
+    /// why in headers; returns once the broker acknowledged all of them.
+    pub async fn send(&self, letters: &[(&PartitionKey, &Rejection)]) -> Result<(), KafkaError> {
+        let mut pending = Vec::with_capacity(letters.len());
+        for (key, r) in letters {
+            let partition = key.partition.to_string();
+            let offset = r.offset.to_string();
+            let size = r.payload.as_ref().map_or(0, Vec::len);
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "sluice.table",
+                    value: Some(&self.table),
+                })
+                .insert(Header {
+                    key: "sluice.topic",
+                    value: Some(&*key.topic),
+                })
+                .insert(Header {
+                    key: "sluice.partition",
+                    value: Some(&partition),
+                })
+                .insert(Header {
+                    key: "sluice.offset",
+                    value: Some(&offset),
+                })
+                .insert(Header {
+                    key: "sluice.reason",
+                    value: Some(r.reason.code()),
+                })
+                .insert(Header {
+                    key: "sluice.detail",
+                    value: Some(&r.detail),
+                });
+            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic);
+            if let Some(k) = &r.key {
+                record = record.key(k.as_slice());
+            }
+            match &r.payload {
+                Some(p) if p.len() <= MAX_FORWARDED_PAYLOAD => {
+                    record = record.payload(p.as_slice())
+                }
+                Some(_) => {
+                    headers = headers.insert(Header {
+                        key: "sluice.payload_omitted",
+                        value: Some(&size.to_string()),
+                    });
+                }
+                None => {}
+            }
+            let delivery = self
+                .producer
+                .send_result(record.headers(headers))
+                .map_err(|(e, _)| e)?;
+            pending.push(delivery);
+        }
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e),
+                Err(_) => return Err(KafkaError::Canceled),
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The dead-letter table's name for a main table.
 pub fn table_name(main: &str) -> String {

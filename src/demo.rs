@@ -18,6 +18,7 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
 use crate::app;
+use crate::audit::audit_table;
 use crate::config::Config;
 use crate::delta::{open_table, table_location};
 use crate::generator::Shape;
@@ -119,8 +120,14 @@ pub struct DemoReport {
     pub written: Progress,
     /// From the first message produced to the last commit.
     pub elapsed: Duration,
-    /// Rows per (sentiment, category), labels folded with lower(trim()).
+    /// Rows per (sentiment, category), as canonicalized by the schema's labels.
     pub sentiment_by_category: Vec<(String, String, i64)>,
+    /// Per label column: rows whose label was corrected, and rows that became UNKNOWN.
+    pub labels: Vec<(String, i64, i64)>,
+    /// Dead letters stored, by reason, counted by query.
+    pub dead_letters: Vec<(String, i64)>,
+    /// The audit's verdict line, read back from the broker and both tables.
+    pub audit: String,
     /// Rows the table holds, counted by query.
     pub table_rows: i64,
     /// Where the config was written.
@@ -208,16 +215,27 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
             timeout: CATCH_UP_TIMEOUT,
         });
     }
+    let audit = audit_table(&config, &config.tables[0])
+        .await
+        .map_err(|e| DemoError::Query(e.to_string()))?;
+    let audit = audit
+        .render()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     drop(cluster);
 
-    let location = table_location(&config.storage.root, "enriched_posts");
-    let (table_rows, sentiment_by_category) = summarize(&location).await?;
+    let summary = summarize(&config.storage.root).await?;
     Ok(DemoReport {
         produced,
         written,
         elapsed,
-        sentiment_by_category,
-        table_rows,
+        sentiment_by_category: summary.sentiment_by_category,
+        labels: summary.labels,
+        dead_letters: summary.dead_letters,
+        table_rows: summary.table_rows,
+        audit,
         config_file,
     })
 }
@@ -240,7 +258,7 @@ fn prepare_folder(dir: &Path) -> Result<(), DemoError> {
                 dir: dir.to_path_buf(),
             });
         }
-        for name in ["enriched_posts", "schemas"] {
+        for name in ["enriched_posts", "enriched_posts_dead_letters", "schemas"] {
             let path = dir.join(name);
             if path.exists() {
                 std::fs::remove_dir_all(&path).map_err(io(&path))?;
@@ -283,52 +301,98 @@ fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
     Ok(file)
 }
 
-/// Counts rows and the sentiment × category breakdown through delta-rs' DataFusion provider,
-/// which reads exactly the files of the current table version.
-pub async fn summarize(location: &str) -> Result<(i64, Vec<(String, String, i64)>), DemoError> {
+/// What the demo reads back from its tables.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Rows in the main table.
+    pub table_rows: i64,
+    /// Rows per (sentiment, category).
+    pub sentiment_by_category: Vec<(String, String, i64)>,
+    /// Per label column: (column, corrected, unknown).
+    pub labels: Vec<(String, i64, i64)>,
+    /// Dead letters by reason.
+    pub dead_letters: Vec<(String, i64)>,
+}
+
+/// Label columns of the flagship schema, summarised by the demo.
+const LABEL_COLUMNS: [&str; 5] = [
+    "sentiment",
+    "language",
+    "sarcasm",
+    "category",
+    "appropriateness",
+];
+
+/// Reads the demo's tables back through delta-rs' DataFusion provider, which reads exactly the
+/// files of the current table versions.
+pub async fn summarize(root: &str) -> Result<Summary, DemoError> {
     let q = |e: &dyn std::fmt::Display| DemoError::Query(e.to_string());
-    let table = open_table(location, Default::default())
-        .await
-        .map_err(|e| q(&e))?;
     let ctx = SessionContext::new();
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| q(&e))?;
-    let provider = table.table_provider().await.map_err(|e| q(&e))?;
-    ctx.register_table("enriched_posts", provider)
-        .map_err(|e| q(&e))?;
-    let total = ctx
-        .sql("SELECT count(*) AS n FROM enriched_posts")
-        .await
-        .map_err(|e| q(&e))?
-        .collect()
-        .await
-        .map_err(|e| q(&e))?;
-    let table_rows = total
-        .first()
-        .map(|b| b.column(0).as_primitive::<Int64Type>().value(0))
-        .unwrap_or(0);
-    let batches = ctx
-        .sql(
-            "SELECT coalesce(lower(trim(sentiment)), '(none)') AS sentiment, \
-                    coalesce(lower(trim(category)), '(none)') AS category, count(*) AS n \
-             FROM enriched_posts GROUP BY 1, 2 ORDER BY 1, 2",
-        )
-        .await
-        .map_err(|e| q(&e))?
-        .collect()
-        .await
-        .map_err(|e| q(&e))?;
-    let mut rows = Vec::new();
-    for batch in batches {
+    for name in ["enriched_posts", "enriched_posts_dead_letters"] {
+        let table = open_table(&table_location(root, name), Default::default())
+            .await
+            .map_err(|e| q(&e))?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| q(&e))?;
+        let provider = table.table_provider().await.map_err(|e| q(&e))?;
+        ctx.register_table(name, provider).map_err(|e| q(&e))?;
+    }
+    let sql = |text: String| {
+        let ctx = ctx.clone();
+        async move {
+            ctx.sql(&text)
+                .await
+                .map_err(|e| q(&e))?
+                .collect()
+                .await
+                .map_err(|e| q(&e))
+        }
+    };
+    let int = |batch: &deltalake::arrow::record_batch::RecordBatch, col: usize, row: usize| {
+        batch.column(col).as_primitive::<Int64Type>().value(row)
+    };
+    let mut summary = Summary::default();
+    let total = sql("SELECT count(*) AS n FROM enriched_posts".into()).await?;
+    summary.table_rows = total.first().map(|b| int(b, 0, 0)).unwrap_or(0);
+    for batch in sql(
+        "SELECT coalesce(sentiment, '(none)'), coalesce(category, '(none)'), count(*) \
+             FROM enriched_posts GROUP BY 1, 2 ORDER BY 1, 2"
+            .into(),
+    )
+    .await?
+    {
         let sentiments = string_values(batch.column(0))?;
         let categories = string_values(batch.column(1))?;
-        let n = batch.column(2).as_primitive::<Int64Type>();
         for (i, (s, c)) in sentiments.into_iter().zip(categories).enumerate() {
-            rows.push((s, c, n.value(i)));
+            summary
+                .sentiment_by_category
+                .push((s, c, int(&batch, 2, i)));
         }
     }
-    Ok((table_rows, rows))
+    for column in LABEL_COLUMNS {
+        let batches = sql(format!(
+            "SELECT count(*) FILTER (WHERE {column}_raw IS NOT NULL AND {column} <> 'UNKNOWN'), \
+                    count(*) FILTER (WHERE {column} = 'UNKNOWN') FROM enriched_posts"
+        ))
+        .await?;
+        if let Some(b) = batches.first() {
+            summary
+                .labels
+                .push((column.to_string(), int(b, 0, 0), int(b, 1, 0)));
+        }
+    }
+    for batch in sql(
+        "SELECT reason, count(*) FROM enriched_posts_dead_letters GROUP BY reason ORDER BY reason"
+            .into(),
+    )
+    .await?
+    {
+        for (i, reason) in string_values(batch.column(0))?.into_iter().enumerate() {
+            summary.dead_letters.push((reason, int(&batch, 1, i)));
+        }
+    }
+    Ok(summary)
 }
 
 /// A string column as owned strings, whatever string encoding DataFusion chose.
@@ -356,7 +420,7 @@ impl DemoReport {
         );
         let _ = writeln!(
             out,
-            "  committed     {} rows + {} rejected = {} messages, exactly once",
+            "  committed     {} rows + {} dead letters = {} messages",
             w.rows,
             w.rejected,
             w.rows + w.rejected
@@ -369,14 +433,26 @@ impl DemoReport {
                  ~5 MiB per partition) before the writer read them: lower --rate or raise --partitions"
             );
         }
-        if !w.rejected_by_reason.is_empty() {
-            let reasons: Vec<String> = w
-                .rejected_by_reason
+        if !self.dead_letters.is_empty() {
+            let reasons: Vec<String> = self
+                .dead_letters
                 .iter()
                 .map(|(r, n)| format!("{r}: {n}"))
                 .collect();
-            let _ = writeln!(out, "  rejected      {}", reasons.join(", "));
+            let total: i64 = self.dead_letters.iter().map(|(_, n)| n).sum();
+            let _ = writeln!(
+                out,
+                "  dead letters  {total} in enriched_posts_dead_letters ({})",
+                reasons.join(", ")
+            );
         }
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(c, fixed, unknown)| format!("{c} {fixed} fixed / {unknown} UNKNOWN"))
+            .collect();
+        let _ = writeln!(out, "  labels        {}", labels.join(", "));
+        let _ = writeln!(out, "  audit         {}", self.audit);
         let _ = writeln!(
             out,
             "  table         {} rows in {} Parquet files ({:.1} MB, zstd), {} commits, Delta version {}",
@@ -395,7 +471,7 @@ impl DemoReport {
         let _ = writeln!(out, "  config        {}", self.config_file.display());
         let _ = writeln!(
             out,
-            "\nPosts by sentiment × category (raw LLM labels folded with lower(trim())):\n"
+            "\nPosts by sentiment × category (labels canonicalized; raw ones kept in *_raw):\n"
         );
         out.push_str(&pivot(&self.sentiment_by_category));
         out

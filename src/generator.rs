@@ -56,6 +56,8 @@ const CATEGORIES: [&str; 8] = [
 const INVENTED_CATEGORIES: [&str; 3] = ["Tech & Gadgets", "Sport", "memes"];
 const SENTIMENTS: [&str; 3] = ["positive", "negative", "neutral"];
 const LANGUAGES: [&str; 6] = ["en", "en", "en", "de", "es", "pt"];
+/// Language values seen in the wild: upper case, regions, names, country codes, nonsense.
+const MESSY_LANGUAGES: [&str; 7] = ["EN", "pt-BR", "English", "es-MX", "UA", "de_DE", "xx"];
 const ENTITY_POOL: [(&str, &str); 10] = [
     ("Berlin", "LOC"),
     ("OpenAI", "ORG"),
@@ -168,16 +170,31 @@ impl Generator {
         )
     }
 
-    /// A sentiment label as an LLM writes it: usually clean, sometimes shouty or padded.
+    /// A label as an LLM writes it: usually clean, sometimes shouty, padded or misspelled.
     fn messy(&mut self, label: &str) -> String {
-        match self.rng.random_range(0..10) {
-            0 => label.to_uppercase(),
-            1 => {
+        match self.rng.random_range(0..20) {
+            0 | 1 => label.to_uppercase(),
+            2 | 3 => {
                 let mut s = label.to_string();
                 s[..1].make_ascii_uppercase();
                 s + " "
             }
+            4 => {
+                // A dropped letter, as in "postive".
+                let mut s = label.to_string();
+                s.remove(label.len() / 2);
+                s
+            }
             _ => label.to_string(),
+        }
+    }
+
+    /// A language as models and platforms report it: mostly ISO 639-1, sometimes not.
+    fn language(&mut self) -> &'static str {
+        if self.rng.random_range(0..10) == 0 {
+            MESSY_LANGUAGES[self.rng.random_range(0..MESSY_LANGUAGES.len())]
+        } else {
+            LANGUAGES[self.rng.random_range(0..LANGUAGES.len())]
         }
     }
 
@@ -236,7 +253,7 @@ impl Generator {
             "favourites_count": self.rng.random_range(0..500),
             "reblogs_count": self.rng.random_range(0..100),
             "replies_count": self.rng.random_range(0..50),
-            "language": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+            "language": self.language(),
             "sentiment": self.sentiment(),
             "sarcasm": sarcasm,
             "category": self.category(),
@@ -269,7 +286,7 @@ impl Generator {
             },
             "enrichment": {
                 "model": "detoxify-0.5+bert-base-ner",
-                "language": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+                "language": self.language(),
                 "sentiment": {"label": self.sentiment(), "score": 0.5 + self.score() / 2.0},
                 "toxicity": {"score": toxicity, "labels": {
                     "insult": toxicity * self.score(),
@@ -297,7 +314,7 @@ impl Generator {
             "text": self.text(),
             "created_at": rfc3339(created_ms),
             "author": {"username": self.author(), "verified": self.rng.random_range(0..10) == 0},
-            "lang": LANGUAGES[self.rng.random_range(0..LANGUAGES.len())],
+            "lang": self.language(),
             "public_metrics": {
                 "like_count": impressions / self.rng.random_range(20..200),
                 "retweet_count": impressions / self.rng.random_range(100..2000),

@@ -6,16 +6,23 @@
 //!            ▲ positions come from the table's txn versions, never from Kafka's offsets ─┘
 //! ```
 //!
+//! Messages that cannot become rows go to `<table>_dead_letters`, committed before the rows with
+//! their own txn versions, so every offset lands exactly once in one of the two tables.
+//!
 //! Modules, one job each:
 //! - [`config`]: the typed configuration (file, `SLUICE_*` environment, flags).
 //! - [`schema`]: table schema files: columns, types, sluice-filled columns.
 //! - [`mapping`]: mapping files: where each column is found in one upstream JSON shape.
 //! - [`decode`]: message bytes → rows, or one rejection per message with a reason code.
+//! - [`labels`]: LLM labels → allowed values (folding, aliases, closest match) or `UNKNOWN`.
+//! - [`contract`]: promises on values: timestamp forms and windows, ranges, dimensions.
+//! - [`dead_letters`]: the dead-letter table's rows and the optional dead-letter topic.
 //! - [`batch`]: when to flush (rows, bytes, age); pure rules, no I/O.
 //! - [`source`]: the Kafka consumer; assignment driven by the table.
 //! - [`delta`]: create the table, read txn versions, write Parquet, commit.
 //! - [`pipeline`]: the writer loop composing the stages, and its exactly-once rules.
 //! - [`app`]: the service: one writer per configured table.
+//! - [`audit`]: proof from the broker and the tables that every offset landed exactly once.
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
 //! - [`telemetry`]: logs and the Prometheus endpoint.

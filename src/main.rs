@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<ExitCode> {
     // creates it); its real failures reach sluice as errors and are logged with context.
     init_logging(
         cli.log_format,
-        "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=off,buoyant_kernel_engine=off",
+        "info,deltalake=warn,deltalake_core=warn,deltalake_core::writer::stats=error,buoyant_kernel=off,buoyant_kernel_engine=off",
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -85,6 +85,30 @@ impl Progress {
     }
 }
 
+/// Where a writer puts what it reads.
+pub struct Destination {
+    /// The main table: rows.
+    pub table: DeltaSink,
+    /// `<table>_dead_letters`: messages that could not become rows.
+    pub dead_letters: DeltaSink,
+    /// The optional dead-letter topic.
+    pub forwarder: Option<dead_letters::Forwarder>,
+}
+
+/// Why dead letters could not be stored yet.
+enum StoreError {
+    /// The dead-letter table commit failed.
+    Delta(DeltaError),
+    /// Publishing to the dead-letter topic failed (retried like a transient store error).
+    Forward(rdkafka::error::KafkaError),
+}
+
+impl From<DeltaError> for StoreError {
+    fn from(e: DeltaError) -> Self {
+        StoreError::Delta(e)
+    }
+}
+
 /// Per-partition state of an owned partition.
 struct PartitionState {
     /// Last offset in the table for this partition (`None`: never written).
@@ -136,6 +160,8 @@ struct Topic {
 pub struct TableWriter {
     sink: DeltaSink,
     dead_letters: DeltaSink,
+    /// Publishes dead letters to a Kafka topic too, when configured.
+    forwarder: Option<dead_letters::Forwarder>,
     /// Test aid: abort the process at a named point (see [`FAILPOINT_ENV`]).
     failpoint: Option<String>,
     source: KafkaSource,
@@ -155,14 +181,18 @@ pub struct TableWriter {
 impl TableWriter {
     /// Composes a writer from its stages; `decoders` maps each topic to its shape's decoder.
     pub fn new(
-        sink: DeltaSink,
-        dead_letters: DeltaSink,
+        destination: Destination,
         source: KafkaSource,
         events: mpsc::UnboundedReceiver<PartitionEvent>,
         decoders: HashMap<Arc<str>, BodyDecoder>,
         limits: BatchLimits,
         decode_chunk: usize,
     ) -> (Self, watch::Receiver<Progress>) {
+        let Destination {
+            table: sink,
+            dead_letters,
+            forwarder,
+        } = destination;
         let progress = Progress {
             table_version: sink.version(),
             dead_letter_version: dead_letters.version(),
@@ -180,6 +210,7 @@ impl TableWriter {
             TableWriter {
                 sink,
                 dead_letters,
+                forwarder,
                 failpoint: std::env::var(FAILPOINT_ENV).ok(),
                 source,
                 events,
@@ -402,19 +433,27 @@ impl TableWriter {
             }
             match self.store_dead_letters().await {
                 Ok(()) => {}
-                Err(DeltaError::Conflict { .. }) => {
+                Err(StoreError::Forward(e)) => {
+                    tracing::warn!(table = %self.dead_letters.name(), error = %e, backoff_ms = backoff.as_millis() as u64,
+                        "publishing dead letters to Kafka failed; retrying");
+                    metrics::counter!("sluice_dead_letter_forward_errors_total", "table" => self.sink.name().to_string()).increment(1);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+                Err(StoreError::Delta(DeltaError::Conflict { .. })) => {
                     tracing::warn!(table = %self.dead_letters.name(), "dead-letter commit conflicted with another writer; re-checking positions");
                     metrics::counter!("sluice_commit_conflicts_total", "table" => self.dead_letters.name().to_string()).increment(1);
                     continue;
                 }
-                Err(e) if e.is_transient() => {
+                Err(StoreError::Delta(e)) if e.is_transient() => {
                     tracing::warn!(table = %self.dead_letters.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "dead-letter commit failed; retrying");
                     metrics::counter!("sluice_commit_retries_total", "table" => self.dead_letters.name().to_string()).increment(1);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(StoreError::Delta(e)) => return Err(e.into()),
             }
             let mut batches = Vec::new();
             let mut ledger = Vec::new();
@@ -469,7 +508,7 @@ impl TableWriter {
     /// Commits the buffered rejections to the dead-letter table, before the rows (see
     /// [`crate::dead_letters`]). Dead letters at or below the dead-letter table's txn version for
     /// their partition were stored by an earlier attempt whose rows never landed: skipped.
-    async fn store_dead_letters(&mut self) -> Result<(), DeltaError> {
+    async fn store_dead_letters(&mut self) -> Result<(), StoreError> {
         let pending: Vec<PartitionKey> = self
             .partitions
             .iter()
@@ -522,6 +561,17 @@ impl TableWriter {
                     }
                 })?;
             let stored = letters.len() as u64;
+            if let Some(forwarder) = &self.forwarder {
+                forwarder
+                    .send(&letters)
+                    .await
+                    .map_err(StoreError::Forward)?;
+                tracing::debug!(
+                    topic = forwarder.topic(),
+                    dead_letters = stored,
+                    "published dead letters"
+                );
+            }
             self.epoch += 1;
             let committed = self
                 .dead_letters

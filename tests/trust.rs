@@ -14,6 +14,42 @@ use common::*;
 use sluice::audit::audit_table;
 use sluice::generator::{Generator, Shape};
 
+/// Reads `count` messages of a topic from the start: headers and payload of each.
+async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+) -> Vec<(BTreeMap<String, String>, Option<Vec<u8>>)> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dead-letter-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let m = tokio::time::timeout(CATCH_UP, consumer.recv())
+            .await
+            .expect("dead letters arrive on the topic")
+            .unwrap();
+        let mut headers = BTreeMap::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                headers.insert(header.key.to_string(), value.unwrap_or_default());
+            }
+        }
+        out.push((headers, m.payload().map(<[u8]>::to_vec)));
+    }
+    out
+}
+
 /// Hostile payloads and the reason each must be stored with.
 fn hostile_corpus() -> Vec<(Option<Vec<u8>>, &'static str)> {
     // 2 MiB against a 1 MiB limit: the mock broker keeps only ~5 MiB per partition, so the
@@ -72,7 +108,7 @@ fn hostile_corpus() -> Vec<(Option<Vec<u8>>, &'static str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_payloads_become_dead_letters_and_good_neighbours_become_rows() {
     let topic = Shape::Mastodon.default_topic();
-    let kafka = Kafka::new(&[topic], 1);
+    let kafka = Kafka::new(&[topic, "posts.dead"], 1);
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(
         &kafka.brokers(),
@@ -81,6 +117,7 @@ async fn hostile_payloads_become_dead_letters_and_good_neighbours_become_rows() 
         limits(10_000, 500),
     );
     config.ingest.max_message_bytes = 1024 * 1024;
+    config.tables[0].dead_letter_topic = Some("posts.dead".into());
     let mut writer = Writer::start(&config).await;
 
     // A good post before and after every hostile one.
@@ -165,6 +202,30 @@ async fn hostile_payloads_become_dead_letters_and_good_neighbours_become_rows() 
         .map(|(_, o)| *o)
         .collect();
     assert_eq!(row_offsets, good);
+
+    // The dead-letter topic got each one too, with where it came from and why.
+    let forwarded = read_topic(&kafka.brokers(), "posts.dead", corpus.len()).await;
+    let mut from_topic: Vec<(i64, String)> = forwarded
+        .iter()
+        .map(|(headers, _)| {
+            (
+                headers["sluice.offset"].parse().unwrap(),
+                headers["sluice.reason"].clone(),
+            )
+        })
+        .collect();
+    from_topic.sort();
+    let stored_pairs: Vec<(i64, String)> = stored.iter().map(|s| (s.0, s.1.clone())).collect();
+    assert_eq!(from_topic, stored_pairs);
+    let big = forwarded
+        .iter()
+        .find(|(h, _)| h["sluice.reason"] == "too_large")
+        .unwrap();
+    assert_eq!(
+        big.0["sluice.payload_omitted"],
+        (2 * 1024 * 1024 + 2).to_string()
+    );
+    assert!(big.1.is_none(), "oversized payloads stay in the table only");
 
     let audit = audit_table(&config, &config.tables[0]).await.unwrap();
     assert!(audit.is_clean(), "{}", audit.render());

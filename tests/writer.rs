@@ -351,6 +351,14 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     let total: i64 = report.sentiment_by_category.iter().map(|(_, _, n)| n).sum();
     assert_eq!(total, 1485);
     assert!(report.render().contains("1485 rows"));
+    let dead: i64 = report.dead_letters.iter().map(|(_, n)| n).sum();
+    assert_eq!(dead, 15, "every hostile message is a stored dead letter");
+    assert_eq!(
+        report.audit,
+        "CLEAN: 1500 messages checked, 1485 rows, 15 dead letters, 0 missing, 0 duplicated"
+    );
+    let fixed: i64 = report.labels.iter().map(|(_, fixed, _)| fixed).sum();
+    assert!(fixed > 0, "the generator's messy labels were canonicalized");
 
     // The config it leaves loads and points at the table it wrote.
     let config = sluice::config::Config::load(&out.join("sluice.toml"), Vec::new()).unwrap();
@@ -360,4 +368,6 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     // Running it again starts from an empty table instead of piling up.
     let again = sluice::demo::run(&options).await.expect("demo runs twice");
     assert_eq!(again.table_rows, 1485);
+    let dead: i64 = again.dead_letters.iter().map(|(_, n)| n).sum();
+    assert_eq!(dead, 15);
 }

@@ -82,6 +82,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
                     mapping: repo().join("schemas").join(s.mapping_file()),
                 })
                 .collect(),
+            dead_letter_topic: None,
         }],
     }
 }
