@@ -2,7 +2,8 @@
 //!
 //! Labels are as messy as real LLM output (mixed case, stray whitespace, `INAPROPRIATE`,
 //! categories outside the list) so downstream canonicalization has something to do. With
-//! `bad_every`, every n-th message is a hostile payload of a rotating kind.
+//! `bad_every`, every n-th message is a hostile payload of a rotating kind (broken JSON, two
+//! values, a wrong type, not an object, an out-of-range score, a bad timestamp, deep nesting).
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -135,7 +136,7 @@ impl Generator {
         if let Some(n) = self.bad_every
             && seq.is_multiple_of(n)
         {
-            return (format!("bad-{seq}"), self.bad_payload(seq / n));
+            return (format!("bad-{seq}"), self.bad_payload(seq / n, shape));
         }
         let created_ms =
             self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
@@ -150,14 +151,32 @@ impl Generator {
         )
     }
 
-    fn bad_payload(&mut self, k: u64) -> Vec<u8> {
-        match k % 5 {
+    /// A hostile payload of kind `k % 8`, shaped for `shape` where the kind needs a field.
+    fn bad_payload(&mut self, k: u64, shape: Shape) -> Vec<u8> {
+        let id = match shape {
+            Shape::Bluesky => r#""commit": {"cid": "bad"}"#,
+            Shape::Mastodon | Shape::Tweets => r#""id": "bad""#,
+        };
+        match k % 8 {
             0 => br#"{"id": "x", "content": "unterminated"#.to_vec(),
             1 => b"<html>502 Bad Gateway</html>".to_vec(),
             2 => br#"{"id":"a"}{"id":"b"}"#.to_vec(),
             3 => br#"{"id": {"oops": 1}, "commit": {"cid": ["x"]}, "created_at": "2025-01-01T00:00:00Z"}"#
                 .to_vec(),
-            _ => br#"["not", "an", "object"]"#.to_vec(),
+            4 => br#"["not", "an", "object"]"#.to_vec(),
+            // A score outside [0, 1]: a model emitting logits instead of probabilities.
+            5 => match shape {
+                Shape::Mastodon => format!(r#"{{{id}, "favourites_count": -1}}"#),
+                Shape::Bluesky => format!(r#"{{{id}, "enrichment": {{"toxicity": {{"score": 1.7}}}}}}"#),
+                Shape::Tweets => format!(r#"{{{id}, "labels": {{"toxicity": 1.7}}}}"#),
+            }
+            .into_bytes(),
+            6 => match shape {
+                Shape::Bluesky => format!(r#"{{{id}, "time_us": "soon"}}"#),
+                Shape::Mastodon | Shape::Tweets => format!(r#"{{{id}, "created_at": "yesterday"}}"#),
+            }
+            .into_bytes(),
+            _ => format!(r#"{{{id}, "x": {}{}}}"#, "[".repeat(100), "]".repeat(100)).into_bytes(),
         }
     }
 

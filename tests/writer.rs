@@ -303,7 +303,7 @@ async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
         limits(10_000, 1000),
     );
     let mut writer = Writer::start(&config).await;
-    // Every 7th message is hostile, in five rotating kinds.
+    // Every 7th message is hostile, in eight rotating kinds.
     let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 700, 10, 7).await;
     writer.wait_committed(&produced.last_offsets).await;
     let progress = writer.stop().await;
@@ -314,10 +314,13 @@ async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
     assert_eq!(
         reasons,
         BTreeMap::from([
-            ("malformed_json", 40),
-            ("multiple_values", 20),
-            ("not_an_object", 20),
-            ("type_mismatch", 20),
+            ("bad_timestamp", 12),
+            ("malformed_json", 25),
+            ("multiple_values", 13),
+            ("not_an_object", 13),
+            ("out_of_range", 12),
+            ("too_deep", 12),
+            ("type_mismatch", 13),
         ])
     );
     // The bad ones are exactly the offsets of every 7th message; all others are rows.
