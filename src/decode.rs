@@ -572,7 +572,18 @@ impl BodyDecoder {
                 canonical.push(Some(stored));
                 kept.push((outcome != Outcome::Exact).then_some(value));
             }
-            let canonical: ArrayRef = Arc::new(StringArray::from(canonical));
+            let canonical: ArrayRef = if labels.is_boolean() {
+                // An unrecognised yes/no is null, never a guess.
+                Arc::new(BooleanArray::from_iter(canonical.into_iter().map(
+                    |v| match v {
+                        Some("true") => Some(true),
+                        Some("false") => Some(false),
+                        _ => None,
+                    },
+                )))
+            } else {
+                Arc::new(StringArray::from(canonical))
+            };
             let kept: ArrayRef = Arc::new(StringArray::from(kept));
             columns[*pos] = canonical;
             if let Some(raw_pos) = self
@@ -905,5 +916,67 @@ mod tests {
         let reasons: Vec<&str> = decoded.rejections.iter().map(|r| r.reason.code()).collect();
         assert_eq!(reasons, vec!["too_large", "too_deep", "too_deep"]);
         assert_eq!(decoded.batch.unwrap().num_rows(), 1);
+    }
+
+    #[test]
+    fn labelled_booleans_accept_yes_no_and_keep_what_they_cannot_read() {
+        let table = TableSchema::parse(
+            "[table]\nname = \"t\"\n[[columns]]\nname = \"id\"\ntype = \"string\"\n\
+             [[columns]]\nname = \"sarcastic\"\ntype = \"boolean\"\n\
+             labels = { aliases = { sarcastic = \"true\", not_sarcastic = \"false\" } }\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let table = Arc::new(table);
+        let mapping = Mapping::parse(
+            "table = \"t\"\n[columns]\nid = { path = \"id\" }\nsarcastic = { path = \"s\" }\n",
+            Path::new("m.toml"),
+            &table,
+        )
+        .unwrap();
+        let decoder = BodyDecoder::new(
+            table,
+            Arc::new(mapping),
+            InputLimits {
+                max_message_bytes: 4096,
+                max_depth: 64,
+            },
+        );
+        let payloads: Vec<&[u8]> = vec![
+            br#"{"id":"1","s":true}"#,
+            br#"{"id":"2","s":"Yes"}"#,
+            br#"{"id":"3","s":"not sarcastic"}"#,
+            br#"{"id":"4","s":"maybe"}"#,
+            br#"{"id":"5"}"#,
+        ];
+        let decoded = decoder.decode(&chunk(&payloads), NOW).unwrap();
+        assert!(decoded.rejections.is_empty(), "{:?}", decoded.rejections);
+        let batch = decoded.batch.unwrap();
+        let values: Vec<Option<bool>> = batch
+            .column_by_name("sarcastic")
+            .unwrap()
+            .as_boolean()
+            .iter()
+            .collect();
+        assert_eq!(
+            values,
+            vec![Some(true), Some(true), Some(false), None, None]
+        );
+        let raw: Vec<Option<&str>> = batch
+            .column_by_name("sarcastic_raw")
+            .unwrap()
+            .as_string::<i32>()
+            .iter()
+            .collect();
+        assert_eq!(
+            raw,
+            vec![
+                None,
+                Some("Yes"),
+                Some("not sarcastic"),
+                Some("maybe"),
+                None
+            ]
+        );
     }
 }

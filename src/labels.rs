@@ -85,6 +85,7 @@ pub struct LabelSet {
     max_edits: usize,
     unknown: String,
     language: bool,
+    boolean: bool,
 }
 
 impl LabelSet {
@@ -156,7 +157,48 @@ impl LabelSet {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_UNKNOWN.into()),
             language: spec.language,
+            boolean: false,
         })
+    }
+
+    /// A label set for a boolean column: `true`/`false`, the usual spellings of yes and no,
+    /// plus the spec's aliases (e.g. `sarcastic = "true"`). No match stores null.
+    pub fn boolean(spec: &LabelSpec) -> Result<Self, String> {
+        if !spec.allowed.is_empty() || spec.language || spec.unknown.is_some() {
+            return Err(
+                "a boolean column's labels take only `aliases` (to \"true\" or \"false\") and \
+                 `max_edits`"
+                    .into(),
+            );
+        }
+        let mut aliases: HashMap<String, String> = [
+            ("yes", "true"),
+            ("y", "true"),
+            ("1", "true"),
+            ("t", "true"),
+            ("no", "false"),
+            ("n", "false"),
+            ("0", "false"),
+            ("f", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        aliases.extend(spec.aliases.clone());
+        let mut set = LabelSet::new(&LabelSpec {
+            allowed: vec!["true".into(), "false".into()],
+            aliases,
+            max_edits: spec.max_edits,
+            unknown: None,
+            language: false,
+        })?;
+        set.boolean = true;
+        Ok(set)
+    }
+
+    /// Whether this set fills a boolean column (unknown labels store null).
+    pub fn is_boolean(&self) -> bool {
+        self.boolean
     }
 
     /// The stored value for a raw label, and how it was found.
@@ -530,5 +572,38 @@ mod tests {
         assert_eq!(edit_distance("kitten", "sitting", 3), Some(3));
         assert_eq!(edit_distance("kitten", "sitting", 2), None);
         assert_eq!(edit_distance("same", "same", 0), Some(0));
+    }
+
+    #[test]
+    fn boolean_labels_take_yes_no_and_aliases() {
+        let s = LabelSet::boolean(&LabelSpec {
+            aliases: [
+                ("sarcastic".to_string(), "true".to_string()),
+                ("not_sarcastic".to_string(), "false".to_string()),
+            ]
+            .into(),
+            ..LabelSpec::default()
+        })
+        .unwrap();
+        assert!(s.is_boolean());
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("true", "true", Exact),
+                ("TRUE", "true", Folded),
+                ("Yes", "true", Alias),
+                ("not sarcastic", "false", Alias),
+                ("Sarcastic!", "true", Alias),
+                ("maybe", "UNKNOWN", Unknown),
+            ],
+        );
+        assert!(
+            LabelSet::boolean(&LabelSpec {
+                allowed: vec!["x".into()],
+                ..LabelSpec::default()
+            })
+            .is_err()
+        );
     }
 }

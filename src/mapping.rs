@@ -202,6 +202,9 @@ impl Mapping {
                     // parsed by sluice, which knows every form upstreams send.
                     let leaf = match &column.data_type {
                         DataType::Timestamp(_, _) => DataType::Utf8,
+                        // Labelled booleans arrive as "yes", "Sarcastic", true...: read as text
+                        // (JSON booleans are coerced to "true"/"false") and canonicalized.
+                        DataType::Boolean if column.labels.is_some() => DataType::Utf8,
                         ty => ty.clone(),
                     };
                     tree.insert(&segments, leaf.clone())
@@ -260,7 +263,10 @@ impl Mapping {
                         let (ts, errors) = timestamps_from_text(texts, *unit, name);
                         projected.bad_timestamps.extend(errors);
                         Arc::new(ts)
-                    } else if array.data_type() == target {
+                    } else if array.data_type() == target
+                        || (*leaf == DataType::Utf8 && *target == DataType::Boolean)
+                    {
+                        // Labelled booleans stay text here; decode canonicalizes them.
                         array
                     } else {
                         cast(&array, target)?

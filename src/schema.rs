@@ -215,12 +215,16 @@ impl TableSchema {
             let contract = parse_contract(def, &data_type).map_err(|r| field_err(&def.name, r))?;
             let labels = match &def.labels {
                 None => None,
-                Some(_) if data_type != DataType::Utf8 => {
+                Some(_) if !matches!(data_type, DataType::Utf8 | DataType::Boolean) => {
                     return Err(field_err(
                         &def.name,
-                        "`labels` applies only to string columns".into(),
+                        "`labels` applies only to string and boolean columns".into(),
                     ));
                 }
+                Some(spec) if data_type == DataType::Boolean => Some(Arc::new(
+                    LabelSet::boolean(spec)
+                        .map_err(|r| field_err(&def.name, format!("labels: {r}")))?,
+                )),
                 Some(spec) => Some(Arc::new(
                     LabelSet::new(spec)
                         .map_err(|r| field_err(&def.name, format!("labels: {r}")))?,
