@@ -666,7 +666,7 @@ impl TableWriter {
                 .expect("committed partitions are owned");
             for r in &state.rejections {
                 tracing::debug!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
-                    reason = r.reason.code(), detail = %r.detail, "message rejected");
+                    reason = r.reason.code(), detail = %r.detail, "dead letter");
                 *self
                     .progress
                     .rejected_by_reason
@@ -677,7 +677,7 @@ impl TableWriter {
             }
             for r in state.rejections.iter().take(MAX_LOGGED_REJECTIONS) {
                 tracing::warn!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
-                    reason = r.reason.code(), detail = %r.detail, "message rejected");
+                    reason = r.reason.code(), detail = %r.detail, "dead letter");
             }
             rows += l.rows;
             rejected += l.rejected;

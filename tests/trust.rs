@@ -402,3 +402,53 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_stay_exactly_once_through_a_rebalance_and_a_crash_audited_live() {
+    let shapes = [Shape::Mastodon, Shape::Bluesky];
+    let kafka = Kafka::new(&shapes.map(|s| s.default_topic()), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&kafka.brokers(), dir.path(), &shapes, limits(250, 1000));
+
+    let mut a = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &shapes, 2000, 31, 9).await;
+    a.wait_committed(&first.last_offsets).await;
+    let mut b = Writer::start(&config).await;
+    let second = publish(&kafka.brokers(), &shapes, 2000, 32, 9).await;
+
+    // While both writers work and the group rebalances, the audit sees no loss and no
+    // duplicate: whatever is not committed yet is pending, not missing.
+    let live = audit_table(&config, &config.tables[0]).await.unwrap();
+    assert!(live.is_clean(), "{}", live.render());
+
+    a.crash().await;
+    let third = publish(&kafka.brokers(), &shapes, 1000, 33, 9).await;
+    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for report in [&first, &second, &third] {
+        for (k, v) in &report.last_offsets {
+            let e = all.entry(k.clone()).or_insert(*v);
+            *e = (*e).max(*v);
+        }
+    }
+    b.wait_committed(&all).await;
+    b.stop().await;
+
+    let audit = audit_table(&config, &config.tables[0]).await.unwrap();
+    assert!(audit.is_clean(), "{}", audit.render());
+    let totals = audit.partitions.iter().fold((0, 0, 0, 0), |t, p| {
+        (
+            t.0 + p.checked,
+            t.1 + p.rows,
+            t.2 + p.dead_letters,
+            t.3 + p.pending,
+        )
+    });
+    // 2000/9 + 2000/9 + 1000/9 hostile messages.
+    assert_eq!(totals, (5000, 5000 - 555, 555, 0));
+    let stored = query(
+        dir.path(),
+        "SELECT count(*) FROM enriched_posts_dead_letters",
+    )
+    .await;
+    assert_eq!(scalar_i64(&stored), 555);
+}
