@@ -269,9 +269,16 @@ impl DeltaSink {
             let mut writer = RecordBatchWriter::for_table(&self.table)
                 .map_err(|s| self.err("open writer", s))?
                 .with_writer_properties(self.writer_properties.clone());
+            let table_schema = self
+                .table
+                .snapshot()
+                .map_err(|s| self.err("snapshot", s))?
+                .snapshot()
+                .arrow_schema();
             for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+                let batch = self.with_added_columns(batch, &table_schema)?;
                 writer
-                    .write(batch.clone())
+                    .write(batch)
                     .await
                     .map_err(|s| self.err("write parquet", s))?;
             }
@@ -337,6 +344,39 @@ impl DeltaSink {
             }),
             Err(source) => Err(self.err("commit", source)),
         }
+    }
+
+    /// Fills columns another instance added to the table since this writer started (a rolling
+    /// upgrade to a newer schema file) with nulls, as additive evolution promises readers.
+    fn with_added_columns(
+        &self,
+        batch: &RecordBatch,
+        table_schema: &deltalake::arrow::datatypes::SchemaRef,
+    ) -> Result<RecordBatch, DeltaError> {
+        let added: Vec<_> = table_schema
+            .fields()
+            .iter()
+            .filter(|f| batch.schema().field_with_name(f.name()).is_err())
+            .collect();
+        if added.is_empty() {
+            return Ok(batch.clone());
+        }
+        tracing::warn!(table = %self.schema.name, columns = ?added.iter().map(|f| f.name()).collect::<Vec<_>>(),
+            "the table gained columns since this writer started; writing them as null until it restarts with the new schema file");
+        let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
+        let mut columns = batch.columns().to_vec();
+        for field in added {
+            fields.push(field.clone());
+            columns.push(deltalake::arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            ));
+        }
+        let schema = Arc::new(deltalake::arrow::datatypes::Schema::new(fields));
+        RecordBatch::try_new(schema, columns).map_err(|e| DeltaError::Bug {
+            table: self.schema.name.clone(),
+            message: format!("cannot null-fill added columns: {e}"),
+        })
     }
 
     fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {

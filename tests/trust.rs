@@ -345,7 +345,6 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     let mut writer = Writer::start(&config).await;
     let first = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 8, 0).await;
     writer.wait_committed(&first.last_offsets).await;
-    writer.stop().await;
 
     // Version 2 of the schema: a new nullable column, filled from the status URL.
     let schema = std::fs::read_to_string(format!("{repo}/schemas/enriched_posts.toml")).unwrap()
@@ -357,6 +356,25 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     std::fs::write(dir.path().join("mastodon-v2.toml"), &mapping).unwrap();
     config.tables[0].schema = dir.path().join("v2.toml");
     config.tables[0].sources[0].mapping = dir.path().join("mastodon-v2.toml");
+
+    // A rolling upgrade: another instance evolves the table while the old writer still runs
+    // with the old schema file. The old writer keeps committing; its rows read the new column
+    // as null.
+    let v2 = sluice::schema::TableSchema::load(&dir.path().join("v2.toml")).unwrap();
+    let location = sluice::delta::table_location(&dir.path().to_string_lossy(), "enriched_posts");
+    sluice::delta::DeltaSink::open_or_create(
+        &location,
+        Default::default(),
+        std::sync::Arc::new(v2),
+        "sluice-test",
+        5,
+        1,
+    )
+    .await
+    .unwrap();
+    let meanwhile = publish(&kafka.brokers(), &[Shape::Mastodon], 50, 10, 0).await;
+    writer.wait_committed(&meanwhile.last_offsets).await;
+    writer.stop().await;
 
     let mut writer = Writer::start(&config).await;
     let second = publish(&kafka.brokers(), &[Shape::Mastodon], 200, 9, 0).await;
@@ -375,7 +393,7 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     );
     let new = query(
         dir.path(),
-        "SELECT count(*) FROM enriched_posts WHERE kafka_offset >= 300 AND url LIKE 'https://%'",
+        "SELECT count(*) FROM enriched_posts WHERE kafka_offset >= 350 AND url LIKE 'https://%'",
     )
     .await;
     assert_eq!(scalar_i64(&new), 200, "new rows carry it");
