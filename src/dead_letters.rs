@@ -8,15 +8,20 @@
 //! table's txn version, because those are already stored. Every consumed offset therefore ends
 //! up exactly once in one of the two tables.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
+use deltalake::arrow::array::AsArray;
 use deltalake::arrow::array::{
     ArrayRef, BinaryArray, Date32Array, Int32Array, Int64Array, StringArray,
     TimestampMicrosecondArray,
 };
+use deltalake::arrow::datatypes::Int64Type;
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::{DeltaTable, DeltaTableError};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -202,6 +207,32 @@ impl Forwarder {
     }
 }
 
+/// Offsets in `(after, up_to]` of one partition that the dead-letter table holds, read from the
+/// table's current snapshot. Used only when recovering from a crash that left dead letters
+/// ahead of the rows.
+pub async fn stored_offsets(
+    table: &DeltaTable,
+    key: &PartitionKey,
+    after: Option<i64>,
+    up_to: i64,
+) -> Result<HashSet<i64>, DeltaTableError> {
+    let ctx = SessionContext::new();
+    table.update_datafusion_session(&ctx.state())?;
+    ctx.register_table("dead_letters", table.table_provider().await?)?;
+    let topic = key.topic.replace('\'', "''");
+    let sql = format!(
+        "SELECT kafka_offset FROM dead_letters WHERE kafka_topic = '{topic}' \
+         AND kafka_partition = {} AND kafka_offset > {} AND kafka_offset <= {up_to}",
+        key.partition,
+        after.unwrap_or(-1)
+    );
+    let batches = ctx.sql(&sql).await?.collect().await?;
+    Ok(batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+        .collect())
+}
+
 /// The dead-letter table's name for a main table.
 pub fn table_name(main: &str) -> String {
     format!("{main}{SUFFIX}")
@@ -266,8 +297,6 @@ pub fn batch(
 
 #[cfg(test)]
 mod tests {
-    use deltalake::arrow::array::AsArray;
-
     use super::*;
     use crate::decode::RejectReason;
 

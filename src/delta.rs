@@ -227,6 +227,11 @@ impl DeltaSink {
         &self.schema
     }
 
+    /// The delta-rs table at its last read version.
+    pub fn table(&self) -> &DeltaTable {
+        &self.table
+    }
+
     /// The txn app id for a Kafka partition (see [`app_id`]).
     pub fn app_id(&self, key: &PartitionKey) -> String {
         app_id(&self.group_id, key)

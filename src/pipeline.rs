@@ -525,9 +525,36 @@ impl TableWriter {
         for key in &pending {
             let stored = self.dead_letters.txn_version(key).await?;
             let state = &self.partitions[key];
+            // Dead letters at or below the dead-letter table's position but past the main
+            // table's were stored by a flush whose rows never landed (a crash in between).
+            // Which offsets exactly is read from the table, so a message that decodes
+            // differently now (a changed contract) is stored rather than assumed stored.
+            let ahead = stored.filter(|&d| state.committed.is_none_or(|m| d > m));
+            let recovered = match ahead {
+                Some(d) if state.rejections.iter().any(|r| r.offset <= d) => Some(
+                    dead_letters::stored_offsets(
+                        self.dead_letters.table(),
+                        key,
+                        state.committed,
+                        d,
+                    )
+                    .await
+                    .map_err(|source| DeltaError::Delta {
+                        table: self.dead_letters.name().to_string(),
+                        operation: "read stored dead letters",
+                        source: Box::new(source),
+                    })?,
+                ),
+                _ => None,
+            };
             let before = letters.len();
             for r in &state.rejections {
-                if stored.is_some_and(|v| r.offset <= v) {
+                let already = match (&recovered, stored) {
+                    (Some(offsets), Some(d)) if r.offset <= d => offsets.contains(&r.offset),
+                    (None, Some(d)) => r.offset <= d,
+                    _ => false,
+                };
+                if already {
                     already_stored += 1;
                 } else {
                     letters.push((key, r));
@@ -540,7 +567,8 @@ impl TableWriter {
                     key.clone(),
                     PartitionLedger {
                         first_offset: l.first_offset,
-                        last_offset: l.last_offset,
+                        // Never move the position back below what is already stored.
+                        last_offset: l.last_offset.max(stored.unwrap_or(i64::MIN)),
                         rows: count,
                         rejected: 0,
                     },

@@ -154,6 +154,16 @@ async fn rows_if_created(lake: &std::path::Path) -> usize {
 }
 
 fn write_config(dir: &std::path::Path, brokers: &str, max_rows: usize) -> std::path::PathBuf {
+    let schema = format!("{}/schemas/enriched_posts.toml", env!("CARGO_MANIFEST_DIR"));
+    write_config_with(dir, brokers, max_rows, &schema)
+}
+
+fn write_config_with(
+    dir: &std::path::Path,
+    brokers: &str,
+    max_rows: usize,
+    schema: &str,
+) -> std::path::PathBuf {
     let repo = env!("CARGO_MANIFEST_DIR");
     let config_file = dir.join("sluice.toml");
     std::fs::write(
@@ -172,7 +182,7 @@ root = "lake"
 max_rows = {max_rows}
 max_age_ms = 1000
 [[tables]]
-schema = "{repo}/schemas/enriched_posts.toml"
+schema = "{schema}"
 sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
 "#
         ),
@@ -296,4 +306,75 @@ async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
     assert_eq!(audit.status.code(), Some(2), "{report}");
     assert!(report.contains("first missing offsets: [42]"), "{report}");
     assert!(report.contains("NOT CLEAN"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_too() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config_file = write_config(dir.path(), &kafka.brokers(), 100);
+    publish(&kafka.brokers(), &[Shape::Mastodon], 300, 23, 10).await;
+    let crashed = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .env("SLUICE_FAILPOINT", "after_dead_letter_commit")
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+
+    // Restart with a stricter contract: posts with more than 250 likes are now out of range,
+    // including posts of the interrupted flush that were rows the first time.
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let schema = std::fs::read_to_string(format!("{repo}/schemas/enriched_posts.toml"))
+        .unwrap()
+        .replacen(
+            "name = \"like_count\"\ntype = \"long\"\nrange = [0, inf]",
+            "name = \"like_count\"\ntype = \"long\"\nrange = [0, 250]",
+            1,
+        );
+    assert!(schema.contains("range = [0, 250]"));
+    let strict = dir.path().join("strict.toml");
+    std::fs::write(&strict, schema).unwrap();
+    let config_file =
+        write_config_with(dir.path(), &kafka.brokers(), 100, &strict.to_string_lossy());
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lake = dir.path().join("lake");
+    let caught_up = tokio::time::timeout(CATCH_UP, async {
+        loop {
+            let rows = rows_if_created(&lake).await as i64;
+            let dead =
+                scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+            if rows + dead >= 300 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
+    assert!(caught_up.is_ok(), "every message landed somewhere");
+
+    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["audit", "--config"])
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{report}");
+    let early_out_of_range = query(
+        &lake,
+        "SELECT count(*) FROM enriched_posts_dead_letters WHERE reason = 'out_of_range' AND kafka_offset < 100",
+    )
+    .await;
+    assert!(scalar_i64(&early_out_of_range) > 0, "{report}");
 }
