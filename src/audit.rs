@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, TableConfig};
 use crate::dead_letters;
-use crate::delta::{PartitionKey, app_id, open_table, table_location};
+use crate::delta::{PartitionKey, app_id, open_table, register_table, table_location};
 use crate::schema::{ColumnSource, TableSchema};
 
 /// How long the broker may stay silent while the audit still expects messages.
@@ -391,14 +391,8 @@ async fn offsets_in(
         }
     };
     let ctx = SessionContext::new();
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| fail("query")(Box::new(e)))?;
-    let provider = table
-        .table_provider()
+    register_table(&ctx, "t", table)
         .await
-        .map_err(|e| fail("query")(Box::new(e)))?;
-    ctx.register_table("t", provider)
         .map_err(|e| fail("query")(Box::new(e)))?;
     let sql = format!(
         "SELECT \"{}\", \"{}\", \"{}\" FROM t",

@@ -30,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 use crate::decode::Rejection;
-use crate::delta::PartitionKey;
+use crate::delta::{PartitionKey, register_table};
 use crate::schema::{SchemaError, TableSchema, UTC};
 
 /// Suffix of a main table's dead-letter table.
@@ -217,8 +217,7 @@ pub async fn stored_offsets(
     up_to: i64,
 ) -> Result<HashSet<i64>, DeltaTableError> {
     let ctx = SessionContext::new();
-    table.update_datafusion_session(&ctx.state())?;
-    ctx.register_table("dead_letters", table.table_provider().await?)?;
+    register_table(&ctx, "dead_letters", table).await?;
     let topic = key.topic.replace('\'', "''");
     let sql = format!(
         "SELECT kafka_offset FROM dead_letters WHERE kafka_topic = '{topic}' \

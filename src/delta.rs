@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, MetadataValue, StructField, Transaction};
@@ -423,6 +424,18 @@ pub async fn open_table(
 ) -> Result<DeltaTable, DeltaTableError> {
     let url = table_url(location).map_err(DeltaTableError::InvalidTableLocation)?;
     deltalake::open_table_with_storage_options(url, storage_options).await
+}
+
+/// Registers a table in a DataFusion session under `name`. The provider reads exactly the files
+/// of the table's loaded version (never files compaction already removed).
+pub async fn register_table(
+    ctx: &SessionContext,
+    name: &str,
+    table: &DeltaTable,
+) -> Result<(), DeltaTableError> {
+    table.update_datafusion_session(&ctx.state())?;
+    ctx.register_table(name, table.table_provider().await?)?;
+    Ok(())
 }
 
 /// The location of a table under a storage root.

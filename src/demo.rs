@@ -20,7 +20,7 @@ use rdkafka::mocking::MockCluster;
 use crate::app;
 use crate::audit::audit_table;
 use crate::config::Config;
-use crate::delta::{open_table, table_location};
+use crate::delta::{open_table, register_table, table_location};
 use crate::generator::Shape;
 use crate::pipeline::Progress;
 use crate::produce::{ProduceOptions, ProduceReport, produce};
@@ -332,11 +332,9 @@ pub async fn summarize(root: &str) -> Result<Summary, DemoError> {
         let table = open_table(&table_location(root, name), Default::default())
             .await
             .map_err(|e| q(&e))?;
-        table
-            .update_datafusion_session(&ctx.state())
+        register_table(&ctx, name, &table)
+            .await
             .map_err(|e| q(&e))?;
-        let provider = table.table_provider().await.map_err(|e| q(&e))?;
-        ctx.register_table(name, provider).map_err(|e| q(&e))?;
     }
     let sql = |text: String| {
         let ctx = ctx.clone();

@@ -19,7 +19,7 @@ use sluice::config::{
     Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StartFrom,
     StorageConfig, TableConfig,
 };
-use sluice::delta::{open_table, table_location};
+use sluice::delta::{open_table, register_table, table_location};
 use sluice::generator::Shape;
 use sluice::produce::{ProduceOptions, ProduceReport, produce};
 
@@ -227,9 +227,7 @@ pub async fn query(root: &Path, sql: &str) -> Vec<RecordBatch> {
             assert_ne!(name, "enriched_posts", "the main table opens");
             continue;
         };
-        table.update_datafusion_session(&ctx.state()).unwrap();
-        ctx.register_table(name, table.table_provider().await.unwrap())
-            .unwrap();
+        register_table(&ctx, name, &table).await.unwrap();
     }
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
 }
