@@ -277,9 +277,11 @@ pub fn batch(
         Arc::new(BinaryArray::from_iter(
             letters.iter().map(|(_, r)| r.payload.as_deref()),
         )),
-        Arc::new(Int64Array::from_iter(letters.iter().map(|(_, r)| {
-            Some(r.payload.as_ref().map_or(0, Vec::len) as i64)
-        }))),
+        Arc::new(Int64Array::from_iter_values(
+            letters
+                .iter()
+                .map(|(_, r)| r.payload.as_ref().map_or(0, Vec::len) as i64),
+        )),
         Arc::new(StringArray::from_iter_values(
             letters.iter().map(|(_, r)| r.reason.code()),
         )),

@@ -225,8 +225,20 @@ pub struct BodyDecoder {
     table_schema: SchemaRef,
     source_schema: SchemaRef,
     limits: InputLimits,
-    /// Per label column: its position and one counter per [`Outcome`], registered once.
-    label_counters: Vec<(usize, [metrics::Counter; 5])>,
+    /// The columns with labels, resolved once.
+    label_columns: Vec<LabelColumn>,
+}
+
+/// A label column's place in the table and its counters, so canonicalizing a chunk needs no
+/// lookups.
+#[derive(Debug, Clone)]
+struct LabelColumn {
+    /// Position of the label column.
+    pos: usize,
+    /// Position of its `<column>_raw` column.
+    raw_pos: usize,
+    /// One counter per [`Outcome`], registered once.
+    counters: [metrics::Counter; 5],
 }
 
 /// Limits checked on raw bytes before any parsing, so hostile input costs little.
@@ -241,7 +253,7 @@ pub struct InputLimits {
 impl BodyDecoder {
     /// A decoder for `mapping` into `table`.
     pub fn new(table: Arc<TableSchema>, mapping: Arc<Mapping>, limits: InputLimits) -> Self {
-        let label_counters = table
+        let label_columns = table
             .columns
             .iter()
             .enumerate()
@@ -251,7 +263,16 @@ impl BodyDecoder {
                     metrics::counter!("sluice_labels_total", "table" => table.name.clone(),
                         "column" => c.name.clone(), "outcome" => o.as_str())
                 };
-                (pos, Outcome::ALL.map(counter))
+                let raw_pos = table
+                    .columns
+                    .iter()
+                    .position(|r| r.raw_of.as_deref() == Some(c.name.as_str()))
+                    .expect("the schema adds a raw column for every label column");
+                LabelColumn {
+                    pos,
+                    raw_pos,
+                    counters: Outcome::ALL.map(counter),
+                }
             })
             .collect();
         BodyDecoder {
@@ -260,7 +281,7 @@ impl BodyDecoder {
             table,
             mapping,
             limits,
-            label_counters,
+            label_columns,
         }
     }
 
@@ -548,9 +569,16 @@ impl BodyDecoder {
     /// Replaces raw labels with allowed values and fills each `<column>_raw` with the label as
     /// received when it was not already an allowed value.
     fn canonicalize_labels(&self, columns: &mut [ArrayRef]) {
-        for (pos, counters) in &self.label_counters {
-            let col = &self.table.columns[*pos];
-            let labels = col.labels.as_ref().expect("label columns have labels");
+        for LabelColumn {
+            pos,
+            raw_pos,
+            counters,
+        } in &self.label_columns
+        {
+            let labels = self.table.columns[*pos]
+                .labels
+                .as_ref()
+                .expect("label columns have labels");
             let Some(raw) = columns[*pos].as_string_opt::<i32>() else {
                 continue;
             };
@@ -586,14 +614,7 @@ impl BodyDecoder {
             };
             let kept: ArrayRef = Arc::new(StringArray::from(kept));
             columns[*pos] = canonical;
-            if let Some(raw_pos) = self
-                .table
-                .columns
-                .iter()
-                .position(|c| c.raw_of.as_deref() == Some(col.name.as_str()))
-            {
-                columns[raw_pos] = kept;
-            }
+            columns[*raw_pos] = kept;
             for (counter, count) in counters.iter().zip(counts) {
                 if count > 0 {
                     counter.increment(count);

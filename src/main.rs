@@ -173,10 +173,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             storage_root,
             metrics_listen,
         } => {
-            let mut cfg = Config::load(&config, std::env::vars())?;
-            if let Some(b) = brokers {
-                cfg.kafka.brokers = b;
-            }
+            let mut cfg = load_config(&config, brokers)?;
             if let Some(g) = group_id {
                 cfg.kafka.group_id = g;
             }
@@ -247,10 +244,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             table,
             brokers,
         } => {
-            let mut cfg = Config::load(&config, std::env::vars())?;
-            if let Some(b) = brokers {
-                cfg.kafka.brokers = b;
-            }
+            let cfg = load_config(&config, brokers)?;
             let mut clean = true;
             let mut audited = 0;
             for table_config in &cfg.tables {
@@ -276,6 +270,15 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The config file, then `SLUICE_*` environment overrides, then `--brokers`.
+fn load_config(file: &std::path::Path, brokers: Option<String>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file, std::env::vars())?;
+    if let Some(b) = brokers {
+        config.kafka.brokers = b;
+    }
+    Ok(config)
 }
 
 /// Resolves on SIGINT or SIGTERM.

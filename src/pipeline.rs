@@ -68,8 +68,6 @@ pub struct Progress {
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
     /// Dead letters this writer stored in the dead-letter table.
     pub dead_letters: u64,
-    /// Latest version of the dead-letter table this writer committed.
-    pub dead_letter_version: i64,
     /// Partitions this writer currently owns.
     pub assigned: usize,
 }
@@ -195,7 +193,6 @@ impl TableWriter {
         } = destination;
         let progress = Progress {
             table_version: sink.version(),
-            dead_letter_version: dead_letters.version(),
             ..Progress::default()
         };
         let (progress_tx, progress_rx) = watch::channel(progress.clone());
@@ -549,12 +546,7 @@ impl TableWriter {
             };
             let before = letters.len();
             for r in &state.rejections {
-                let already = match (&recovered, stored) {
-                    (Some(offsets), Some(d)) if r.offset <= d => offsets.contains(&r.offset),
-                    (None, Some(d)) => r.offset <= d,
-                    _ => false,
-                };
-                if already {
+                if recovered.as_ref().is_some_and(|s| s.contains(&r.offset)) {
                     already_stored += 1;
                 } else {
                     letters.push((key, r));
@@ -607,7 +599,6 @@ impl TableWriter {
                 .await?;
             tracing::info!(table = %self.dead_letters.name(), version = committed.version, dead_letters = stored, "committed dead letters");
             self.progress.dead_letters += stored;
-            self.progress.dead_letter_version = committed.version;
             if self.failpoint.as_deref() == Some("after_dead_letter_commit") {
                 tracing::error!("failpoint after_dead_letter_commit: aborting");
                 std::process::abort();

@@ -183,7 +183,6 @@ impl TableSchema {
                 "a table needs at least one column".into(),
             ));
         }
-        let raw_defs = &raw.columns;
         let mut columns: Vec<Column> = Vec::with_capacity(raw.columns.len());
         for def in &raw.columns {
             check_identifier(&def.name).map_err(|r| field_err(&def.name, r))?;
@@ -244,10 +243,10 @@ impl TableSchema {
             });
             if has_labels {
                 // The raw label travels next to the canonical one, so nothing is lost to folding.
-                let raw = format!("{}{RAW_SUFFIX}", def.name);
-                if raw_defs.iter().any(|d| d.name == raw) {
+                let raw_name = format!("{}{RAW_SUFFIX}", def.name);
+                if raw.columns.iter().any(|d| d.name == raw_name) {
                     return Err(field_err(
-                        &raw,
+                        &raw_name,
                         format!(
                             "is added automatically for the labels of `{}`; remove it",
                             def.name
@@ -255,7 +254,7 @@ impl TableSchema {
                     ));
                 }
                 columns.push(Column {
-                    name: raw,
+                    name: raw_name,
                     data_type: DataType::Utf8,
                     nullable: true,
                     source: None,
