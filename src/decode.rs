@@ -705,19 +705,22 @@ mod tests {
 
     use super::*;
 
+    /// The limits the tests use unless they test a limit.
+    const LIMITS: InputLimits = InputLimits {
+        max_message_bytes: 4096,
+        max_depth: 64,
+    };
+
     fn decoder(shape: &str) -> BodyDecoder {
+        decoder_with(shape, LIMITS)
+    }
+
+    fn decoder_with(shape: &str, limits: InputLimits) -> BodyDecoder {
         let table = Arc::new(TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap());
         let mapping = Arc::new(
             Mapping::load(Path::new(&format!("schemas/mappings/{shape}.toml")), &table).unwrap(),
         );
-        BodyDecoder::new(
-            table,
-            mapping,
-            InputLimits {
-                max_message_bytes: 4096,
-                max_depth: 64,
-            },
-        )
+        BodyDecoder::new(table, mapping, limits)
     }
 
     fn chunk(payloads: &[&[u8]]) -> Chunk {
@@ -902,18 +905,11 @@ mod tests {
 
     #[test]
     fn hostile_sizes_and_depths_are_refused_before_parsing() {
-        let decoder = BodyDecoder::new(
-            Arc::new(TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap()),
-            Arc::new(
-                Mapping::load(
-                    Path::new("schemas/mappings/mastodon.toml"),
-                    &TableSchema::load(Path::new("schemas/enriched_posts.toml")).unwrap(),
-                )
-                .unwrap(),
-            ),
+        let decoder = decoder_with(
+            "mastodon",
             InputLimits {
                 max_message_bytes: 4 * 1024 * 1024,
-                max_depth: 64,
+                ..LIMITS
             },
         );
         let mut huge = b"{\"id\":\"1\",\"content\":\"".to_vec();
@@ -955,14 +951,7 @@ mod tests {
             &table,
         )
         .unwrap();
-        let decoder = BodyDecoder::new(
-            table,
-            Arc::new(mapping),
-            InputLimits {
-                max_message_bytes: 4096,
-                max_depth: 64,
-            },
-        );
+        let decoder = BodyDecoder::new(table, Arc::new(mapping), LIMITS);
         let payloads: Vec<&[u8]> = vec![
             br#"{"id":"1","s":true}"#,
             br#"{"id":"2","s":"Yes"}"#,

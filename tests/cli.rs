@@ -131,11 +131,7 @@ fn a_wrong_schema_file_is_reported_with_file_field_and_reason() {
         "[kafka]\nbrokers = \"127.0.0.1:1\"\n[storage]\nroot = \"lake\"\n[[tables]]\nschema = \"bad.toml\"\nsources = [{ topic = \"t\", mapping = \"m.toml\" }]\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    let output = sluice("run", &config_file, &[]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -151,6 +147,51 @@ async fn rows_if_created(lake: &std::path::Path) -> usize {
         Ok(_) => table_offsets(lake).await.len(),
         Err(_) => 0,
     }
+}
+
+/// `sluice <command> --config FILE`, run to completion with extra environment.
+fn sluice(command: &str, config: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([command, "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// Runs the writer until it aborts at the failpoint after its first dead-letter commit;
+/// returns its log.
+fn crash_after_dead_letter_commit(config: &std::path::Path) -> String {
+    let crashed = sluice(
+        "run",
+        config,
+        &[("SLUICE_FAILPOINT", "after_dead_letter_commit")],
+    );
+    assert!(!crashed.status.success(), "the failpoint aborts the writer");
+    String::from_utf8_lossy(&crashed.stderr).into_owned()
+}
+
+/// Runs `sluice run` until `done` holds (or [`CATCH_UP`] passes), then stops it with SIGTERM.
+/// Returns whether `done` held.
+async fn run_until(config: &std::path::Path, done: impl AsyncFn() -> bool) -> bool {
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let caught_up = tokio::time::timeout(CATCH_UP, async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
+    caught_up.is_ok()
 }
 
 fn write_config(dir: &std::path::Path, brokers: &str, max_rows: usize) -> std::path::PathBuf {
@@ -199,16 +240,7 @@ async fn a_crash_between_the_dead_letter_commit_and_the_row_commit_loses_and_dup
     // 300 posts, every 10th hostile: 30 dead letters, 270 rows.
     let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 21, 10).await;
 
-    let crashed = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .env("SLUICE_FAILPOINT", "after_dead_letter_commit")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(!crashed.status.success(), "the failpoint aborts the writer");
-    let log = String::from_utf8_lossy(&crashed.stderr);
+    let log = crash_after_dead_letter_commit(&config_file);
     assert!(log.contains("committed dead letters"), "{log}");
     // The crash left dead letters whose rows never landed.
     let lake = dir.path().join("lake");
@@ -216,33 +248,10 @@ async fn a_crash_between_the_dead_letter_commit_and_the_row_commit_loses_and_dup
     assert_eq!(scalar_i64(&dead), 10);
     assert!(table_offsets(&lake).await.is_empty());
 
-    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let caught_up = tokio::time::timeout(CATCH_UP, async {
-        while rows_if_created(&lake).await < 270 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &writer.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
-    assert!(
-        caught_up.is_ok(),
-        "the restarted writer wrote every good post"
-    );
+    let caught_up = run_until(&config_file, async || rows_if_created(&lake).await >= 270).await;
+    assert!(caught_up, "the restarted writer wrote every good post");
 
-    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["audit", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    let audit = sluice("audit", &config_file, &[]);
     let report = String::from_utf8_lossy(&audit.stdout);
     assert!(
         audit.status.success(),
@@ -266,25 +275,9 @@ async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let config_file = write_config(dir.path(), &kafka.brokers(), 50);
     publish(&kafka.brokers(), &[Shape::Mastodon], 100, 22, 0).await;
-    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let lake = dir.path().join("lake");
-    let caught_up = tokio::time::timeout(CATCH_UP, async {
-        while rows_if_created(&lake).await < 100 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &writer.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
-    assert!(caught_up.is_ok());
+    let caught_up = run_until(&config_file, async || rows_if_created(&lake).await >= 100).await;
+    assert!(caught_up);
 
     // Lose rows behind the writer's back: delete offset 42 from the table.
     let location = sluice::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
@@ -297,11 +290,7 @@ async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
         .await
         .unwrap();
 
-    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["audit", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    let audit = sluice("audit", &config_file, &[]);
     let report = String::from_utf8_lossy(&audit.stdout);
     assert_eq!(audit.status.code(), Some(2), "{report}");
     assert!(report.contains("first missing offsets: [42]"), "{report}");
@@ -314,14 +303,7 @@ async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_to
     let dir = tempfile::tempdir().unwrap();
     let config_file = write_config(dir.path(), &kafka.brokers(), 100);
     publish(&kafka.brokers(), &[Shape::Mastodon], 300, 23, 10).await;
-    let crashed = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .env("SLUICE_FAILPOINT", "after_dead_letter_commit")
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!crashed.status.success());
+    crash_after_dead_letter_commit(&config_file);
 
     // Restart with a stricter contract: posts with more than 250 likes are now out of range,
     // including posts of the interrupted flush that were rows the first time.
@@ -338,37 +320,17 @@ async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_to
     std::fs::write(&strict, schema).unwrap();
     let config_file =
         write_config_with(dir.path(), &kafka.brokers(), 100, &strict.to_string_lossy());
-    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let lake = dir.path().join("lake");
-    let caught_up = tokio::time::timeout(CATCH_UP, async {
-        loop {
-            let rows = rows_if_created(&lake).await as i64;
-            let dead =
-                scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
-            if rows + dead >= 300 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let caught_up = run_until(&config_file, async || {
+        let rows = rows_if_created(&lake).await as i64;
+        let dead =
+            scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+        rows + dead >= 300
     })
     .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &writer.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
-    assert!(caught_up.is_ok(), "every message landed somewhere");
+    assert!(caught_up, "every message landed somewhere");
 
-    let audit = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["audit", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    let audit = sluice("audit", &config_file, &[]);
     let report = String::from_utf8_lossy(&audit.stdout);
     assert!(audit.status.success(), "{report}");
     let early_out_of_range = query(

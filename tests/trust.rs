@@ -441,13 +441,7 @@ async fn dead_letters_stay_exactly_once_through_a_rebalance_and_a_crash_audited_
 
     a.crash().await;
     let third = publish(&kafka.brokers(), &shapes, 1000, 33, 9).await;
-    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for report in [&first, &second, &third] {
-        for (k, v) in &report.last_offsets {
-            let e = all.entry(k.clone()).or_insert(*v);
-            *e = (*e).max(*v);
-        }
-    }
+    let all = latest_offsets(&[&first, &second, &third]);
     b.wait_committed(&all).await;
     b.stop().await;
 

@@ -282,13 +282,7 @@ async fn two_writers_in_one_group_through_a_rebalance() {
     let progress_b = b.stop().await;
     assert!(progress_b.rows > 0, "the second writer did work");
 
-    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for report in [&first, &second, &third] {
-        for (k, v) in &report.last_offsets {
-            let e = all.entry(k.clone()).or_insert(*v);
-            *e = (*e).max(*v);
-        }
-    }
+    let all = latest_offsets(&[&first, &second, &third]);
     assert_exactly_once(&table_offsets(dir.path()).await, &all, &BTreeSet::new());
 }
 

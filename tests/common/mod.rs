@@ -119,6 +119,18 @@ pub async fn publish(
     .expect("messages delivered")
 }
 
+/// The last offset per partition over several publish runs.
+pub fn latest_offsets(reports: &[&ProduceReport]) -> BTreeMap<(String, i32), i64> {
+    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for report in reports {
+        for (k, v) in &report.last_offsets {
+            let e = all.entry(k.clone()).or_insert(*v);
+            *e = (*e).max(*v);
+        }
+    }
+    all
+}
+
 /// A writer running in the background, stoppable gracefully or by abort (a crash).
 pub struct Writer {
     pub table: RunningTable,
