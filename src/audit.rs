@@ -19,6 +19,7 @@ use deltalake::datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableError};
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -424,14 +425,19 @@ async fn offsets_in(
     Ok(out)
 }
 
-/// Client callbacks for the audit's reader: reaching the end of a partition is how the reader
-/// knows it is done, not an error worth logging.
+/// Client callbacks for the audit's reader. Reaching the end of a partition is how the reader
+/// knows it is done, and a broker it cannot reach surfaces as the audit's own error, so client
+/// errors are only logged for debugging instead of once per retry.
 struct ReaderContext;
 
 impl ClientContext for ReaderContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(?level, fac, log_message, "librdkafka");
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::error!(error = %error, reason, "kafka client error");
+            tracing::debug!(error = %error, reason, "kafka client error");
         }
     }
 }
