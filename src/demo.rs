@@ -186,6 +186,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         embedding_dim: options.embedding_dim,
         bad_every: options.bad_every,
         spread_days: 3,
+        clock_ms: None,
     })
     .await?;
 

@@ -218,11 +218,28 @@ impl Generator {
     }
 
     fn category(&mut self) -> String {
+        self.category_and_topic().0
+    }
+
+    /// A category label as the LLM wrote it, and the index of the topic it is really about.
+    fn category_and_topic(&mut self) -> (String, usize) {
         if self.rng.random_range(0..25) == 0 {
-            INVENTED_CATEGORIES[self.rng.random_range(0..INVENTED_CATEGORIES.len())].to_string()
+            let k = self.rng.random_range(0..INVENTED_CATEGORIES.len());
+            (INVENTED_CATEGORIES[k].to_string(), CATEGORIES.len() + k)
         } else {
-            let c = CATEGORIES[self.rng.random_range(0..CATEGORIES.len())];
-            self.messy(c)
+            let k = self.rng.random_range(0..CATEGORIES.len());
+            (self.messy(CATEGORIES[k]), k)
+        }
+    }
+
+    /// An account number and whether it is a bot. Bots are a few accounts that post often.
+    fn account(&mut self) -> (u64, bool) {
+        if self.rng.random_range(0..8) == 0 {
+            let bot = self.rng.random_range(0..ACCOUNTS / BOT_EVERY);
+            (bot * BOT_EVERY, true)
+        } else {
+            let account = self.rng.random_range(0..ACCOUNTS);
+            (account, account.is_multiple_of(BOT_EVERY))
         }
     }
 
@@ -233,6 +250,17 @@ impl Generator {
 
     fn score(&mut self) -> f64 {
         (self.rng.random_range(0..10_000) as f64) / 10_000.0
+    }
+
+    /// A toxicity score: mostly low, but roughly one hour a day is a pile-on where scores
+    /// run about twice as high, so surge detection has something to find.
+    fn toxicity(&mut self, created_ms: i64) -> f64 {
+        let score = self.score();
+        if (created_ms / 3_600_000) % 23 == 5 {
+            score.sqrt()
+        } else {
+            score * score
+        }
     }
 
     fn entities(&mut self) -> Vec<Value> {
@@ -283,9 +311,14 @@ impl Generator {
     }
 
     fn bluesky(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
-        let did = format!("did:plc:{:024x}", self.rng.random::<u128>() >> 32);
+        let (account, bot) = self.account();
+        let did = format!(
+            "did:plc:{:016x}{:08x}",
+            spread(account),
+            spread(!account) >> 32
+        );
         let cid = format!("bafyrei{seq:012}{:08x}", self.rng.random::<u32>());
-        let toxicity = self.score() * self.score();
+        let toxicity = self.toxicity(created_ms);
         let value = json!({
             "did": did,
             "time_us": created_ms * 1000 + self.rng.random_range(0..1000),
@@ -315,7 +348,7 @@ impl Generator {
                     "severe_toxicity": toxicity * toxicity,
                 }},
                 "entities": self.entities(),
-                "bot_score": self.score() * self.score(),
+                "bot_score": if bot { 0.75 + self.score() / 4.0 } else { self.score() * self.score() * 0.6 },
                 "category": self.category(),
             }
         });
@@ -324,8 +357,12 @@ impl Generator {
 
     fn tweet(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
         let id = format!("18{seq:017}");
-        let embedding: Vec<f32> = (0..self.embedding_dim)
-            .map(|_| self.rng.random_range(-1.0f32..1.0))
+        let (category, topic) = self.category_and_topic();
+        // Posts on one topic point the same way: a topic direction plus noise, so nearest
+        // neighbours by embedding mostly share a category, as with a real sentence encoder.
+        let embedding: Vec<f32> = topic_direction(topic, self.embedding_dim)
+            .into_iter()
+            .map(|t| 0.7 * t + 0.3 * self.rng.random_range(-1.0f32..1.0))
             .collect();
         let impressions = self.rng.random_range(10..100_000);
         let value = json!({
@@ -344,14 +381,33 @@ impl Generator {
                 "sentiment": self.sentiment(),
                 "sentiment_score": 0.5 + self.score() / 2.0,
                 "sarcasm": if self.rng.random_range(0..8) == 0 { "sarcastic" } else { "not_sarcastic" },
-                "category": self.category(),
-                "toxicity": self.score() * self.score(),
+                "category": category,
+                "toxicity": self.toxicity(created_ms),
                 "model": "gpt-4o-mini",
             },
             "embedding": embedding,
         });
         (id, value)
     }
+}
+
+/// Bluesky accounts the generator posts from.
+const ACCOUNTS: u64 = 2_000;
+/// Every n-th account is a bot.
+const BOT_EVERY: u64 = 40;
+
+/// A well-mixed 64-bit value for `n` (splitmix64), to make ids look random but stay stable.
+fn spread(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The direction in embedding space of topic `k`: fixed per topic and dimension.
+fn topic_direction(k: usize, dim: usize) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(spread(k as u64));
+    (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC with millisecond precision.

@@ -24,6 +24,7 @@
 //! - [`app`]: the service: one writer per configured table.
 //! - [`audit`]: proof from the broker and the tables that every offset landed exactly once.
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
+//! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
 //! - [`telemetry`]: logs and the Prometheus endpoint.
 
@@ -43,4 +44,5 @@ pub mod pipeline;
 pub mod produce;
 pub mod schema;
 pub mod source;
+pub mod sql;
 pub mod telemetry;

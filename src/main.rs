@@ -10,6 +10,9 @@ use sluice::config::Config;
 use sluice::demo::{DemoOptions, run as run_demo};
 use sluice::generator::Shape;
 use sluice::produce::{ProduceOptions, produce};
+use sluice::sql::format::Format;
+use sluice::sql::shell::{Printer, repl, run_script};
+use sluice::sql::{Session, TimeTravel};
 use sluice::telemetry::{LogFormat, init_logging, init_metrics};
 
 #[derive(Parser)]
@@ -70,6 +73,34 @@ enum Command {
         #[arg(long)]
         brokers: Option<String>,
     },
+    /// Query the tables with SQL: an interactive shell, one statement (-c) or a file (-f).
+    ///
+    /// Read-only. Every table of the config is registered by name, with its dead letters.
+    Sql(SqlArgs),
+}
+
+/// `sluice sql` flags.
+#[derive(clap::Args)]
+struct SqlArgs {
+    /// Config file (tables and storage are read from it).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: PathBuf,
+    /// Run this statement (or meta command such as `\d`) and exit.
+    #[arg(short = 'c', long = "command", conflicts_with = "file")]
+    command: Option<String>,
+    /// Run the statements of this file and exit.
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Read a table at a Delta version: TABLE=VERSION, or VERSION when the config has one
+    /// table. Repeat for several tables.
+    #[arg(long = "as-of-version", value_name = "[TABLE=]VERSION")]
+    as_of_version: Vec<String>,
+    /// Read every table as it was at this time (for example 2026-11-20T12:00:00Z).
+    #[arg(long, value_name = "TIMESTAMP")]
+    as_of: Option<String>,
 }
 
 /// Exit code of `sluice audit` when something is missing or duplicated.
@@ -148,9 +179,16 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // delta-kernel logs an ERROR when it looks for a table that does not exist yet (sluice then
     // creates it); its real failures reach sluice as errors and are logged with context.
+    let level = match cli.command {
+        // Query output owns the terminal; only warnings and errors are logged.
+        Command::Sql(_) => "warn",
+        _ => "info",
+    };
     init_logging(
         cli.log_format,
-        "info,deltalake=warn,deltalake_core=warn,deltalake_core::writer::stats=error,buoyant_kernel=off,buoyant_kernel_engine=off",
+        &format!(
+            "{level},deltalake=warn,deltalake_core=warn,deltalake_core::writer::stats=error,buoyant_kernel=off,buoyant_kernel_engine=off"
+        ),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -228,6 +266,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 embedding_dim,
                 bad_every,
                 spread_days: 3,
+                clock_ms: None,
             })
             .await?;
             let secs = report.elapsed.as_secs_f64().max(1e-9);
@@ -268,8 +307,61 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_AUDIT_FAILED));
             }
         }
+        Command::Sql(args) => return sql(args).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn sql(args: SqlArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&args.config, None)?;
+    let mut travel = TimeTravel::default();
+    for spec in &args.as_of_version {
+        let (table, version) = match spec.split_once('=') {
+            Some((t, v)) => (Some(t.trim().to_string()), v),
+            None => (None, spec.as_str()),
+        };
+        let version: i64 = version.trim().parse().with_context(|| {
+            format!("--as-of-version {spec}: expected [TABLE=]VERSION with a whole number")
+        })?;
+        match table {
+            Some(t) => travel.versions.insert(t, version),
+            None => travel.version.replace(version),
+        };
+    }
+    if let Some(t) = &args.as_of {
+        let micros = sluice::contract::parse_timestamp(t, None)
+            .map_err(|e| anyhow::anyhow!("--as-of {t}: {e}"))?;
+        travel.as_of = chrono::DateTime::from_timestamp_micros(micros);
+    }
+    let session = Session::open(&cfg, &travel).await?;
+    let printer = Printer::stdout(args.format);
+    let mut stdout = std::io::stdout().lock();
+    let outcome = match (&args.command, &args.file) {
+        (Some(sql), _) => run_script(&session, sql, "-c", &printer, &mut stdout).await,
+        (None, Some(file)) => {
+            let sql = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            run_script(
+                &session,
+                &sql,
+                &file.display().to_string(),
+                &printer,
+                &mut stdout,
+            )
+            .await
+        }
+        (None, None) => {
+            drop(stdout);
+            repl(&session, args.format).await
+        }
+    };
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// The config file, then `SLUICE_*` environment overrides, then `--brokers`.

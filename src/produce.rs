@@ -57,6 +57,10 @@ pub struct ProduceOptions {
     pub bad_every: u64,
     /// Days over which created_at is spread back from now.
     pub spread_days: i64,
+    /// A fixed "now" (ms since the epoch) for reproducible tables: posts are created before
+    /// it, and message timestamps step evenly through the spread instead of being the wall
+    /// clock. `None` uses the wall clock.
+    pub clock_ms: Option<i64>,
 }
 
 /// What was published.
@@ -85,7 +89,10 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
             brokers: options.brokers.clone(),
             source,
         })?;
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = options
+        .clock_ms
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+    let spread_ms = options.spread_days.max(1) * 86_400_000;
     let mut generator = Generator::new(
         options.seed,
         options.embedding_dim,
@@ -112,6 +119,10 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
         let (key, payload) = generator.next(*shape);
         let len = payload.len();
         let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        if options.clock_ms.is_some() {
+            let step = spread_ms as f64 / options.count.max(1) as f64;
+            record = record.timestamp(now_ms - spread_ms + (n as f64 * step) as i64);
+        }
         let future = loop {
             match producer.send_result(record) {
                 Ok(f) => break f,

@@ -114,6 +114,7 @@ pub async fn publish(
         embedding_dim: 16,
         bad_every,
         spread_days: 3,
+        clock_ms: None,
     })
     .await
     .expect("messages delivered")

@@ -1,0 +1,310 @@
+//! Vector functions for embedding columns, with Trino's names and semantics, so a
+//! nearest-neighbour query runs unchanged on `sluice sql` and on Trino.
+//!
+//! | function | result |
+//! |---|---|
+//! | `cosine_similarity(x, y)` | `x·y / (‖x‖ ‖y‖)` |
+//! | `cosine_distance(x, y)` | `1 − cosine_similarity(x, y)` |
+//! | `dot_product(x, y)` | `x·y` |
+//! | `euclidean_distance(x, y)` | `‖x − y‖` |
+//!
+//! Arguments are arrays of any numeric type (`array<float>` embeddings included), computed in
+//! double precision like Trino's `array(double)` signatures. As in Trino: a null array gives
+//! null, arrays of different lengths are an error, and a zero-length vector has no cosine (an
+//! error, "Vector magnitude cannot be zero"). A null element gives null (Trino does so for the
+//! cosine functions). These replace DataFusion's own `cosine_distance` and `dot_product`, which
+//! return null for a zero vector.
+
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, ArrayRef, AsArray, Float64Array, Float64Builder};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Field, Float64Type};
+use deltalake::datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_err};
+use deltalake::datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+
+/// Which vector function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    CosineSimilarity,
+    CosineDistance,
+    DotProduct,
+    EuclideanDistance,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::CosineSimilarity => "cosine_similarity",
+            Kind::CosineDistance => "cosine_distance",
+            Kind::DotProduct => "dot_product",
+            Kind::EuclideanDistance => "euclidean_distance",
+        }
+    }
+
+    /// The value for one pair of equal-length vectors without nulls.
+    fn compute(self, x: &[f64], y: &[f64]) -> Result<f64> {
+        let dot = || x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+        match self {
+            Kind::DotProduct => Ok(dot()),
+            Kind::EuclideanDistance => Ok(x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt()),
+            Kind::CosineSimilarity | Kind::CosineDistance => {
+                let xx: f64 = x.iter().map(|a| a * a).sum();
+                let yy: f64 = y.iter().map(|b| b * b).sum();
+                if xx == 0.0 || yy == 0.0 {
+                    return exec_err!("{}: Vector magnitude cannot be zero", self.name());
+                }
+                let similarity = dot() / (xx * yy).sqrt();
+                Ok(match self {
+                    Kind::CosineDistance => 1.0 - similarity,
+                    _ => similarity,
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct VectorFunction {
+    kind: Kind,
+    signature: Signature,
+}
+
+/// The four functions, ready for `SessionContext::register_udf`.
+pub fn functions() -> Vec<ScalarUDF> {
+    [
+        Kind::CosineSimilarity,
+        Kind::CosineDistance,
+        Kind::DotProduct,
+        Kind::EuclideanDistance,
+    ]
+    .into_iter()
+    .map(|kind| {
+        ScalarUDF::new_from_impl(VectorFunction {
+            kind,
+            signature: Signature::user_defined(Volatility::Immutable),
+        })
+    })
+    .collect()
+}
+
+fn double_list() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
+}
+
+impl ScalarUDFImpl for VectorFunction {
+    fn name(&self) -> &str {
+        self.kind.name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Float64)
+    }
+
+    fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
+        if args.len() != 2 {
+            return plan_err!(
+                "{} takes two arrays, got {} arguments",
+                self.name(),
+                args.len()
+            );
+        }
+        for arg in args {
+            let numeric = match arg {
+                DataType::Null => true,
+                DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                    f.data_type().is_numeric() || f.data_type() == &DataType::Null
+                }
+                _ => false,
+            };
+            if !numeric {
+                return plan_err!("{} takes arrays of numbers, not {arg}", self.name());
+            }
+        }
+        Ok(vec![double_list(), double_list()])
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let scalar = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let result = self.evaluate(&arrays[0], &arrays[1])?;
+        if scalar {
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
+                &result, 0,
+            )?))
+        } else {
+            Ok(ColumnarValue::Array(result))
+        }
+    }
+}
+
+impl VectorFunction {
+    fn evaluate(&self, left: &ArrayRef, right: &ArrayRef) -> Result<ArrayRef> {
+        let left = cast(left, &double_list())?;
+        let right = cast(right, &double_list())?;
+        let (left, right) = (left.as_list::<i32>(), right.as_list::<i32>());
+        let mut out = Float64Builder::with_capacity(left.len());
+        for row in 0..left.len() {
+            if left.is_null(row) || right.is_null(row) {
+                out.append_null();
+                continue;
+            }
+            let (x, y) = (left.value(row), right.value(row));
+            let (x, y) = (
+                x.as_primitive::<Float64Type>(),
+                y.as_primitive::<Float64Type>(),
+            );
+            if x.len() != y.len() {
+                return Err(DataFusionError::Execution(format!(
+                    "{}: the arguments must have the same length, got {} and {}",
+                    self.name(),
+                    x.len(),
+                    y.len()
+                )));
+            }
+            if x.null_count() > 0 || y.null_count() > 0 {
+                out.append_null();
+                continue;
+            }
+            out.append_value(self.kind.compute(x.values(), y.values())?);
+        }
+        let result: Float64Array = out.finish();
+        Ok(Arc::new(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deltalake::datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    async fn one(sql: &str) -> Result<Option<f64>> {
+        let ctx = SessionContext::new();
+        for f in functions() {
+            ctx.register_udf(f);
+        }
+        let batches = ctx.sql(sql).await?.collect().await?;
+        let column = batches[0].column(0);
+        let values = cast(column, &DataType::Float64)?;
+        let values = values.as_primitive::<Float64Type>();
+        Ok((!values.is_null(0)).then(|| values.value(0)))
+    }
+
+    fn close(got: Option<f64>, want: f64) {
+        let got = got.expect("a value, not null");
+        assert!((got - want).abs() < 1e-12, "got {got}, want {want}");
+    }
+
+    #[tokio::test]
+    async fn values_match_trino_definitions() {
+        close(
+            one("SELECT cosine_similarity([1.0, 0.0], [0.0, 1.0])")
+                .await
+                .unwrap(),
+            0.0,
+        );
+        close(
+            one("SELECT cosine_similarity([1, 2, 3], [2, 4, 6])")
+                .await
+                .unwrap(),
+            1.0,
+        );
+        close(
+            one("SELECT cosine_distance([1.0, 0.0], [-1.0, 0.0])")
+                .await
+                .unwrap(),
+            2.0,
+        );
+        close(
+            one("SELECT dot_product([1, 2, 3], [4, 5, 6])")
+                .await
+                .unwrap(),
+            32.0,
+        );
+        close(
+            one("SELECT euclidean_distance([0, 0], [3, 4])")
+                .await
+                .unwrap(),
+            5.0,
+        );
+        // Float arrays, as embeddings are stored, compute in double precision.
+        close(
+            one("SELECT dot_product(arrow_cast([0.5, 0.25], 'List(Float32)'), [2.0, 4.0])")
+                .await
+                .unwrap(),
+            2.0,
+        );
+    }
+
+    #[tokio::test]
+    async fn nulls_lengths_and_zero_vectors_behave_as_in_trino() {
+        assert_eq!(
+            one("SELECT cosine_similarity(NULL, [1.0])").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            one("SELECT cosine_similarity([1.0, NULL], [1.0, 2.0])")
+                .await
+                .unwrap(),
+            None
+        );
+        let mismatch = one("SELECT dot_product([1.0, 2.0], [1.0])")
+            .await
+            .unwrap_err();
+        assert!(
+            mismatch
+                .to_string()
+                .contains("must have the same length, got 2 and 1"),
+            "{mismatch}"
+        );
+        let zero = one("SELECT cosine_distance([0.0, 0.0], [1.0, 2.0])")
+            .await
+            .unwrap_err();
+        assert!(
+            zero.to_string().contains("Vector magnitude cannot be zero"),
+            "{zero}"
+        );
+        let text = one("SELECT cosine_similarity(['a'], ['b'])")
+            .await
+            .unwrap_err();
+        assert!(
+            text.to_string().contains("takes arrays of numbers"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn works_row_by_row_on_columns() {
+        let ctx = SessionContext::new();
+        for f in functions() {
+            ctx.register_udf(f);
+        }
+        let batches = ctx
+            .sql(
+                "SELECT euclidean_distance(v, [0.0, 0.0]) AS d FROM \
+                 (VALUES ([3.0, 4.0]), ([6.0, 8.0]), (NULL)) AS t(v) ORDER BY d NULLS LAST",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let d = batches[0].column(0).as_primitive::<Float64Type>();
+        assert_eq!((d.value(0), d.value(1), d.is_null(2)), (5.0, 10.0, true));
+    }
+}
