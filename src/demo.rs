@@ -473,6 +473,11 @@ impl DemoReport {
             "\nPosts by sentiment × category (labels canonicalized; raw ones kept in *_raw):\n"
         );
         out.push_str(&pivot(&self.sentiment_by_category));
+        let _ = writeln!(
+            out,
+            "\nQuery it: sluice sql --config {} (a shell; or -f sql/toxicity_surges.sql, any file of sql/)",
+            self.config_file.display()
+        );
         out
     }
 }
