@@ -22,6 +22,8 @@
 //! - [`delta`]: create the table, read txn versions, write Parquet, commit.
 //! - [`pipeline`]: the writer loop composing the stages, and its exactly-once rules.
 //! - [`app`]: the service: one writer per configured table.
+//! - [`compact`]: bin-packing compaction of small files, partition by partition, under a lease.
+//! - [`lease`]: one compactor per table, via put-if-absent records in the table's store.
 //! - [`audit`]: proof from the broker and the tables that every offset landed exactly once.
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
 //! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
@@ -31,6 +33,7 @@
 pub mod app;
 pub mod audit;
 pub mod batch;
+pub mod compact;
 pub mod config;
 pub mod contract;
 pub mod dead_letters;
@@ -39,6 +42,7 @@ pub mod delta;
 pub mod demo;
 pub mod generator;
 pub mod labels;
+pub mod lease;
 pub mod mapping;
 pub mod pipeline;
 pub mod produce;

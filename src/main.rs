@@ -73,11 +73,45 @@ enum Command {
         #[arg(long)]
         brokers: Option<String>,
     },
+    /// Compact small files into files near a target size (one-shot, for cron or a CronJob).
+    ///
+    /// Exit codes: 0 done (or nothing to do), 3 another compactor holds the table's lease,
+    /// 1 failure.
+    Compact(CompactArgs),
     /// Query the tables with SQL: an interactive shell, one statement (-c) or a file (-f).
     ///
     /// Read-only. Every table of the config is registered by name, with its dead letters.
     Sql(SqlArgs),
 }
+
+/// `sluice compact` flags.
+#[derive(clap::Args)]
+struct CompactArgs {
+    /// Config file.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: PathBuf,
+    /// Only this table (its dead-letter table is compacted too). Default: every table.
+    #[arg(long)]
+    table: Option<String>,
+    /// Only this partition value (e.g. 2026-11-20); repeatable.
+    #[arg(long)]
+    partition: Vec<String>,
+    /// Only partitions on or after this date.
+    #[arg(long, value_name = "DATE")]
+    since: Option<chrono::NaiveDate>,
+    /// Z-order rewritten partitions by these columns (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    zorder: Vec<String>,
+    /// Target file size in MiB.
+    #[arg(long, default_value_t = 128)]
+    target_size_mb: u64,
+    /// Print the plan (partitions, files and bytes in, files out) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Exit code of `sluice compact` when another compactor holds the lease.
+const EXIT_LEASE_HELD: u8 = 3;
 
 /// `sluice sql` flags.
 #[derive(clap::Args)]
@@ -308,8 +342,78 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Sql(args) => return sql(args).await,
+        Command::Compact(args) => return compact(args).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
+    use sluice::compact::{CompactOptions, CompactOutcome};
+    let cfg = load_config(&args.config, None)?;
+    let options = CompactOptions {
+        target_size: args.target_size_mb.max(1) * 1024 * 1024,
+        partitions: args.partition,
+        since: args.since,
+        zorder: args.zorder,
+        dry_run: args.dry_run,
+        ..CompactOptions::default()
+    };
+    let mut names = Vec::new();
+    for table in &cfg.tables {
+        let name = sluice::schema::TableSchema::load(&table.schema)?.name;
+        if args.table.as_ref().is_none_or(|t| *t == name) {
+            names.push(sluice::dead_letters::table_name(&name));
+            names.insert(names.len() - 1, name);
+        }
+    }
+    if names.is_empty() {
+        anyhow::bail!(
+            "no table named {} in {}",
+            args.table.unwrap_or_default(),
+            args.config.display()
+        );
+    }
+    let mut busy = false;
+    for name in names {
+        let location = sluice::delta::table_location(&cfg.storage.root, &name);
+        match sluice::compact::compact(&location, cfg.storage_options(), &options).await? {
+            CompactOutcome::Planned(plan) => {
+                println!("{name}: {} partitions to compact", plan.len());
+                for p in plan {
+                    println!(
+                        "  {:<12} {:>6} files in ({:.1} MB) -> {} out",
+                        p.partition,
+                        p.files_in,
+                        p.bytes_in as f64 / 1e6,
+                        p.files_out
+                    );
+                }
+            }
+            CompactOutcome::Busy { owner, expires_at } => {
+                println!("{name}: lease held by {owner} until {expires_at}; not compacted");
+                busy = true;
+            }
+            CompactOutcome::Compacted(done) => {
+                println!("{name}: {} partitions compacted", done.len());
+                for p in done {
+                    println!(
+                        "  {:<12} {:>6} files ({:.1} MB) -> {} files ({:.1} MB), version {}",
+                        p.partition,
+                        p.files_removed,
+                        p.bytes_removed as f64 / 1e6,
+                        p.files_added,
+                        p.bytes_added as f64 / 1e6,
+                        p.version
+                    );
+                }
+            }
+        }
+    }
+    Ok(if busy {
+        ExitCode::from(EXIT_LEASE_HELD)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn sql(args: SqlArgs) -> anyhow::Result<ExitCode> {

@@ -12,91 +12,16 @@ use std::sync::OnceLock;
 
 use sluice::config::Config;
 use sluice::generator::Shape;
-use sluice::produce::{ProduceOptions, produce};
 use sluice::sql::format::logictest;
 use sluice::sql::{Session, SqlError, TimeTravel};
 
 use common::*;
 
-/// The fixture's "now": posts are created in the three days before it.
-const FIXTURE_CLOCK_MS: i64 = 1_763_942_400_000; // 2025-11-24T00:00:00Z
-const FIXTURE_MESSAGES: u64 = 3_000;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A table written by sluice from a fixed seed and clock: 3,000 messages from the three
-/// upstreams, every 50th hostile, in the folder returned (with a `sluice.toml`). Built once
-/// per test run.
+/// A table written by sluice from a fixed seed and clock (see [`common::build_fixture`]), in
+/// the folder returned (with a `sluice.toml`). Built once per test run.
 fn fixture() -> &'static Path {
     static FIXTURE: OnceLock<PathBuf> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        std::thread::spawn(|| {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(build_fixture())
-        })
-        .join()
-        .expect("fixture built")
-    })
-}
-
-async fn build_fixture() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sql-fixture");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let topics: Vec<&str> = Shape::ALL.iter().map(|s| s.default_topic()).collect();
-    let kafka = Kafka::new(&topics, 3);
-    let report = produce(&ProduceOptions {
-        brokers: kafka.brokers(),
-        shapes: Shape::ALL
-            .iter()
-            .map(|s| (*s, s.default_topic().to_string()))
-            .collect(),
-        count: FIXTURE_MESSAGES,
-        rate: 0,
-        seed: 7,
-        embedding_dim: 16,
-        bad_every: 50,
-        spread_days: 3,
-        clock_ms: Some(FIXTURE_CLOCK_MS),
-    })
-    .await
-    .expect("fixture published");
-    let cfg = config(&kafka.brokers(), &dir, &Shape::ALL, limits(250, 1000));
-    let mut writer = Writer::start(&cfg).await;
-    writer.wait_committed(&report.last_offsets).await;
-    writer.stop().await;
-    write_config(&dir);
-    dir
-}
-
-/// A `sluice.toml` for the table(s) under `dir`, for the command-line tests.
-fn write_config(dir: &Path) -> PathBuf {
-    let repo = repo();
-    let repo = repo.display();
-    let file = dir.join("sluice.toml");
-    std::fs::write(
-        &file,
-        format!(
-            r#"
-[kafka]
-brokers = "127.0.0.1:1"
-[storage]
-root = "."
-[[tables]]
-schema = "{repo}/schemas/enriched_posts.toml"
-sources = [
-  {{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }},
-  {{ topic = "posts.bluesky", mapping = "{repo}/schemas/mappings/bluesky.toml" }},
-  {{ topic = "posts.tweets", mapping = "{repo}/schemas/mappings/tweets.toml" }},
-]
-"#
-        ),
-    )
-    .unwrap();
-    file
+    FIXTURE.get_or_init(|| build_fixture_blocking("sql-fixture"))
 }
 
 fn lake_config(root: &Path) -> Config {

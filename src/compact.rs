@@ -1,0 +1,401 @@
+//! Compaction: bin-packs a table's small files into files near a target size, partition by
+//! partition, most fragmented first, under the table's compaction [`lease`](crate::lease).
+//!
+//! Streaming appends leave one small file per flush and partition; every query pays for each
+//! one. Compaction commits are `dataChange=false` (delta-rs optimize), so readers see the same
+//! rows and appends keep committing while it runs. The lease is renewed before each
+//! partition's rewrite, so a compactor that lost it (paused past expiry, or another took it
+//! over) stops before committing anything further.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use chrono::{NaiveDate, Utc};
+use deltalake::operations::optimize::OptimizeType;
+use deltalake::{DeltaTable, DeltaTableError};
+
+use crate::delta::open_table;
+use crate::lease::{self, Acquired, LeaseError};
+
+/// Default size compaction aims for.
+pub const DEFAULT_TARGET_SIZE: u64 = 128 * 1024 * 1024;
+/// Default lease duration: long enough for one partition's rewrite, short enough that a
+/// crashed compactor blocks the next one only briefly.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// Errors compacting.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// The table could not be opened, read or rewritten.
+    #[error("compacting {table}: {operation}: {source}")]
+    Delta {
+        /// Table location.
+        table: String,
+        /// What was being done.
+        operation: String,
+        /// delta-rs' error.
+        source: Box<DeltaTableError>,
+    },
+    /// The lease could not be read, taken, renewed or released.
+    #[error("compacting {table}: {source}")]
+    Lease {
+        /// Table location.
+        table: String,
+        /// What went wrong.
+        source: LeaseError,
+    },
+    /// A requested partition value or column does not fit the table.
+    #[error("compacting {table}: {reason}")]
+    Invalid {
+        /// Table location.
+        table: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What to compact and how.
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Files below this size are candidates; output files aim for it.
+    pub target_size: u64,
+    /// Only these partition values (e.g. `2026-11-20`); empty means all.
+    pub partitions: Vec<String>,
+    /// Only partitions on or after this date.
+    pub since: Option<NaiveDate>,
+    /// Z-order each rewritten partition by these columns (empty: plain bin-packing).
+    pub zorder: Vec<String>,
+    /// Print the plan, change nothing.
+    pub dry_run: bool,
+    /// How long the lease lasts between renewals.
+    pub lease_ttl: Duration,
+    /// Who is compacting (see [`lease::owner_id`]).
+    pub owner: String,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        CompactOptions {
+            target_size: DEFAULT_TARGET_SIZE,
+            partitions: Vec::new(),
+            since: None,
+            zorder: Vec::new(),
+            dry_run: false,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            owner: lease::owner_id(),
+        }
+    }
+}
+
+/// Files, bytes and rows of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionFiles {
+    /// The partition value (`""` for an unpartitioned table).
+    pub partition: String,
+    /// Data files.
+    pub files: usize,
+    /// Files below the target size.
+    pub small_files: usize,
+    /// Bytes of all files.
+    pub bytes: u64,
+    /// Bytes of the small files.
+    pub small_bytes: u64,
+    /// Rows, from the files' statistics.
+    pub rows: u64,
+}
+
+/// One partition's share of a compaction plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedPartition {
+    /// The partition value.
+    pub partition: String,
+    /// Files that will be rewritten.
+    pub files_in: usize,
+    /// Their bytes.
+    pub bytes_in: u64,
+    /// Files expected out (bytes in / target size, rounded up).
+    pub files_out: usize,
+}
+
+/// What one partition's rewrite did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactedPartition {
+    /// The partition value.
+    pub partition: String,
+    /// Files removed (`dataChange=false`).
+    pub files_removed: u64,
+    /// Files added.
+    pub files_added: u64,
+    /// Bytes removed.
+    pub bytes_removed: u64,
+    /// Bytes added.
+    pub bytes_added: u64,
+    /// The table version of the commit.
+    pub version: i64,
+}
+
+/// The outcome of a compaction run.
+#[derive(Debug)]
+pub enum CompactOutcome {
+    /// `dry_run`: what would be done.
+    Planned(Vec<PlannedPartition>),
+    /// Another compactor holds the lease.
+    Busy {
+        /// The holder.
+        owner: String,
+        /// When its lease runs out unless renewed.
+        expires_at: chrono::DateTime<Utc>,
+    },
+    /// Partitions rewritten, in order.
+    Compacted(Vec<CompactedPartition>),
+}
+
+fn delta_error(table: &str, operation: &str) -> impl FnOnce(DeltaTableError) -> CompactError {
+    let (table, operation) = (table.to_string(), operation.to_string());
+    move |source| CompactError::Delta {
+        table,
+        operation,
+        source: Box::new(source),
+    }
+}
+
+/// The table's partition column (sluice tables have one or none).
+fn partition_column(table: &DeltaTable, location: &str) -> Result<Option<String>, CompactError> {
+    let snapshot = table
+        .snapshot()
+        .map_err(delta_error(location, "snapshot"))?;
+    let columns = snapshot.metadata().partition_columns();
+    match columns {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        more => Err(CompactError::Invalid {
+            table: location.to_string(),
+            reason: format!("partitioned by {more:?}; sluice compacts single-column partitions"),
+        }),
+    }
+}
+
+/// Files, bytes and rows per partition of the table's current version, sorted by partition.
+pub fn partitions(table: &DeltaTable, target_size: u64) -> Result<Vec<PartitionFiles>, String> {
+    let snapshot = table.snapshot().map_err(|e| e.to_string())?;
+    let mut by_partition: BTreeMap<String, PartitionFiles> = BTreeMap::new();
+    for file in snapshot.log_data().iter() {
+        let path = file.path();
+        // sluice writes Hive-style paths: `event_date=2026-11-20/part-....parquet`.
+        let partition = path
+            .split('/')
+            .find_map(|segment| segment.split_once('=').map(|(_, v)| v.to_string()))
+            .unwrap_or_default();
+        let size = file.size().max(0) as u64;
+        let rows = file
+            .stats()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|s| s.get("numRecords").and_then(|n| n.as_u64()))
+            .unwrap_or(0);
+        let entry = by_partition
+            .entry(partition.clone())
+            .or_insert_with(|| PartitionFiles {
+                partition,
+                ..PartitionFiles::default()
+            });
+        entry.files += 1;
+        entry.bytes += size;
+        entry.rows += rows;
+        if size < target_size {
+            entry.small_files += 1;
+            entry.small_bytes += size;
+        }
+    }
+    Ok(by_partition.into_values().collect())
+}
+
+/// Which partitions to rewrite: those selected with at least two small files (or, when
+/// Z-ordering, at least two files), most small files first.
+pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPartition> {
+    let mut planned: Vec<PlannedPartition> = parts
+        .iter()
+        .filter(|p| options.partitions.is_empty() || options.partitions.contains(&p.partition))
+        .filter(|p| {
+            match (
+                options.since,
+                NaiveDate::parse_from_str(&p.partition, "%Y-%m-%d"),
+            ) {
+                (Some(since), Ok(day)) => day >= since,
+                (Some(_), Err(_)) => false,
+                (None, _) => true,
+            }
+        })
+        .filter_map(|p| {
+            let (files_in, bytes_in) = if options.zorder.is_empty() {
+                (p.small_files, p.small_bytes)
+            } else {
+                (p.files, p.bytes)
+            };
+            (files_in >= 2).then(|| PlannedPartition {
+                partition: p.partition.clone(),
+                files_in,
+                bytes_in,
+                files_out: bytes_in.div_ceil(options.target_size.max(1)).max(1) as usize,
+            })
+        })
+        .collect();
+    planned.sort_by(|a, b| {
+        (b.files_in - b.files_out)
+            .cmp(&(a.files_in - a.files_out))
+            .then(a.partition.cmp(&b.partition))
+    });
+    planned
+}
+
+/// Compacts the table at `location` as `options` say.
+pub async fn compact(
+    location: &str,
+    storage_options: HashMap<String, String>,
+    options: &CompactOptions,
+) -> Result<CompactOutcome, CompactError> {
+    let table = open_table(location, storage_options.clone())
+        .await
+        .map_err(delta_error(location, "open"))?;
+    let column = partition_column(&table, location)?;
+    if column.is_none() && !options.partitions.is_empty() {
+        return Err(CompactError::Invalid {
+            table: location.to_string(),
+            reason: "the table is not partitioned; drop --partition".into(),
+        });
+    }
+    let parts =
+        partitions(&table, options.target_size).map_err(|reason| CompactError::Invalid {
+            table: location.to_string(),
+            reason,
+        })?;
+    let planned = plan(&parts, options);
+    if options.dry_run {
+        return Ok(CompactOutcome::Planned(planned));
+    }
+
+    let lease_error = |source| CompactError::Lease {
+        table: location.to_string(),
+        source,
+    };
+    let mut lease = match lease::acquire(
+        table.object_store(),
+        &options.owner,
+        options.lease_ttl,
+        Utc::now(),
+    )
+    .await
+    .map_err(lease_error)?
+    {
+        Acquired::Held(lease) => lease,
+        Acquired::Busy { owner, expires_at } => {
+            return Ok(CompactOutcome::Busy { owner, expires_at });
+        }
+    };
+
+    let target = NonZeroU64::new(options.target_size.max(1)).expect("at least 1");
+    let mut done = Vec::new();
+    let mut table = table;
+    for part in &planned {
+        lease.renew(Utc::now()).await.map_err(lease_error)?;
+        table
+            .update_state()
+            .await
+            .map_err(delta_error(location, "refresh"))?;
+        let optimize_type = if options.zorder.is_empty() {
+            OptimizeType::Compact
+        } else {
+            OptimizeType::ZOrder(options.zorder.clone())
+        };
+        let filters = column.as_deref().map(|c| {
+            vec![(
+                c,
+                deltalake::kernel::schema::partitions::FilterOp::Eq,
+                deltalake::kernel::schema::partitions::FilterValue::Scalar(part.partition.as_str()),
+            )]
+        });
+        let mut builder = table
+            .clone()
+            .optimize()
+            .with_type(optimize_type)
+            .with_target_size(target);
+        if let Some(filters) = &filters {
+            builder = builder.with_filters(filters);
+        }
+        let (updated, metrics) = builder.await.map_err(delta_error(
+            location,
+            &format!("rewrite partition {}", part.partition),
+        ))?;
+        table = updated;
+        let version = table.version().unwrap_or_default() as i64;
+        let result = CompactedPartition {
+            partition: part.partition.clone(),
+            files_removed: metrics.num_files_removed,
+            files_added: metrics.num_files_added,
+            bytes_removed: metrics.files_removed.total_size.max(0) as u64,
+            bytes_added: metrics.files_added.total_size.max(0) as u64,
+            version,
+        };
+        tracing::info!(
+            table = location,
+            partition = %result.partition,
+            files_removed = result.files_removed,
+            files_added = result.files_added,
+            bytes_removed = result.bytes_removed,
+            bytes_added = result.bytes_added,
+            version,
+            "compacted partition"
+        );
+        done.push(result);
+    }
+    lease.release().await.map_err(lease_error)?;
+    Ok(CompactOutcome::Compacted(done))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(partition: &str, files: usize, small_files: usize) -> PartitionFiles {
+        PartitionFiles {
+            partition: partition.into(),
+            files,
+            small_files,
+            bytes: files as u64 * 1000,
+            small_bytes: small_files as u64 * 1000,
+            rows: 0,
+        }
+    }
+
+    #[test]
+    fn plans_the_most_fragmented_selected_partitions_first() {
+        let parts = [
+            part("2026-11-18", 30, 30),
+            part("2026-11-19", 1, 1),
+            part("2026-11-20", 90, 90),
+            part("2026-11-21", 5, 5),
+        ];
+        let options = CompactOptions {
+            target_size: 4000,
+            ..CompactOptions::default()
+        };
+        let all = plan(&parts, &options);
+        let order: Vec<&str> = all.iter().map(|p| p.partition.as_str()).collect();
+        assert_eq!(order, ["2026-11-20", "2026-11-18", "2026-11-21"]);
+        assert_eq!(
+            (all[0].files_in, all[0].bytes_in, all[0].files_out),
+            (90, 90_000, 23)
+        );
+
+        let since = CompactOptions {
+            since: NaiveDate::from_ymd_opt(2026, 11, 21),
+            ..options.clone()
+        };
+        assert_eq!(plan(&parts, &since).len(), 1);
+        let one = CompactOptions {
+            partitions: vec!["2026-11-18".into()],
+            ..options
+        };
+        assert_eq!(plan(&parts, &one)[0].partition, "2026-11-18");
+    }
+}

@@ -1,0 +1,269 @@
+//! Compaction: results never change, one compactor at a time, and appends keep landing
+//! exactly once while it runs.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::compact::{CompactOptions, CompactOutcome, CompactedPartition, compact};
+use sluice::delta::{open_table, table_location};
+use sluice::generator::Shape;
+use sluice::lease::{self, Acquired};
+use sluice::sql::format::logictest;
+use sluice::sql::{Session, TimeTravel};
+
+use common::*;
+
+fn main_table(root: &Path) -> String {
+    table_location(&root.to_string_lossy(), "enriched_posts")
+}
+
+async fn session(root: &Path) -> Session {
+    let cfg = config("127.0.0.1:1", root, &Shape::ALL, limits(1000, 1000));
+    Session::open(&cfg, &TimeTravel::default()).await.unwrap()
+}
+
+/// Every query of `sql/` with its result as text.
+async fn library(root: &Path) -> BTreeMap<String, String> {
+    let session = session(root).await;
+    let mut results = BTreeMap::new();
+    for entry in std::fs::read_dir(repo().join("sql")).unwrap() {
+        let file = entry.unwrap().path();
+        if file.extension().is_none_or(|e| e != "sql") {
+            continue;
+        }
+        let sql = std::fs::read_to_string(&file).unwrap();
+        let out = session.run(&sql).await.unwrap();
+        let last = out.last().unwrap();
+        results.insert(
+            file.file_name().unwrap().to_string_lossy().into_owned(),
+            logictest(&last.schema, &last.batches).unwrap(),
+        );
+    }
+    results
+}
+
+async fn files_and_bytes(location: &str) -> (usize, u64) {
+    let table = open_table(location, Default::default()).await.unwrap();
+    let parts = sluice::compact::partitions(&table, u64::MAX).unwrap();
+    (
+        parts.iter().map(|p| p.files).sum(),
+        parts.iter().map(|p| p.bytes).sum(),
+    )
+}
+
+fn options(owner: &str) -> CompactOptions {
+    CompactOptions {
+        owner: owner.to_string(),
+        ..CompactOptions::default()
+    }
+}
+
+fn compacted(outcome: CompactOutcome) -> Vec<CompactedPartition> {
+    match outcome {
+        CompactOutcome::Compacted(parts) => parts,
+        other => panic!("expected a compaction, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
+    let root = tokio::task::spawn_blocking(|| build_fixture_blocking("compact-fixture"))
+        .await
+        .unwrap();
+    let location = main_table(&root);
+    let before = library(&root).await;
+    let (files_before, bytes_before) = files_and_bytes(&location).await;
+    let version_before = session(&root).await.tables()[0].version;
+
+    let parts = compacted(
+        compact(&location, Default::default(), &options("test"))
+            .await
+            .unwrap(),
+    );
+    let (files_after, bytes_after) = files_and_bytes(&location).await;
+    println!(
+        "compaction: {files_before} files ({bytes_before} bytes) -> {files_after} files ({bytes_after} bytes)"
+    );
+    assert_eq!(files_after, parts.len(), "one file per day partition");
+    assert!(files_after < files_before / 5);
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| p.files_removed as usize)
+            .sum::<usize>()
+            + files_after,
+        files_before + parts.len()
+    );
+    assert_eq!(
+        library(&root).await,
+        before,
+        "every sql/ result is unchanged"
+    );
+
+    // The state before compaction is still readable (nothing vacuumed yet) and equal.
+    let session = session(&root).await;
+    let old = format!(
+        "SELECT count(*), sum(like_count), count(DISTINCT post_id) FROM version_as_of('enriched_posts', {version_before})"
+    );
+    let new = "SELECT count(*), sum(like_count), count(DISTINCT post_id) FROM enriched_posts";
+    let text =
+        |r: Vec<sluice::sql::StatementResult>| logictest(&r[0].schema, &r[0].batches).unwrap();
+    assert_eq!(
+        text(session.run(&old).await.unwrap()),
+        text(session.run(new).await.unwrap())
+    );
+    // A second run finds nothing to do.
+    assert!(
+        compacted(
+            compact(&location, Default::default(), &options("test"))
+                .await
+                .unwrap()
+        )
+        .is_empty()
+    );
+}
+
+/// A table of `count` Mastodon posts written in many small commits.
+async fn fragmented_table(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64> {
+    let kafka = Kafka::new(&["posts.mastodon"], 2);
+    let cfg = config(&kafka.brokers(), dir, &[Shape::Mastodon], limits(40, 1000));
+    let report = publish(&kafka.brokers(), &[Shape::Mastodon], count, 3, 0).await;
+    let mut writer = Writer::start(&cfg).await;
+    writer.wait_committed(&report.last_offsets).await;
+    writer.stop().await;
+    report.last_offsets
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_lease_turns_a_second_compactor_away_and_only_one_of_two_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 400).await;
+    let location = main_table(dir.path());
+    let rows_before = table_offsets(dir.path()).await;
+    let (files_before, _) = files_and_bytes(&location).await;
+
+    // A scheduled job holds the lease: the CLI says so with its own exit code, and changes
+    // nothing.
+    let store = open_table(&location, Default::default())
+        .await
+        .unwrap()
+        .object_store();
+    let Acquired::Held(job) = lease::acquire(
+        store,
+        "cron-job-on-host-b",
+        Duration::from_secs(300),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap() else {
+        panic!("the lease is free")
+    };
+    let config = write_lake_config(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["compact", "--table", "enriched_posts", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("lease held by cron-job-on-host-b"),
+        "{stdout}"
+    );
+    assert_eq!(files_and_bytes(&location).await.0, files_before);
+    job.release().await.unwrap();
+
+    // Two compactors started together: each partition is rewritten by exactly one of them.
+    let (options_a, options_b) = (options("a"), options("b"));
+    let (a, b) = tokio::join!(
+        compact(&location, Default::default(), &options_a),
+        compact(&location, Default::default(), &options_b)
+    );
+    let mut rewritten = Vec::new();
+    let mut busy = 0;
+    for outcome in [a.unwrap(), b.unwrap()] {
+        match outcome {
+            CompactOutcome::Compacted(parts) => {
+                rewritten.extend(parts.into_iter().map(|p| p.partition))
+            }
+            CompactOutcome::Busy { .. } => busy += 1,
+            CompactOutcome::Planned(_) => unreachable!(),
+        }
+    }
+    let distinct: BTreeSet<_> = rewritten.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        rewritten.len(),
+        "no partition rewritten twice"
+    );
+    assert!(!rewritten.is_empty() && busy <= 1);
+    let rows_after = table_offsets(dir.path()).await;
+    assert_eq!(rows_after, rows_before, "rows unchanged");
+    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
+    assert!(files_and_bytes(&location).await.0 < files_before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appends_and_compaction_interleave_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let root: PathBuf = dir.path().to_path_buf();
+    let kafka = Kafka::new(&["posts.mastodon", "posts.tweets"], 3);
+    let shapes = [Shape::Mastodon, Shape::Tweets];
+    let cfg = config(&kafka.brokers(), &root, &shapes, limits(60, 1000));
+    let mut writer = Writer::start(&cfg).await;
+    let location = main_table(&root);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let (stop, location) = (stop.clone(), location.clone());
+        tokio::spawn(async move {
+            let mut runs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(table) = open_table(&location, Default::default()).await
+                    && table.version().unwrap_or(0) > 1
+                {
+                    let outcome = compact(&location, Default::default(), &options("background"))
+                        .await
+                        .expect("compaction beside the writer succeeds");
+                    runs.push(compacted(outcome).len());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            runs
+        })
+    };
+    let mut reports = Vec::new();
+    for round in 0..8 {
+        reports.push(publish(&kafka.brokers(), &shapes, 300, 100 + round, 0).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let last = latest_offsets(&reports.iter().collect::<Vec<_>>());
+    writer.wait_committed(&last).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = compactor.await.unwrap();
+    writer.stop().await;
+    let rewrites: usize = runs.iter().sum();
+    assert!(
+        rewrites > 0,
+        "the compactor rewrote partitions while the writer ran: {runs:?}"
+    );
+
+    let rows = table_offsets(&root).await;
+    assert_exactly_once(&rows, &last, &BTreeSet::new());
+    let (files_before, _) = files_and_bytes(&location).await;
+    compacted(
+        compact(&location, Default::default(), &options("final"))
+            .await
+            .unwrap(),
+    );
+    let (files_after, _) = files_and_bytes(&location).await;
+    assert!(files_after <= files_before);
+    assert_eq!(table_offsets(&root).await, rows);
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let days = sluice::compact::partitions(&table, u64::MAX).unwrap().len();
+    assert_eq!(files_after, days, "one file per day after the final run");
+}
