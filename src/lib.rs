@@ -24,6 +24,7 @@
 //! - [`app`]: the service: one writer per configured table.
 //! - [`compact`]: bin-packing compaction of small files, partition by partition, under a lease.
 //! - [`lease`]: one compactor per table, via put-if-absent records in the table's store.
+//! - [`maintain`]: vacuum, checkpoints with log cleanup, and `sluice inspect`.
 //! - [`audit`]: proof from the broker and the tables that every offset landed exactly once.
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
 //! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
@@ -43,6 +44,7 @@ pub mod demo;
 pub mod generator;
 pub mod labels;
 pub mod lease;
+pub mod maintain;
 pub mod mapping;
 pub mod pipeline;
 pub mod produce;

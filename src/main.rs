@@ -78,6 +78,43 @@ enum Command {
     /// Exit codes: 0 done (or nothing to do), 3 another compactor holds the table's lease,
     /// 1 failure.
     Compact(CompactArgs),
+    /// Delete data files no version within the retention references (default 7 days).
+    Vacuum {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (and its dead letters).
+        #[arg(long)]
+        table: Option<String>,
+        /// Keep files referenced by any version of the last this many hours.
+        #[arg(long, default_value_t = 168)]
+        retention_hours: u64,
+        /// Allow a retention below 168 hours (breaks longer readers and time travel).
+        #[arg(long)]
+        allow_short_retention: bool,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a checkpoint at the current version and remove expired log files.
+    Checkpoint {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (and its dead letters).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Show per partition files, small files, bytes and rows; version, last checkpoint,
+    /// committed Kafka positions and the compaction lease.
+    Inspect {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (and its dead letters).
+        #[arg(long)]
+        table: Option<String>,
+    },
     /// Query the tables with SQL: an interactive shell, one statement (-c) or a file (-f).
     ///
     /// Read-only. Every table of the config is registered by name, with its dead letters.
@@ -343,8 +380,87 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Sql(args) => return sql(args).await,
         Command::Compact(args) => return compact(args).await,
+        Command::Vacuum {
+            config,
+            table,
+            retention_hours,
+            allow_short_retention,
+            dry_run,
+        } => {
+            let cfg = load_config(&config, None)?;
+            for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
+                let report = sluice::maintain::vacuum(
+                    &location,
+                    cfg.storage_options(),
+                    std::time::Duration::from_secs(retention_hours * 3600),
+                    allow_short_retention,
+                    dry_run,
+                )
+                .await?;
+                println!(
+                    "{name}: {} {} files",
+                    if report.dry_run {
+                        "would delete"
+                    } else {
+                        "deleted"
+                    },
+                    report.files
+                );
+            }
+        }
+        Command::Checkpoint { config, table } => {
+            let cfg = load_config(&config, None)?;
+            for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
+                let report = sluice::maintain::checkpoint(&location, cfg.storage_options()).await?;
+                println!(
+                    "{name}: checkpoint at version {}, {} expired log files removed",
+                    report.version, report.logs_removed
+                );
+            }
+        }
+        Command::Inspect { config, table } => {
+            let cfg = load_config(&config, None)?;
+            for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
+                let inspection = sluice::maintain::inspect(
+                    &name,
+                    &location,
+                    cfg.storage_options(),
+                    &cfg.kafka.group_id,
+                )
+                .await?;
+                print!("{}", inspection.render());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// (name, location) of every configured table matching `only`, each followed by its
+/// dead-letter table.
+fn table_locations(
+    cfg: &Config,
+    only: Option<&str>,
+    file: &std::path::Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for table in &cfg.tables {
+        let name = sluice::schema::TableSchema::load(&table.schema)?.name;
+        if only.is_none_or(|t| t == name) {
+            let dead = sluice::dead_letters::table_name(&name);
+            for n in [name, dead] {
+                let location = sluice::delta::table_location(&cfg.storage.root, &n);
+                out.push((n, location));
+            }
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!(
+            "no table named {} in {}",
+            only.unwrap_or_default(),
+            file.display()
+        );
+    }
+    Ok(out)
 }
 
 async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
@@ -358,24 +474,9 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         ..CompactOptions::default()
     };
-    let mut names = Vec::new();
-    for table in &cfg.tables {
-        let name = sluice::schema::TableSchema::load(&table.schema)?.name;
-        if args.table.as_ref().is_none_or(|t| *t == name) {
-            names.push(sluice::dead_letters::table_name(&name));
-            names.insert(names.len() - 1, name);
-        }
-    }
-    if names.is_empty() {
-        anyhow::bail!(
-            "no table named {} in {}",
-            args.table.unwrap_or_default(),
-            args.config.display()
-        );
-    }
+    let tables = table_locations(&cfg, args.table.as_deref(), &args.config)?;
     let mut busy = false;
-    for name in names {
-        let location = sluice::delta::table_location(&cfg.storage.root, &name);
+    for (name, location) in tables {
         match sluice::compact::compact(&location, cfg.storage_options(), &options).await? {
             CompactOutcome::Planned(plan) => {
                 println!("{name}: {} partitions to compact", plan.len());

@@ -267,3 +267,88 @@ async fn appends_and_compaction_interleave_without_loss_or_duplicates() {
     let days = sluice::compact::partitions(&table, u64::MAX).unwrap().len();
     assert_eq!(files_after, days, "one file per day after the final run");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 300).await;
+    let location = main_table(dir.path());
+    let before_compaction = session(dir.path()).await.tables()[0].version;
+    compacted(
+        compact(&location, Default::default(), &options("test"))
+            .await
+            .unwrap(),
+    );
+    // Reads the rows themselves (a bare count(*) is answered from statistics).
+    let old = format!(
+        "SELECT count(*) FROM version_as_of('enriched_posts', {before_compaction}) WHERE length(text) > 0"
+    );
+    let count = async |sql: &str| {
+        session(dir.path())
+            .await
+            .run(sql)
+            .await
+            .map(|r| scalar_i64(&r[0].batches))
+    };
+
+    // The default retention keeps every file a week-old reader could need.
+    let kept = sluice::maintain::vacuum(
+        &location,
+        Default::default(),
+        sluice::maintain::DEFAULT_VACUUM_RETENTION,
+        false,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(kept.files, 0);
+    assert_eq!(count(&old).await.unwrap(), 300);
+    // Shorter only when asked for explicitly; then the old state is gone.
+    let refused =
+        sluice::maintain::vacuum(&location, Default::default(), Duration::ZERO, false, false).await;
+    assert!(
+        refused
+            .unwrap_err()
+            .to_string()
+            .contains("--allow-short-retention")
+    );
+    let removed =
+        sluice::maintain::vacuum(&location, Default::default(), Duration::ZERO, true, false)
+            .await
+            .unwrap();
+    assert!(removed.files > 0);
+    assert_eq!(
+        count("SELECT count(*) FROM enriched_posts").await.unwrap(),
+        300
+    );
+    assert!(
+        count(&old).await.is_err(),
+        "files of the old version were vacuumed"
+    );
+
+    let checkpoint = sluice::maintain::checkpoint(&location, Default::default())
+        .await
+        .unwrap();
+    let inspection = sluice::maintain::inspect(
+        "enriched_posts",
+        &location,
+        Default::default(),
+        "sluice-test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(inspection.last_checkpoint, Some(checkpoint.version));
+    assert_eq!(
+        inspection.partitions.iter().map(|p| p.rows).sum::<u64>(),
+        300
+    );
+    assert!(inspection.lease.as_ref().is_some_and(|l| l.released));
+    let positions: BTreeMap<(String, i32), i64> = inspection
+        .positions
+        .iter()
+        .map(|(t, p, v)| ((t.clone(), *p), v.expect("a position per partition")))
+        .collect();
+    assert_eq!(positions, last);
+    let text = inspection.render();
+    assert!(text.contains("posts.mastodon[0]"), "{text}");
+}
