@@ -177,6 +177,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Progress>, AppError> {
     let running = start(&config, shutdown).await?;
+    let mut maintained = Vec::new();
+    for table in &running {
+        maintained.push(table.name.clone());
+        maintained.push(dead_letters::table_name(&table.name));
+    }
+    let maintenance = crate::background::Maintenance::start(&config, maintained);
     let mut results = Vec::new();
     let mut first_error = None;
     for table in running {
@@ -193,6 +199,9 @@ pub async fn run(
                 });
             }
         }
+    }
+    if let Some(m) = maintenance {
+        let _ = tokio::task::spawn_blocking(move || m.stop()).await;
     }
     match first_error {
         Some(e) => Err(e),

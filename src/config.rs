@@ -80,6 +80,9 @@ pub struct Config {
     /// Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Background compaction and vacuum in the service.
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
     /// Tables to write, each fed by one or more topics.
     pub tables: Vec<TableConfig>,
 }
@@ -218,6 +221,73 @@ impl Default for DeltaConfig {
         DeltaConfig {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+        }
+    }
+}
+
+/// Background maintenance: compaction under the table's lease, and vacuum. It runs on its own
+/// thread and runtime, so ingestion never waits for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Run maintenance in the service (`sluice compact`/`vacuum` work either way).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between maintenance passes.
+    #[serde(default = "default_maintenance_interval")]
+    pub interval_s: u64,
+    /// Compaction's target file size, MiB.
+    #[serde(default = "default_target_size_mb")]
+    pub target_size_mb: u64,
+    /// Z-order compacted partitions by these columns (empty: plain bin-packing).
+    #[serde(default)]
+    pub zorder: Vec<String>,
+    /// Today's partition, still being written, is compacted only once it has this many small
+    /// files; older partitions as soon as they have two.
+    #[serde(default = "default_hot_small_files")]
+    pub hot_small_files: usize,
+    /// Hours between vacuums (0: never from the service).
+    #[serde(default = "default_vacuum_every_h")]
+    pub vacuum_every_h: u64,
+    /// Vacuum keeps files any version of this many recent hours needs; at least 168.
+    #[serde(default = "default_vacuum_retention_h")]
+    pub vacuum_retention_h: u64,
+}
+
+/// Default seconds between maintenance passes.
+pub const DEFAULT_MAINTENANCE_INTERVAL_S: u64 = 300;
+/// Default number of small files that makes today's partition worth compacting.
+pub const DEFAULT_HOT_SMALL_FILES: usize = 64;
+
+fn default_true() -> bool {
+    true
+}
+fn default_maintenance_interval() -> u64 {
+    DEFAULT_MAINTENANCE_INTERVAL_S
+}
+fn default_target_size_mb() -> u64 {
+    crate::compact::DEFAULT_TARGET_SIZE / 1024 / 1024
+}
+fn default_hot_small_files() -> usize {
+    DEFAULT_HOT_SMALL_FILES
+}
+fn default_vacuum_every_h() -> u64 {
+    24
+}
+fn default_vacuum_retention_h() -> u64 {
+    crate::maintain::DEFAULT_VACUUM_RETENTION.as_secs() / 3600
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            enabled: true,
+            interval_s: default_maintenance_interval(),
+            target_size_mb: default_target_size_mb(),
+            zorder: Vec::new(),
+            hot_small_files: default_hot_small_files(),
+            vacuum_every_h: default_vacuum_every_h(),
+            vacuum_retention_h: default_vacuum_retention_h(),
         }
     }
 }

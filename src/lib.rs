@@ -22,6 +22,7 @@
 //! - [`delta`]: create the table, read txn versions, write Parquet, commit.
 //! - [`pipeline`]: the writer loop composing the stages, and its exactly-once rules.
 //! - [`app`]: the service: one writer per configured table.
+//! - [`background`]: the service's maintenance thread: compaction and vacuum on a schedule.
 //! - [`compact`]: bin-packing compaction of small files, partition by partition, under a lease.
 //! - [`lease`]: one compactor per table, via put-if-absent records in the table's store.
 //! - [`maintain`]: vacuum, checkpoints with log cleanup, and `sluice inspect`.
@@ -33,6 +34,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod background;
 pub mod batch;
 pub mod compact;
 pub mod config;

@@ -171,29 +171,6 @@ fn crash_after_dead_letter_commit(config: &std::path::Path) -> String {
     String::from_utf8_lossy(&crashed.stderr).into_owned()
 }
 
-/// Runs `sluice run` until `done` holds (or [`CATCH_UP`] passes), then stops it with SIGTERM.
-/// Returns whether `done` held.
-async fn run_until(config: &std::path::Path, done: impl AsyncFn() -> bool) -> bool {
-    let mut writer = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let caught_up = tokio::time::timeout(CATCH_UP, async {
-        while !done().await {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &writer.id().to_string()])
-        .status();
-    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
-    caught_up.is_ok()
-}
-
 fn write_config(dir: &std::path::Path, brokers: &str, max_rows: usize) -> std::path::PathBuf {
     let schema = format!("{}/schemas/enriched_posts.toml", env!("CARGO_MANIFEST_DIR"));
     write_config_with(dir, brokers, max_rows, &schema)

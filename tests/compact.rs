@@ -352,3 +352,58 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
     let text = inspection.render();
     assert!(text.contains("posts.mastodon[0]"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_compacts_in_the_background_while_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = Kafka::new(&["posts.mastodon"], 2);
+    let repo = repo();
+    let repo = repo.display();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "maintained"
+[kafka.properties]
+"session.timeout.ms" = "6000"
+[storage]
+root = "lake"
+[batch]
+max_rows = 40
+max_age_ms = 1000
+[maintenance]
+interval_s = 1
+hot_small_files = 2
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
+"#,
+            kafka.brokers()
+        ),
+    )
+    .unwrap();
+    let report = publish(&kafka.brokers(), &[Shape::Mastodon], 600, 9, 0).await;
+    let root = dir.path().join("lake");
+    let location = main_table(&root);
+    let compacted_and_complete = async || {
+        let Ok(table) = open_table(&location, Default::default()).await else {
+            return false;
+        };
+        let parts = sluice::compact::partitions(&table, u64::MAX).unwrap();
+        let rows: u64 = parts.iter().map(|p| p.rows).sum();
+        let rewritten = table.version().unwrap_or(0) > 0 && parts.iter().all(|p| p.files == 1);
+        rows == 600 && rewritten
+    };
+    assert!(
+        run_until(&config, compacted_and_complete).await,
+        "the service wrote every message and compacted each day to one file"
+    );
+    assert_exactly_once(
+        &table_offsets(&root).await,
+        &report.last_offsets,
+        &BTreeSet::new(),
+    );
+}

@@ -147,6 +147,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
             ..DeltaConfig::default()
         },
         metrics: MetricsConfig::default(),
+        maintenance: Default::default(),
         tables: vec![TableConfig {
             schema: repo().join("schemas/enriched_posts.toml"),
             sources: shapes
@@ -367,4 +368,27 @@ pub fn strings(array: &dyn Array) -> Vec<String> {
 
 pub fn scalar_i64(batches: &[RecordBatch]) -> i64 {
     batches[0].column(0).as_primitive::<Int64Type>().value(0)
+}
+
+/// Runs `sluice run` until `done` holds (or [`CATCH_UP`] passes), then stops it with SIGTERM.
+/// Returns whether `done` held.
+pub async fn run_until(config: &std::path::Path, done: impl AsyncFn() -> bool) -> bool {
+    let mut writer = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let caught_up = tokio::time::timeout(CATCH_UP, async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
+    caught_up.is_ok()
 }

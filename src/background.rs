@@ -1,0 +1,145 @@
+//! Background maintenance in the service: every `interval_s`, each table (and its dead
+//! letters) is compacted under its lease, and vacuumed once a `vacuum_every_h`.
+//!
+//! It runs on its own thread with its own single-threaded runtime, so Parquet rewrites never
+//! take CPU time slices from the writers' runtime. Compaction commits are `dataChange=false`
+//! and do not conflict with appends. Today's partition, which the writer is still filling,
+//! is left alone until it has `hot_small_files` small files; older partitions are compacted
+//! as soon as they have two. If a scheduled `sluice compact` holds the lease, the pass skips
+//! that table.
+
+use std::collections::HashMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::compact::{CompactOptions, CompactOutcome, compact, partitions, plan};
+use crate::config::{Config, MaintenanceConfig};
+use crate::delta::{open_table, table_location};
+use crate::lease;
+use crate::maintain::vacuum;
+
+/// A running maintenance thread; dropping the handle's sender stops it after the current pass.
+pub struct Maintenance {
+    stop: watch::Sender<bool>,
+    thread: JoinHandle<()>,
+}
+
+impl Maintenance {
+    /// Starts the thread for `tables` (names) of `config`, or returns `None` when disabled.
+    pub fn start(config: &Config, tables: Vec<String>) -> Option<Maintenance> {
+        if !config.maintenance.enabled {
+            return None;
+        }
+        let (stop, stopped) = watch::channel(false);
+        let settings = config.maintenance.clone();
+        let root = config.storage.root.clone();
+        let storage = config.storage_options();
+        let thread = std::thread::Builder::new()
+            .name("sluice-maintenance".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("maintenance runtime starts");
+                runtime.block_on(run(settings, root, storage, tables, stopped));
+            })
+            .expect("maintenance thread starts");
+        Some(Maintenance { stop, thread })
+    }
+
+    /// Stops after the current pass and waits for the thread.
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.thread.join();
+    }
+}
+
+async fn run(
+    settings: MaintenanceConfig,
+    root: String,
+    storage: HashMap<String, String>,
+    tables: Vec<String>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let owner = lease::owner_id();
+    let interval = Duration::from_secs(settings.interval_s.max(1));
+    let vacuum_every = Duration::from_secs(settings.vacuum_every_h * 3600);
+    let mut last_vacuum = Instant::now();
+    tracing::info!(interval_s = settings.interval_s, %owner, "maintenance started");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|s| *s) => break,
+        }
+        for name in &tables {
+            let location = table_location(&root, name);
+            if let Err(e) = pass(&settings, &location, &storage, &owner).await {
+                tracing::warn!(table = %name, error = %e, "maintenance pass failed; retrying next interval");
+            }
+            if *stopped.borrow() {
+                break;
+            }
+        }
+        if settings.vacuum_every_h > 0 && last_vacuum.elapsed() >= vacuum_every {
+            last_vacuum = Instant::now();
+            let retention = Duration::from_secs(settings.vacuum_retention_h * 3600);
+            for name in &tables {
+                let location = table_location(&root, name);
+                if let Err(e) = vacuum(&location, storage.clone(), retention, false, false).await {
+                    tracing::warn!(table = %name, error = %e, "vacuum failed");
+                }
+            }
+        }
+    }
+    tracing::info!("maintenance stopped");
+}
+
+/// One compaction pass over a table: cold partitions with small files, and today's once it
+/// is fragmented enough.
+async fn pass(
+    settings: &MaintenanceConfig,
+    location: &str,
+    storage: &HashMap<String, String>,
+    owner: &str,
+) -> Result<(), String> {
+    let table = open_table(location, storage.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let target_size = settings.target_size_mb.max(1) * 1024 * 1024;
+    let today = Utc::now().date_naive().to_string();
+    let parts = partitions(&table, target_size)?;
+    let unpartitioned = parts.iter().all(|p| p.partition.is_empty());
+    let selected: Vec<String> = parts
+        .iter()
+        .filter(|p| p.partition != today || p.small_files >= settings.hot_small_files)
+        .map(|p| p.partition.clone())
+        .collect();
+    if selected.is_empty() {
+        return Ok(());
+    }
+    // An unpartitioned table is compacted whole; `partitions` empty means all of it.
+    let selected = if unpartitioned { Vec::new() } else { selected };
+    let options = CompactOptions {
+        target_size,
+        partitions: selected,
+        zorder: settings.zorder.clone(),
+        owner: owner.to_string(),
+        ..CompactOptions::default()
+    };
+    if plan(&parts, &options).is_empty() {
+        return Ok(());
+    }
+    match compact(location, storage.clone(), &options)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        CompactOutcome::Busy { owner, expires_at } => {
+            tracing::info!(table = location, %owner, %expires_at, "compaction lease held elsewhere; skipped");
+        }
+        CompactOutcome::Compacted(_) | CompactOutcome::Planned(_) => {}
+    }
+    Ok(())
+}
