@@ -93,10 +93,18 @@ pub struct RunningTable {
 }
 
 /// Opens every table, subscribes its consumer and starts its writer task. Writers stop when
-/// `shutdown` resolves, after committing what they buffered.
+/// `shutdown` resolves, after committing what they buffered. Commits write checkpoints.
 pub async fn start(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<RunningTable>, AppError> {
+    start_writers(config, shutdown, true).await
+}
+
+async fn start_writers(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    checkpoints_on_commit: bool,
 ) -> Result<Vec<RunningTable>, AppError> {
     let shutdown: Shared<_> = shutdown.boxed().shared();
     let mut loaded = Vec::new();
@@ -117,6 +125,11 @@ pub async fn start(
         )
         .await
         .map_err(PipelineError::from)?;
+        let sink = if checkpoints_on_commit {
+            sink
+        } else {
+            sink.without_checkpoints()
+        };
         let dead_letter_schema = Arc::new(dead_letters::schema(&name)?);
         let dead_letter_sink = DeltaSink::open_or_create(
             &table_location(&config.storage.root, &dead_letter_schema.name),
@@ -128,6 +141,11 @@ pub async fn start(
         )
         .await
         .map_err(PipelineError::from)?;
+        let dead_letter_sink = if checkpoints_on_commit {
+            dead_letter_sink
+        } else {
+            dead_letter_sink.without_checkpoints()
+        };
         let topics: Vec<String> = table_config
             .sources
             .iter()
@@ -176,7 +194,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Progress>, AppError> {
-    let running = start(&config, shutdown).await?;
+    // With maintenance on, its thread writes checkpoints, off the commit path.
+    let running = start_writers(&config, shutdown, !config.maintenance.enabled).await?;
     let mut maintained = Vec::new();
     for table in &running {
         maintained.push(table.name.clone());

@@ -1,5 +1,7 @@
 //! Background maintenance in the service: every `interval_s`, each table (and its dead
-//! letters) is compacted under its lease, and vacuumed once a `vacuum_every_h`.
+//! letters) is compacted under its lease, and vacuumed once a `vacuum_every_h`. Checkpoints
+//! (every `delta.checkpoint_interval` versions, checked every 30 s at most) and expired-log
+//! cleanup are written here too, so commits never pay for them.
 //!
 //! It runs on its own thread with its own single-threaded runtime, so Parquet rewrites never
 //! take CPU time slices from the writers' runtime. Compaction commits are `dataChange=false`
@@ -19,7 +21,7 @@ use crate::compact::{CompactOptions, CompactOutcome, compact, partitions, plan};
 use crate::config::{Config, MaintenanceConfig};
 use crate::delta::{open_table, table_location};
 use crate::lease;
-use crate::maintain::vacuum;
+use crate::maintain::{checkpoint, last_checkpoint, vacuum};
 
 /// A running maintenance thread; dropping the handle's sender stops it after the current pass.
 pub struct Maintenance {
@@ -35,6 +37,7 @@ impl Maintenance {
         }
         let (stop, stopped) = watch::channel(false);
         let settings = config.maintenance.clone();
+        let checkpoint_interval = config.delta.checkpoint_interval.max(1) as i64;
         let root = config.storage.root.clone();
         let storage = config.storage_options();
         let thread = std::thread::Builder::new()
@@ -44,7 +47,14 @@ impl Maintenance {
                     .enable_all()
                     .build()
                     .expect("maintenance runtime starts");
-                runtime.block_on(run(settings, root, storage, tables, stopped));
+                runtime.block_on(run(
+                    settings,
+                    checkpoint_interval,
+                    root,
+                    storage,
+                    tables,
+                    stopped,
+                ));
             })
             .expect("maintenance thread starts");
         Some(Maintenance { stop, thread })
@@ -57,8 +67,12 @@ impl Maintenance {
     }
 }
 
+/// How often checkpoints are checked for when compaction runs less often.
+const CHECKPOINT_TICK: Duration = Duration::from_secs(30);
+
 async fn run(
     settings: MaintenanceConfig,
+    checkpoint_interval: i64,
     root: String,
     storage: HashMap<String, String>,
     tables: Vec<String>,
@@ -67,13 +81,25 @@ async fn run(
     let owner = lease::owner_id();
     let interval = Duration::from_secs(settings.interval_s.max(1));
     let vacuum_every = Duration::from_secs(settings.vacuum_every_h * 3600);
+    let tick = interval.min(CHECKPOINT_TICK);
     let mut last_vacuum = Instant::now();
+    let mut last_compaction = Instant::now();
     tracing::info!(interval_s = settings.interval_s, %owner, "maintenance started");
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = stopped.wait_for(|s| *s) => break,
         }
+        for name in &tables {
+            let location = table_location(&root, name);
+            if let Err(e) = checkpoint_if_due(&location, &storage, checkpoint_interval).await {
+                tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying next tick");
+            }
+        }
+        if last_compaction.elapsed() < interval {
+            continue;
+        }
+        last_compaction = Instant::now();
         for name in &tables {
             let location = table_location(&root, name);
             if let Err(e) = pass(&settings, &location, &storage, &owner).await {
@@ -95,6 +121,30 @@ async fn run(
         }
     }
     tracing::info!("maintenance stopped");
+}
+
+/// Writes a checkpoint (and removes expired logs) once the table is `interval` versions past
+/// its last checkpoint.
+async fn checkpoint_if_due(
+    location: &str,
+    storage: &HashMap<String, String>,
+    interval: i64,
+) -> Result<(), String> {
+    let table = open_table(location, storage.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = table.version().unwrap_or(0) as i64;
+    let due = match last_checkpoint(&table).await {
+        Some(last) => version - last >= interval,
+        None => version >= interval,
+    };
+    if !due {
+        return Ok(());
+    }
+    checkpoint(location, storage.clone())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// One compaction pass over a table: cold partitions with small files, and today's once it
@@ -127,6 +177,7 @@ async fn pass(
         partitions: selected,
         zorder: settings.zorder.clone(),
         owner: owner.to_string(),
+        memory_limit: (settings.memory_mb.max(64) * 1024 * 1024) as usize,
         ..CompactOptions::default()
     };
     if plan(&parts, &options).is_empty() {

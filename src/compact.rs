@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{NaiveDate, Utc};
@@ -20,6 +21,8 @@ use crate::lease::{self, Acquired, LeaseError};
 
 /// Default size compaction aims for.
 pub const DEFAULT_TARGET_SIZE: u64 = 128 * 1024 * 1024;
+/// Default memory budget of a rewrite; sorts (Z-order) spill to disk beyond it.
+pub const DEFAULT_MEMORY_LIMIT: usize = 1024 * 1024 * 1024;
 /// Default lease duration: long enough for one partition's rewrite, short enough that a
 /// crashed compactor blocks the next one only briefly.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -72,6 +75,8 @@ pub struct CompactOptions {
     pub lease_ttl: Duration,
     /// Who is compacting (see [`lease::owner_id`]).
     pub owner: String,
+    /// Memory budget of a partition's rewrite in bytes; Z-order sorts spill to disk beyond it.
+    pub memory_limit: usize,
 }
 
 impl Default for CompactOptions {
@@ -84,6 +89,7 @@ impl Default for CompactOptions {
             dry_run: false,
             lease_ttl: DEFAULT_LEASE_TTL,
             owner: lease::owner_id(),
+            memory_limit: DEFAULT_MEMORY_LIMIT,
         }
     }
 }
@@ -254,6 +260,16 @@ pub async fn compact(
     storage_options: HashMap<String, String>,
     options: &CompactOptions,
 ) -> Result<CompactOutcome, CompactError> {
+    compact_with_progress(location, storage_options, options, &mut |_, _, _| {}).await
+}
+
+/// [`compact`], calling `progress(partition, done, total)` after each partition's rewrite.
+pub async fn compact_with_progress(
+    location: &str,
+    storage_options: HashMap<String, String>,
+    options: &CompactOptions,
+    progress: &mut (dyn FnMut(&CompactedPartition, usize, usize) + Send),
+) -> Result<CompactOutcome, CompactError> {
     let table = open_table(location, storage_options.clone())
         .await
         .map_err(delta_error(location, "open"))?;
@@ -314,11 +330,16 @@ pub async fn compact(
                 deltalake::kernel::schema::partitions::FilterValue::Scalar(part.partition.as_str()),
             )]
         });
+        let session = deltalake::delta_datafusion::create_session_state_with_spill_config(
+            Some(options.memory_limit.max(64 * 1024 * 1024)),
+            None,
+        );
         let mut builder = table
             .clone()
             .optimize()
             .with_type(optimize_type)
-            .with_target_size(target);
+            .with_target_size(target)
+            .with_session_state(Arc::new(session));
         if let Some(filters) = &filters {
             builder = builder.with_filters(filters);
         }
@@ -346,6 +367,7 @@ pub async fn compact(
             version,
             "compacted partition"
         );
+        progress(&result, done.len() + 1, planned.len());
         done.push(result);
     }
     lease.release().await.map_err(lease_error)?;

@@ -246,6 +246,9 @@ pub struct MaintenanceConfig {
     /// files; older partitions as soon as they have two.
     #[serde(default = "default_hot_small_files")]
     pub hot_small_files: usize,
+    /// Memory budget of one partition's rewrite, MiB; Z-order sorts spill to disk beyond it.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
     /// Hours between vacuums (0: never from the service).
     #[serde(default = "default_vacuum_every_h")]
     pub vacuum_every_h: u64,
@@ -268,6 +271,9 @@ fn default_maintenance_interval() -> u64 {
 fn default_target_size_mb() -> u64 {
     crate::compact::DEFAULT_TARGET_SIZE / 1024 / 1024
 }
+fn default_memory_mb() -> u64 {
+    (crate::compact::DEFAULT_MEMORY_LIMIT / 1024 / 1024) as u64
+}
 fn default_hot_small_files() -> usize {
     DEFAULT_HOT_SMALL_FILES
 }
@@ -286,6 +292,7 @@ impl Default for MaintenanceConfig {
             target_size_mb: default_target_size_mb(),
             zorder: Vec::new(),
             hot_small_files: default_hot_small_files(),
+            memory_mb: default_memory_mb(),
             vacuum_every_h: default_vacuum_every_h(),
             vacuum_retention_h: default_vacuum_retention_h(),
         }

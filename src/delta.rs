@@ -156,6 +156,9 @@ pub struct DeltaSink {
     writer_properties: WriterProperties,
     group_id: String,
     query_id: String,
+    /// Whether commits write checkpoints (every `delta.checkpointInterval` versions). Off when
+    /// the service's maintenance thread writes them instead, off the commit path.
+    checkpoints_on_commit: bool,
 }
 
 impl DeltaSink {
@@ -215,7 +218,14 @@ impl DeltaSink {
             writer_properties,
             group_id: group_id.to_string(),
             query_id: format!("sluice-{group_id}-{name}"),
+            checkpoints_on_commit: true,
         })
+    }
+
+    /// Leaves checkpoints to someone else (the maintenance thread) instead of the commit path.
+    pub fn without_checkpoints(mut self) -> Self {
+        self.checkpoints_on_commit = false;
+        self
     }
 
     /// The table's name.
@@ -321,7 +331,7 @@ impl DeltaSink {
                 "sluice".to_string(),
                 serde_json::json!({ "ledger": ledger_json }),
             )])
-            .with_create_checkpoint(true)
+            .with_create_checkpoint(self.checkpoints_on_commit)
             .with_cleanup_expired_logs(Some(false));
         let operation = DeltaOperation::StreamingUpdate {
             output_mode: OutputMode::Append,

@@ -1,5 +1,6 @@
 //! The `sluice` command line: parse, start telemetry, hand over to the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -142,6 +143,9 @@ struct CompactArgs {
     /// Target file size in MiB.
     #[arg(long, default_value_t = 128)]
     target_size_mb: u64,
+    /// Memory budget of one partition's rewrite in MiB (Z-order sorts spill beyond it).
+    #[arg(long, default_value_t = 1024)]
+    memory_mb: u64,
     /// Print the plan (partitions, files and bytes in, files out) and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -253,6 +257,8 @@ fn main() -> anyhow::Result<ExitCode> {
     let level = match cli.command {
         // Query output owns the terminal; only warnings and errors are logged.
         Command::Sql(_) => "warn",
+        // On a terminal compaction shows a progress bar instead of a log line per partition.
+        Command::Compact(_) if std::io::stderr().is_terminal() => "warn",
         _ => "info",
     };
     init_logging(
@@ -472,12 +478,38 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         since: args.since,
         zorder: args.zorder,
         dry_run: args.dry_run,
+        memory_limit: (args.memory_mb.max(64) * 1024 * 1024) as usize,
         ..CompactOptions::default()
     };
     let tables = table_locations(&cfg, args.table.as_deref(), &args.config)?;
     let mut busy = false;
     for (name, location) in tables {
-        match sluice::compact::compact(&location, cfg.storage_options(), &options).await? {
+        let terminal = std::io::stderr().is_terminal();
+        let mut bar = |p: &sluice::compact::CompactedPartition, done: usize, total: usize| {
+            if terminal {
+                let width = 30;
+                let filled = width * done / total.max(1);
+                eprint!(
+                    "\r{name} [{}{}] {done}/{total} partitions, last {} ({} files -> {})\x1b[K",
+                    "#".repeat(filled),
+                    ".".repeat(width - filled),
+                    p.partition,
+                    p.files_removed,
+                    p.files_added
+                );
+                if done == total {
+                    eprintln!();
+                }
+            }
+        };
+        let outcome = sluice::compact::compact_with_progress(
+            &location,
+            cfg.storage_options(),
+            &options,
+            &mut bar,
+        )
+        .await?;
+        match outcome {
             CompactOutcome::Planned(plan) => {
                 println!("{name}: {} partitions to compact", plan.len());
                 for p in plan {

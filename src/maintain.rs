@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::DeltaTableError;
 use deltalake::arrow::array::{Array, AsArray};
 use deltalake::arrow::datatypes::Int32Type;
 use deltalake::datafusion::prelude::SessionContext;
+use deltalake::{DeltaTable, DeltaTableError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
@@ -142,6 +142,20 @@ pub async fn checkpoint(
     })
 }
 
+/// The version of the table's last checkpoint, from `_delta_log/_last_checkpoint`.
+pub async fn last_checkpoint(table: &DeltaTable) -> Option<i64> {
+    let got = table
+        .object_store()
+        .get(&Path::from("_delta_log/_last_checkpoint"))
+        .await
+        .ok()?;
+    let bytes = got.bytes().await.ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("version")?
+        .as_i64()
+}
+
 /// What `sluice inspect` shows for one table.
 #[derive(Debug)]
 pub struct Inspection {
@@ -172,15 +186,7 @@ pub async fn inspect(
         .await
         .map_err(delta(location, "open"))?;
     let store = table.object_store();
-    let last_checkpoint = match store.get(&Path::from("_delta_log/_last_checkpoint")).await {
-        Ok(got) => got
-            .bytes()
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v.get("version").and_then(|v| v.as_i64())),
-        Err(_) => None,
-    };
+    let last_checkpoint = last_checkpoint(&table).await;
     let other = |reason: String| MaintainError::Other {
         table: location.to_string(),
         reason,

@@ -374,6 +374,8 @@ root = "lake"
 [batch]
 max_rows = 40
 max_age_ms = 1000
+[delta]
+checkpoint_interval = 5
 [maintenance]
 interval_s = 1
 hot_small_files = 2
@@ -395,15 +397,41 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         let parts = sluice::compact::partitions(&table, u64::MAX).unwrap();
         let rows: u64 = parts.iter().map(|p| p.rows).sum();
         let rewritten = table.version().unwrap_or(0) > 0 && parts.iter().all(|p| p.files == 1);
-        rows == 600 && rewritten
+        // The writer leaves checkpoints to the maintenance thread.
+        let checkpointed = sluice::maintain::last_checkpoint(&table).await.is_some();
+        rows == 600 && rewritten && checkpointed
     };
     assert!(
         run_until(&config, compacted_and_complete).await,
-        "the service wrote every message and compacted each day to one file"
+        "the service wrote every message, compacted each day to one file and checkpointed"
     );
     assert_exactly_once(
         &table_offsets(&root).await,
         &report.last_offsets,
         &BTreeSet::new(),
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn z_order_rewrites_within_a_memory_budget_and_keeps_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 300).await;
+    let location = main_table(dir.path());
+    let before = table_offsets(dir.path()).await;
+    let options = CompactOptions {
+        zorder: vec!["category".into(), "language".into()],
+        memory_limit: 64 * 1024 * 1024,
+        ..options("zorder")
+    };
+    let parts = compacted(
+        compact(&location, Default::default(), &options)
+            .await
+            .unwrap(),
+    );
+    assert!(!parts.is_empty());
+    assert_eq!(table_offsets(dir.path()).await, before);
+    assert_exactly_once(&before, &last, &BTreeSet::new());
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
+    assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
 }
