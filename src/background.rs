@@ -15,13 +15,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use deltalake::DeltaTable;
 use tokio::sync::watch;
 
-use crate::compact::{CompactOptions, CompactOutcome, compact, partitions, plan};
+use crate::compact::{CompactOptions, CompactOutcome, compact};
 use crate::config::{Config, MaintenanceConfig};
 use crate::delta::{open_table, table_location};
 use crate::lease;
-use crate::maintain::{checkpoint, last_checkpoint, vacuum};
+use crate::maintain::{checkpoint_table, last_checkpoint, vacuum};
 
 /// A running maintenance thread; dropping the handle's sender stops it after the current pass.
 pub struct Maintenance {
@@ -84,6 +85,8 @@ async fn run(
     let tick = interval.min(CHECKPOINT_TICK);
     let mut last_vacuum = Instant::now();
     let mut last_compaction = Instant::now();
+    // Loaded once, then brought forward incrementally each tick: reading only new commits.
+    let mut loaded: HashMap<String, DeltaTable> = HashMap::new();
     tracing::info!(interval_s = settings.interval_s, %owner, "maintenance started");
     loop {
         tokio::select! {
@@ -92,7 +95,9 @@ async fn run(
         }
         for name in &tables {
             let location = table_location(&root, name);
-            if let Err(e) = checkpoint_if_due(&location, &storage, checkpoint_interval).await {
+            if let Err(e) =
+                checkpoint_if_due(&mut loaded, &location, &storage, checkpoint_interval).await
+            {
                 tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying next tick");
             }
         }
@@ -124,65 +129,61 @@ async fn run(
 }
 
 /// Writes a checkpoint (and removes expired logs) once the table is `interval` versions past
-/// its last checkpoint.
+/// its last checkpoint. `loaded` keeps each table between ticks.
 async fn checkpoint_if_due(
+    loaded: &mut HashMap<String, DeltaTable>,
     location: &str,
     storage: &HashMap<String, String>,
     interval: i64,
 ) -> Result<(), String> {
-    let table = open_table(location, storage.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+    let table = match loaded.get_mut(location) {
+        Some(table) => {
+            table
+                .update_incremental(None)
+                .await
+                .map_err(|e| e.to_string())?;
+            table
+        }
+        None => {
+            let table = open_table(location, storage.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            loaded.entry(location.to_string()).or_insert(table)
+        }
+    };
     let version = table.version().unwrap_or(0) as i64;
-    let due = match last_checkpoint(&table).await {
+    let due = match last_checkpoint(table).await {
         Some(last) => version - last >= interval,
         None => version >= interval,
     };
     if !due {
         return Ok(());
     }
-    checkpoint(location, storage.clone())
+    checkpoint_table(table, location)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
 /// One compaction pass over a table: cold partitions with small files, and today's once it
-/// is fragmented enough.
+/// is fragmented enough. The planner applies both rules; with nothing to do no lease is taken.
 async fn pass(
     settings: &MaintenanceConfig,
     location: &str,
     storage: &HashMap<String, String>,
     owner: &str,
 ) -> Result<(), String> {
-    let table = open_table(location, storage.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let target_size = settings.target_size_mb.max(1) * 1024 * 1024;
-    let today = Utc::now().date_naive().to_string();
-    let parts = partitions(&table, target_size)?;
-    let unpartitioned = parts.iter().all(|p| p.partition.is_empty());
-    let selected: Vec<String> = parts
-        .iter()
-        .filter(|p| p.partition != today || p.small_files >= settings.hot_small_files)
-        .map(|p| p.partition.clone())
-        .collect();
-    if selected.is_empty() {
-        return Ok(());
-    }
-    // An unpartitioned table is compacted whole; `partitions` empty means all of it.
-    let selected = if unpartitioned { Vec::new() } else { selected };
     let options = CompactOptions {
-        target_size,
-        partitions: selected,
+        target_size: settings.target_size_mb.max(1) * 1024 * 1024,
         zorder: settings.zorder.clone(),
         owner: owner.to_string(),
         memory_limit: (settings.memory_mb.max(64) * 1024 * 1024) as usize,
+        hot: Some((
+            Utc::now().date_naive().to_string(),
+            settings.hot_small_files,
+        )),
         ..CompactOptions::default()
     };
-    if plan(&parts, &options).is_empty() {
-        return Ok(());
-    }
     match compact(location, storage.clone(), &options)
         .await
         .map_err(|e| e.to_string())?

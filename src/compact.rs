@@ -77,6 +77,9 @@ pub struct CompactOptions {
     pub owner: String,
     /// Memory budget of a partition's rewrite in bytes; Z-order sorts spill to disk beyond it.
     pub memory_limit: usize,
+    /// A partition still being written (today's), compacted only once it has this many small
+    /// files; every other partition from two.
+    pub hot: Option<(String, usize)>,
 }
 
 impl Default for CompactOptions {
@@ -90,6 +93,7 @@ impl Default for CompactOptions {
             lease_ttl: DEFAULT_LEASE_TTL,
             owner: lease::owner_id(),
             memory_limit: DEFAULT_MEMORY_LIMIT,
+            hot: None,
         }
     }
 }
@@ -217,7 +221,8 @@ pub fn partitions(table: &DeltaTable, target_size: u64) -> Result<Vec<PartitionF
 }
 
 /// Which partitions to rewrite: those selected with at least two small files (or, when
-/// Z-ordering, at least two files), most small files first.
+/// Z-ordering, at least two files; the hot partition needs its own minimum), most small
+/// files first.
 pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPartition> {
     let mut planned: Vec<PlannedPartition> = parts
         .iter()
@@ -238,7 +243,11 @@ pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPa
             } else {
                 (p.files, p.bytes)
             };
-            (files_in >= 2).then(|| PlannedPartition {
+            let min_files = match &options.hot {
+                Some((hot, min)) if *hot == p.partition => (*min).max(2),
+                _ => 2,
+            };
+            (files_in >= min_files).then(|| PlannedPartition {
                 partition: p.partition.clone(),
                 files_in,
                 bytes_in,
@@ -288,6 +297,10 @@ pub async fn compact_with_progress(
     let planned = plan(&parts, options);
     if options.dry_run {
         return Ok(CompactOutcome::Planned(planned));
+    }
+    if planned.is_empty() {
+        // Nothing to rewrite: no need to take (and write) the lease.
+        return Ok(CompactOutcome::Compacted(Vec::new()));
     }
 
     let lease_error = |source| CompactError::Lease {
@@ -416,8 +429,17 @@ mod tests {
         assert_eq!(plan(&parts, &since).len(), 1);
         let one = CompactOptions {
             partitions: vec!["2026-11-18".into()],
-            ..options
+            ..options.clone()
         };
         assert_eq!(plan(&parts, &one)[0].partition, "2026-11-18");
+        let hot = CompactOptions {
+            hot: Some(("2026-11-21".into(), 6)),
+            ..CompactOptions::default()
+        };
+        assert!(
+            plan(&parts, &hot)
+                .iter()
+                .all(|p| p.partition != "2026-11-21")
+        );
     }
 }

@@ -71,6 +71,13 @@ impl LeaseRecord {
     fn is_live(&self, now: DateTime<Utc>) -> bool {
         !self.released && self.expires_at_ms > now.timestamp_millis()
     }
+
+    fn busy(self) -> Acquired {
+        Acquired::Busy {
+            expires_at: DateTime::from_timestamp_millis(self.expires_at_ms).unwrap_or_default(),
+            owner: self.owner,
+        }
+    }
 }
 
 /// The outcome of trying to take the lease.
@@ -210,11 +217,7 @@ pub async fn acquire(
     for _ in 0..MAX_RACES {
         let next = match latest(store.as_ref()).await? {
             Some((_, record)) if record.is_live(now) && record.owner != owner => {
-                return Ok(Acquired::Busy {
-                    expires_at: DateTime::from_timestamp_millis(record.expires_at_ms)
-                        .unwrap_or_default(),
-                    owner: record.owner,
-                });
+                return Ok(record.busy());
             }
             Some((generation, _)) => generation + 1,
             None => 0,
@@ -237,10 +240,7 @@ pub async fn acquire(
         // Another process wrote the same record first: read again to see who holds it.
     }
     match latest(store.as_ref()).await? {
-        Some((_, record)) => Ok(Acquired::Busy {
-            expires_at: DateTime::from_timestamp_millis(record.expires_at_ms).unwrap_or_default(),
-            owner: record.owner,
-        }),
+        Some((_, record)) => Ok(record.busy()),
         None => Err(LeaseError::Lost {
             owner: "nobody (the lease folder was emptied during the race)".into(),
         }),
@@ -271,9 +271,15 @@ impl Lease {
             // Expired: someone may have taken it; creating the next record settles it.
             tracing::warn!(owner = %self.owner, "compaction lease expired before renewal");
         }
-        if create(self.store.as_ref(), self.generation + 1, &record).await? {
+        self.advance(&record).await?;
+        self.expires_at_ms = record.expires_at_ms;
+        Ok(())
+    }
+
+    /// Writes the next record, or reports who took the lease if that number is taken.
+    async fn advance(&mut self, record: &LeaseRecord) -> Result<(), LeaseError> {
+        if create(self.store.as_ref(), self.generation + 1, record).await? {
             self.generation += 1;
-            self.expires_at_ms = record.expires_at_ms;
             prune(self.store.as_ref(), self.generation.saturating_sub(1)).await;
             return Ok(());
         }
@@ -285,22 +291,13 @@ impl Lease {
     }
 
     /// Gives the lease up so the next compactor need not wait for expiry.
-    pub async fn release(self) -> Result<(), LeaseError> {
+    pub async fn release(mut self) -> Result<(), LeaseError> {
         let record = LeaseRecord {
             owner: self.owner.clone(),
             expires_at_ms: self.expires_at_ms,
             released: true,
         };
-        if create(self.store.as_ref(), self.generation + 1, &record).await? {
-            prune(self.store.as_ref(), self.generation).await;
-            Ok(())
-        } else {
-            let owner = latest(self.store.as_ref())
-                .await?
-                .map(|(_, r)| r.owner)
-                .unwrap_or_default();
-            Err(LeaseError::Lost { owner })
-        }
+        self.advance(&record).await
     }
 }
 

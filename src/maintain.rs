@@ -128,10 +128,18 @@ pub async fn checkpoint(
     let table = open_table(location, storage_options)
         .await
         .map_err(delta(location, "open"))?;
-    deltalake::checkpoints::create_checkpoint(&table, None)
+    checkpoint_table(&table, location).await
+}
+
+/// [`checkpoint`] for a table already loaded at the version to checkpoint.
+pub async fn checkpoint_table(
+    table: &DeltaTable,
+    location: &str,
+) -> Result<CheckpointReport, MaintainError> {
+    deltalake::checkpoints::create_checkpoint(table, None)
         .await
         .map_err(delta(location, "checkpoint"))?;
-    let logs_removed = deltalake::checkpoints::cleanup_metadata(&table, None)
+    let logs_removed = deltalake::checkpoints::cleanup_metadata(table, None)
         .await
         .map_err(delta(location, "clean up expired logs"))?;
     let version = table.version().unwrap_or_default() as i64;

@@ -185,7 +185,6 @@ impl Session {
             ctx.register_udf(f);
         }
         let storage_options = config.storage_options();
-        let travel = travel::Travel::new(storage_options.clone());
         let mut tables = Vec::new();
         for (schema, dead_letters_of) in wanted {
             let location = table_location(&config.storage.root, &schema.name);
@@ -195,33 +194,23 @@ impl Session {
                 (None, Some(t)) => AsOf::Timestamp(t),
                 (None, None) => AsOf::Latest,
             };
+            let open_error = |source| SqlError::Open {
+                table: schema.name.clone(),
+                location: location.clone(),
+                source: Box::new(source),
+            };
             let table = match load(&location, &storage_options, state).await {
                 Ok(table) => table,
                 Err(DeltaTableError::NotATable(_)) if state == AsOf::Latest => {
                     tracing::warn!(table = %schema.name, %location, "table does not exist yet; not registered");
                     continue;
                 }
-                Err(source) => {
-                    return Err(SqlError::Open {
-                        table: schema.name.clone(),
-                        location,
-                        source: Box::new(source),
-                    });
-                }
+                Err(source) => return Err(open_error(source)),
             };
             register_table(&ctx, &schema.name, &table)
                 .await
-                .map_err(|source| SqlError::Open {
-                    table: schema.name.clone(),
-                    location: location.clone(),
-                    source: Box::new(source),
-                })?;
-            let snapshot = table.snapshot().map_err(|source| SqlError::Open {
-                table: schema.name.clone(),
-                location: location.clone(),
-                source: Box::new(source),
-            })?;
-            travel.add_table(&schema.name, &location);
+                .map_err(open_error)?;
+            let snapshot = table.snapshot().map_err(open_error)?;
             tables.push(LakeTable {
                 name: schema.name.clone(),
                 location,
@@ -236,6 +225,10 @@ impl Session {
                 root: config.storage.root.clone(),
             });
         }
+        let travel = travel::Travel::new(
+            storage_options,
+            tables.iter().map(|t| (t.name.clone(), t.location.clone())),
+        );
         travel.register(&ctx);
         Ok(Session {
             ctx,

@@ -42,24 +42,25 @@ type Loaded = Arc<Mutex<HashMap<TravelKey, Arc<dyn TableProvider>>>>;
 /// The registered tables' locations and the states loaded so far.
 pub(super) struct Travel {
     storage_options: HashMap<String, String>,
-    locations: Mutex<BTreeMap<String, String>>,
+    /// Location per lower-cased table name.
+    locations: BTreeMap<String, String>,
     loaded: Loaded,
 }
 
 impl Travel {
-    pub(super) fn new(storage_options: HashMap<String, String>) -> Self {
+    /// Time travel over `tables` (name, location).
+    pub(super) fn new(
+        storage_options: HashMap<String, String>,
+        tables: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
         Travel {
             storage_options,
-            locations: Mutex::default(),
+            locations: tables
+                .into_iter()
+                .map(|(name, location)| (name.to_ascii_lowercase(), location))
+                .collect(),
             loaded: Loaded::default(),
         }
-    }
-
-    pub(super) fn add_table(&self, name: &str, location: &str) {
-        self.locations
-            .lock()
-            .expect("lock")
-            .insert(name.to_ascii_lowercase(), location.to_string());
     }
 
     /// Registers the two table functions.
@@ -126,11 +127,14 @@ impl Travel {
     }
 
     fn location(&self, table: &str) -> Result<String, SqlError> {
-        let locations = self.locations.lock().expect("lock");
-        locations.get(table).cloned().ok_or_else(|| {
+        self.locations.get(table).cloned().ok_or_else(|| {
             SqlError::TimeTravel(format!(
                 "no table {table}; tables: {}",
-                locations.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.locations
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
