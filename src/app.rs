@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::{FutureExt, Shared};
 use tokio::sync::watch;
@@ -13,10 +14,13 @@ use crate::config::{Config, TableConfig};
 use crate::dead_letters;
 use crate::decode::BodyDecoder;
 use crate::delta::{DeltaSink, table_location};
+use crate::health::{Health, probe_loop};
 use crate::mapping::{Mapping, MappingError};
 use crate::pipeline::{Destination, PipelineError, Progress, TableWriter};
 use crate::schema::{SchemaError, TableSchema};
-use crate::source::KafkaSource;
+use crate::source::{KafkaSource, RebalanceContext, lag_loop};
+use deltalake::logstore::ObjectStoreRef;
+use rdkafka::consumer::StreamConsumer;
 
 /// Errors starting or running the service.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,47 @@ pub struct RunningTable {
     pub progress: watch::Receiver<Progress>,
     /// Resolves when the writer stops.
     pub task: JoinHandle<Result<Progress, PipelineError>>,
+    /// The writer's consumer, for lag measurements beside it.
+    pub consumer: Arc<StreamConsumer<RebalanceContext>>,
+    /// The table's object store, for reachability probes.
+    pub store: ObjectStoreRef,
+}
+
+/// Checks everything `sluice run` would read before touching Kafka or storage: every schema
+/// and mapping file, and that `maintenance.zorder` names columns of every table. Returns the
+/// table names.
+pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
+    let mut names = Vec::new();
+    for table in &config.tables {
+        let loaded = load_table(config, table)?;
+        for column in &config.maintenance.zorder {
+            if !loaded.schema.columns.iter().any(|c| &c.name == column) {
+                return Err(AppError::Table {
+                    table: loaded.schema.name.clone(),
+                    reason: format!(
+                        "maintenance.zorder names `{column}`, which is not a column of the table"
+                    ),
+                });
+            }
+        }
+        if names.contains(&loaded.schema.name) {
+            return Err(AppError::Table {
+                table: loaded.schema.name.clone(),
+                reason: "two configured tables have this name".into(),
+            });
+        }
+        names.push(loaded.schema.name.clone());
+    }
+    Ok(names)
+}
+
+/// The names of the configured tables (read from their schema files).
+pub fn table_names(config: &Config) -> Result<Vec<String>, AppError> {
+    config
+        .tables
+        .iter()
+        .map(|t| Ok(TableSchema::load(&t.schema)?.name))
+        .collect()
 }
 
 /// Opens every table, subscribes its consumer and starts its writer task. Writers stop when
@@ -151,8 +196,10 @@ async fn start_writers(
             .iter()
             .map(|s| s.topic.clone())
             .collect();
+        let store = sink.table().object_store();
         let (source, events) =
             KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
+        let consumer = source.receiver();
         let forwarder = match &table_config.dead_letter_topic {
             None => None,
             Some(topic) => Some(
@@ -184,22 +231,45 @@ async fn start_writers(
             name,
             progress,
             task,
+            consumer,
+            store,
         });
     }
     Ok(running)
 }
 
 /// Runs the service until `shutdown` resolves and every writer has committed its buffer.
+/// With `health`, each table's lag is measured and its store probed, and readiness reported
+/// there (the telemetry endpoint serves it).
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    health: Option<Arc<Health>>,
 ) -> Result<Vec<Progress>, AppError> {
+    check(&config)?;
     // With maintenance on, its thread writes checkpoints, off the commit path.
     let running = start_writers(&config, shutdown, !config.maintenance.enabled).await?;
     let mut maintained = Vec::new();
+    let mut helpers = Vec::new();
     for table in &running {
-        maintained.push(table.name.clone());
-        maintained.push(dead_letters::table_name(&table.name));
+        maintained.push((table.name.clone(), true));
+        maintained.push((dead_letters::table_name(&table.name), false));
+        if let Some(health) = &health {
+            health.register(&table.name, table.progress.clone());
+            helpers.push(tokio::spawn(probe_loop(
+                health.clone(),
+                table.name.clone(),
+                table.store.clone(),
+                table.progress.clone(),
+                Duration::from_secs(config.health.probe_interval_s),
+            )));
+            helpers.push(tokio::spawn(lag_loop(
+                table.name.clone(),
+                table.consumer.clone(),
+                table.progress.clone(),
+                Duration::from_secs(config.metrics.lag_interval_s),
+            )));
+        }
     }
     let maintenance = crate::background::Maintenance::start(&config, maintained);
     let mut results = Vec::new();
@@ -218,6 +288,9 @@ pub async fn run(
                 });
             }
         }
+    }
+    for helper in helpers {
+        helper.abort();
     }
     if let Some(m) = maintenance {
         let _ = tokio::task::spawn_blocking(move || m.stop()).await;

@@ -31,8 +31,10 @@ pub struct Maintenance {
 }
 
 impl Maintenance {
-    /// Starts the thread for `tables` (names) of `config`, or returns `None` when disabled.
-    pub fn start(config: &Config, tables: Vec<String>) -> Option<Maintenance> {
+    /// Starts the thread for `tables` of `config`, or returns `None` when disabled. Each
+    /// table comes with whether `maintenance.zorder` applies to it (dead-letter tables do not
+    /// have those columns).
+    pub fn start(config: &Config, tables: Vec<(String, bool)>) -> Option<Maintenance> {
         if !config.maintenance.enabled {
             return None;
         }
@@ -76,7 +78,7 @@ async fn run(
     checkpoint_interval: i64,
     root: String,
     storage: HashMap<String, String>,
-    tables: Vec<String>,
+    tables: Vec<(String, bool)>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let owner = lease::owner_id();
@@ -93,22 +95,27 @@ async fn run(
             _ = tokio::time::sleep(tick) => {}
             _ = stopped.wait_for(|s| *s) => break,
         }
-        for name in &tables {
+        for (name, _) in &tables {
             let location = table_location(&root, name);
-            if let Err(e) =
-                checkpoint_if_due(&mut loaded, &location, &storage, checkpoint_interval).await
-            {
-                tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying next tick");
+            match checkpoint_if_due(&mut loaded, &location, &storage, checkpoint_interval).await {
+                Ok(true) => metrics::counter!("sluice_checkpoints_total", "table" => name.clone())
+                    .increment(1),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying next tick")
+                }
             }
         }
         if last_compaction.elapsed() < interval {
             continue;
         }
         last_compaction = Instant::now();
-        for name in &tables {
+        for (name, zorder) in &tables {
             let location = table_location(&root, name);
-            if let Err(e) = pass(&settings, &location, &storage, &owner).await {
+            if let Err(e) = pass(&settings, *zorder, name, &location, &storage, &owner).await {
                 tracing::warn!(table = %name, error = %e, "maintenance pass failed; retrying next interval");
+                metrics::counter!("sluice_compaction_runs_total", "table" => name.clone(), "outcome" => "failed")
+                    .increment(1);
             }
             if *stopped.borrow() {
                 break;
@@ -117,10 +124,14 @@ async fn run(
         if settings.vacuum_every_h > 0 && last_vacuum.elapsed() >= vacuum_every {
             last_vacuum = Instant::now();
             let retention = Duration::from_secs(settings.vacuum_retention_h * 3600);
-            for name in &tables {
+            for (name, _) in &tables {
                 let location = table_location(&root, name);
-                if let Err(e) = vacuum(&location, storage.clone(), retention, false, false).await {
-                    tracing::warn!(table = %name, error = %e, "vacuum failed");
+                match vacuum(&location, storage.clone(), retention, false, false).await {
+                    Ok(report) => {
+                        metrics::counter!("sluice_vacuumed_files_total", "table" => name.clone())
+                            .increment(report.files as u64);
+                    }
+                    Err(e) => tracing::warn!(table = %name, error = %e, "vacuum failed"),
                 }
             }
         }
@@ -129,13 +140,13 @@ async fn run(
 }
 
 /// Writes a checkpoint (and removes expired logs) once the table is `interval` versions past
-/// its last checkpoint. `loaded` keeps each table between ticks.
+/// its last checkpoint; says whether it wrote one. `loaded` keeps each table between ticks.
 async fn checkpoint_if_due(
     loaded: &mut HashMap<String, DeltaTable>,
     location: &str,
     storage: &HashMap<String, String>,
     interval: i64,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let table = match loaded.get_mut(location) {
         Some(table) => {
             table
@@ -157,11 +168,11 @@ async fn checkpoint_if_due(
         None => version >= interval,
     };
     if !due {
-        return Ok(());
+        return Ok(false);
     }
     checkpoint_table(table, location)
         .await
-        .map(|_| ())
+        .map(|_| true)
         .map_err(|e| e.to_string())
 }
 
@@ -169,13 +180,19 @@ async fn checkpoint_if_due(
 /// is fragmented enough. The planner applies both rules; with nothing to do no lease is taken.
 async fn pass(
     settings: &MaintenanceConfig,
+    zorder: bool,
+    name: &str,
     location: &str,
     storage: &HashMap<String, String>,
     owner: &str,
 ) -> Result<(), String> {
     let options = CompactOptions {
         target_size: settings.target_size_mb.max(1) * 1024 * 1024,
-        zorder: settings.zorder.clone(),
+        zorder: if zorder {
+            settings.zorder.clone()
+        } else {
+            Vec::new()
+        },
         owner: owner.to_string(),
         memory_limit: (settings.memory_mb.max(64) * 1024 * 1024) as usize,
         hot: Some((
@@ -184,14 +201,33 @@ async fn pass(
         )),
         ..CompactOptions::default()
     };
-    match compact(location, storage.clone(), &options)
+    let started = Instant::now();
+    let outcome = compact(location, storage.clone(), &options)
         .await
-        .map_err(|e| e.to_string())?
-    {
+        .map_err(|e| e.to_string())?;
+    let table = name.to_string();
+    let label = match &outcome {
         CompactOutcome::Busy { owner, expires_at } => {
             tracing::info!(table = location, %owner, %expires_at, "compaction lease held elsewhere; skipped");
+            "lease_busy"
         }
-        CompactOutcome::Compacted(_) | CompactOutcome::Planned(_) => {}
-    }
+        CompactOutcome::Compacted(done) if !done.is_empty() => {
+            let removed: u64 = done.iter().map(|p| p.files_removed).sum();
+            let added: u64 = done.iter().map(|p| p.files_added).sum();
+            let bytes: u64 = done.iter().map(|p| p.bytes_removed).sum();
+            metrics::counter!("sluice_compaction_files_removed_total", "table" => table.clone())
+                .increment(removed);
+            metrics::counter!("sluice_compaction_files_added_total", "table" => table.clone())
+                .increment(added);
+            metrics::counter!("sluice_compaction_bytes_rewritten_total", "table" => table.clone())
+                .increment(bytes);
+            metrics::histogram!("sluice_compaction_duration_seconds", "table" => table.clone())
+                .record(started.elapsed().as_secs_f64());
+            "compacted"
+        }
+        CompactOutcome::Compacted(_) | CompactOutcome::Planned(_) => "nothing_to_do",
+    };
+    metrics::counter!("sluice_compaction_runs_total", "table" => table, "outcome" => label)
+        .increment(1);
     Ok(())
 }

@@ -80,6 +80,9 @@ pub struct Config {
     /// Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What `/readyz` demands.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Background compaction and vacuum in the service.
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
@@ -300,12 +303,66 @@ impl Default for MaintenanceConfig {
 }
 
 /// Prometheus endpoint settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address to serve `/metrics` on, e.g. `0.0.0.0:9464`; unset disables the endpoint.
-    #[serde(default)]
+    /// Address to serve `/metrics`, `/healthz` and `/readyz` on, e.g. `0.0.0.0:9464`; unset
+    /// disables the endpoint (and metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Seconds between consumer-lag measurements (one watermark request per owned partition).
+    #[serde(default = "default_lag_interval")]
+    pub lag_interval_s: u64,
+}
+
+/// Default seconds between consumer-lag measurements.
+pub const DEFAULT_LAG_INTERVAL_S: u64 = 10;
+
+fn default_lag_interval() -> u64 {
+    DEFAULT_LAG_INTERVAL_S
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            lag_interval_s: DEFAULT_LAG_INTERVAL_S,
+        }
+    }
+}
+
+/// Readiness settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between object-store probes of each table.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_s: u64,
+    /// Seconds past `batch.max_age_ms` a buffered message may wait for its commit before
+    /// `/readyz` fails.
+    #[serde(default = "default_commit_stall")]
+    pub commit_stall_s: u64,
+}
+
+/// Default seconds between object-store probes.
+pub const DEFAULT_PROBE_INTERVAL_S: u64 = 5;
+/// Default grace beyond `batch.max_age_ms` before a waiting commit makes the service unready.
+pub const DEFAULT_COMMIT_STALL_S: u64 = 60;
+
+fn default_probe_interval() -> u64 {
+    DEFAULT_PROBE_INTERVAL_S
+}
+fn default_commit_stall() -> u64 {
+    DEFAULT_COMMIT_STALL_S
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_interval_s: DEFAULT_PROBE_INTERVAL_S,
+            commit_stall_s: DEFAULT_COMMIT_STALL_S,
+        }
+    }
 }
 
 /// One table and the topics that feed it.
@@ -348,10 +405,24 @@ impl Config {
             message,
         };
         let mut value: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        apply_env(&mut value, env)?;
-        let mut config: Config = toml::Value::Table(value)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        let overrides = apply_env(&mut value, env)?;
+        let mut config: Config =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| match overrides.is_empty() {
+                    // Parsing the text itself points at the line and the key.
+                    true => invalid(
+                        toml::from_str::<Config>(&text)
+                            .err()
+                            .unwrap_or(e)
+                            .to_string(),
+                    ),
+                    false => invalid(format!(
+                        "{} (with environment overrides {})",
+                        e.to_string().trim_end(),
+                        overrides.join(", ")
+                    )),
+                })?;
         config.batch.validate().map_err(invalid)?;
         if config.tables.is_empty() {
             return Err(invalid(
@@ -360,6 +431,11 @@ impl Config {
         }
         if config.ingest.decode_chunk == 0 {
             return Err(invalid("ingest.decode_chunk must be at least 1".into()));
+        }
+        if config.metrics.lag_interval_s == 0 || config.health.probe_interval_s == 0 {
+            return Err(invalid(
+                "metrics.lag_interval_s and health.probe_interval_s must be at least 1".into(),
+            ));
         }
         if config.delta.checkpoint_interval == 0 {
             return Err(invalid(
@@ -425,15 +501,17 @@ pub fn is_secret_key(key: &str) -> bool {
         && !key.ends_with(".location")
 }
 
+/// Applies `SLUICE_*` overrides; returns the names of the variables applied.
 fn apply_env(
     root: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
     let mut vars: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
         .collect();
     vars.sort();
+    let applied = vars.iter().map(|(k, _)| k.clone()).collect();
     for (var, raw) in vars {
         let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
         let mut path: Vec<String> = rest.split("__").map(str::to_string).collect();
@@ -467,7 +545,7 @@ fn apply_env(
         }
         table.insert(last.clone(), value);
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// Reads an environment value as a TOML scalar when it is one (`42`, `true`), else a string.
@@ -539,6 +617,17 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         let err = Config::load(&file, vec![]).unwrap_err().to_string();
         assert!(err.contains("sluice.toml"), "{err}");
         assert!(err.contains("unknown field `max_rowz`"), "{err}");
+        assert!(err.contains("line 11"), "the line is named: {err}");
+
+        let file = write(
+            dir.path(),
+            &format!("{MINIMAL}\n[batch]\nmax_rows = \"many\"\n"),
+        );
+        let err = Config::load(&file, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("max_rows = \"many\""),
+            "the key is shown: {err}"
+        );
 
         let err = Config::load(
             &write(dir.path(), MINIMAL),
@@ -547,5 +636,9 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown field `broker`"), "{err}");
+        assert!(
+            err.contains("SLUICE_KAFKA__BROKER"),
+            "the variable is named: {err}"
+        );
     }
 }

@@ -273,6 +273,12 @@ impl DeltaSink {
     /// Writes `batches` as Parquet (one file per partition value) and commits them together with
     /// one txn per entry of `ledger`. A concurrent commit touching the same partitions returns
     /// [`DeltaError::Conflict`] and leaves the files unreferenced.
+    #[tracing::instrument(name = "commit", level = "info", skip_all, fields(
+        table = %self.schema.name,
+        partitions = %ledger.iter().map(|(k, l)| format!("{k}@{}", l.last_offset)).collect::<Vec<_>>().join(","),
+        epoch = epoch,
+        version = tracing::field::Empty,
+    ))]
     pub async fn commit(
         &mut self,
         batches: &[RecordBatch],
@@ -346,6 +352,7 @@ impl DeltaSink {
         match result {
             Ok(finalized) => {
                 let version = finalized.version() as i64;
+                tracing::Span::current().record("version", version);
                 self.table.state = Some(finalized.snapshot());
                 Ok(Committed {
                     version,

@@ -30,7 +30,8 @@
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
 //! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
-//! - [`telemetry`]: logs and the Prometheus endpoint.
+//! - [`health`]: readiness checks and the gauges derived from writers' progress.
+//! - [`telemetry`]: logs, the metric catalogue, and the `/metrics` `/healthz` `/readyz` endpoint.
 
 pub mod app;
 pub mod audit;
@@ -44,6 +45,7 @@ pub mod decode;
 pub mod delta;
 pub mod demo;
 pub mod generator;
+pub mod health;
 pub mod labels;
 pub mod lease;
 pub mod maintain;

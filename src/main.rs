@@ -10,11 +10,12 @@ use clap::{Parser, Subcommand};
 use sluice::config::Config;
 use sluice::demo::{DemoOptions, run as run_demo};
 use sluice::generator::Shape;
+use sluice::health::Health;
 use sluice::produce::{ProduceOptions, produce};
 use sluice::sql::format::Format;
 use sluice::sql::shell::{Printer, repl, run_script};
 use sluice::sql::{Session, TimeTravel};
-use sluice::telemetry::{LogFormat, init_logging, init_metrics};
+use sluice::telemetry::{LogFormat, init_logging, serve};
 
 #[derive(Parser)]
 #[command(
@@ -41,23 +42,10 @@ enum Command {
     /// Run the whole pipeline on an in-process Kafka and a local table, then print a summary.
     Demo(DemoArgs),
     /// Run the writer service until SIGINT/SIGTERM.
-    Run {
-        /// Config file.
-        #[arg(long, env = "SLUICE_CONFIG")]
-        config: PathBuf,
-        /// Override kafka.brokers.
-        #[arg(long)]
-        brokers: Option<String>,
-        /// Override kafka.group_id.
-        #[arg(long)]
-        group_id: Option<String>,
-        /// Override storage.root (local path or s3://bucket/prefix).
-        #[arg(long)]
-        storage_root: Option<String>,
-        /// Override metrics.listen (e.g. 0.0.0.0:9464).
-        #[arg(long)]
-        metrics_listen: Option<String>,
-    },
+    Run(ServiceArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Publish generated enriched posts to a Kafka cluster.
     Produce(ProduceArgs),
     /// Prove every Kafka offset is in the table or its dead letters exactly once.
@@ -120,6 +108,50 @@ enum Command {
     ///
     /// Read-only. Every table of the config is registered by name, with its dead letters.
     Sql(SqlArgs),
+}
+
+/// The config file and the flags that override it (`sluice run`, `sluice config check`).
+#[derive(clap::Args)]
+struct ServiceArgs {
+    /// Config file.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: PathBuf,
+    /// Override kafka.brokers.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Override kafka.group_id.
+    #[arg(long)]
+    group_id: Option<String>,
+    /// Override storage.root (local path or s3://bucket/prefix).
+    #[arg(long)]
+    storage_root: Option<String>,
+    /// Override metrics.listen (e.g. 0.0.0.0:9464).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+}
+
+impl ServiceArgs {
+    /// The file, then `SLUICE_*` environment overrides, then these flags.
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut cfg = load_config(&self.config, self.brokers.clone())?;
+        if let Some(g) = &self.group_id {
+            cfg.kafka.group_id = g.clone();
+        }
+        if let Some(r) = &self.storage_root {
+            cfg.storage.root = r.clone();
+        }
+        if let Some(m) = &self.metrics_listen {
+            cfg.metrics.listen = Some(m.clone());
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config (file + SLUICE_* environment + flags), its schema and mapping files,
+    /// and print the effective configuration with secrets redacted. Exit 1 names what is wrong.
+    Check(ServiceArgs),
 }
 
 /// `sluice compact` flags.
@@ -256,7 +288,7 @@ fn main() -> anyhow::Result<ExitCode> {
     // creates it); its real failures reach sluice as errors and are logged with context.
     let level = match cli.command {
         // Query output owns the terminal; only warnings and errors are logged.
-        Command::Sql(_) => "warn",
+        Command::Sql(_) | Command::Config(_) => "warn",
         // On a terminal compaction shows a progress bar instead of a log line per partition.
         Command::Compact(_) if std::io::stderr().is_terminal() => "warn",
         _ => "info",
@@ -281,29 +313,49 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             let report = run_demo(&options).await?;
             println!("{}", report.render());
         }
-        Command::Run {
-            config,
-            brokers,
-            group_id,
-            storage_root,
-            metrics_listen,
-        } => {
-            let mut cfg = load_config(&config, brokers)?;
-            if let Some(g) = group_id {
-                cfg.kafka.group_id = g;
-            }
-            if let Some(r) = storage_root {
-                cfg.storage.root = r;
-            }
-            if let Some(m) = metrics_listen {
-                cfg.metrics.listen = Some(m);
-            }
-            if let Some(listen) = &cfg.metrics.listen {
-                init_metrics(listen).map_err(anyhow::Error::msg)?;
-            }
-            tracing::info!(config = %config.display(), "starting sluice");
+        Command::Run(args) => {
+            let cfg = args.load()?;
+            let names = sluice::app::check(&cfg)?;
+            let health = match &cfg.metrics.listen {
+                Some(listen) => {
+                    let max_wait = cfg.batch.max_age()
+                        + std::time::Duration::from_secs(cfg.health.commit_stall_s);
+                    let health = Health::new(names, max_wait);
+                    serve(listen, health.clone())
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    Some(health)
+                }
+                None => None,
+            };
+            tracing::info!(config = %args.config.display(), "starting sluice");
             tracing::debug!(effective = %cfg.redacted(), "effective configuration");
-            sluice::app::run(cfg, shutdown_signal()).await?;
+            let stopping = health.clone();
+            let shutdown = async move {
+                shutdown_signal().await;
+                if let Some(h) = stopping {
+                    h.stopping();
+                }
+            };
+            sluice::app::run(cfg, shutdown, health).await?;
+        }
+        Command::Config(ConfigCommand::Check(args)) => {
+            let cfg = args.load()?;
+            let names = sluice::app::check(&cfg)?;
+            if let Some(listen) = &cfg.metrics.listen {
+                listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: metrics.listen `{listen}` is not an address: {e}",
+                        args.config.display()
+                    )
+                })?;
+            }
+            eprintln!(
+                "{}: valid; tables {}",
+                args.config.display(),
+                names.join(", ")
+            );
+            print!("{}", cfg.redacted());
         }
         Command::Produce(ProduceArgs {
             brokers,

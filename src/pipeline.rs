@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use deltalake::arrow::record_batch::RecordBatch;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -70,6 +70,18 @@ pub struct Progress {
     pub dead_letters: u64,
     /// Partitions this writer currently owns.
     pub assigned: usize,
+    /// The partitions this writer owns.
+    pub owned: Vec<PartitionKey>,
+    /// Whether the consumer group has given this writer an assignment yet (possibly empty).
+    pub assigned_once: bool,
+    /// When this writer last committed.
+    pub last_commit_at: Option<SystemTime>,
+    /// Newest Kafka message timestamp (ms) in any commit of this writer: freshness.
+    pub newest_committed_ms: Option<i64>,
+    /// When the oldest message still waiting for a commit arrived; `None` when nothing waits.
+    pub buffered_since: Option<SystemTime>,
+    /// The error of the last commit attempt while it is being retried.
+    pub store_error: Option<String>,
 }
 
 impl Progress {
@@ -125,10 +137,35 @@ struct PartitionState {
     bytes: usize,
     /// Messages buffered (pending + decoded + rejected), for the batcher.
     messages: usize,
+    /// Newest Kafka timestamp (ms) buffered.
+    newest_ms: Option<i64>,
+    /// The partition's counters, registered once rather than looked up per message.
+    counters: PartitionCounters,
+}
+
+/// Counters labelled with a table, topic and partition.
+#[derive(Clone)]
+struct PartitionCounters {
+    consumed: metrics::Counter,
+    rows: metrics::Counter,
+}
+
+impl PartitionCounters {
+    fn new(table: &str, key: &PartitionKey) -> Self {
+        let labels = [
+            ("table", table.to_string()),
+            ("topic", key.topic.to_string()),
+            ("partition", key.partition.to_string()),
+        ];
+        PartitionCounters {
+            consumed: metrics::counter!("sluice_messages_consumed_total", &labels),
+            rows: metrics::counter!("sluice_rows_written_total", &labels),
+        }
+    }
 }
 
 impl PartitionState {
-    fn new(key: &PartitionKey, committed: Option<i64>) -> Self {
+    fn new(key: &PartitionKey, committed: Option<i64>, counters: PartitionCounters) -> Self {
         PartitionState {
             committed,
             pending: Chunk::new(key.topic.clone(), key.partition),
@@ -138,11 +175,13 @@ impl PartitionState {
             ledger: None,
             bytes: 0,
             messages: 0,
+            newest_ms: None,
+            counters,
         }
     }
 
     fn clear(&mut self, key: &PartitionKey) {
-        *self = PartitionState::new(key, self.committed);
+        *self = PartitionState::new(key, self.committed, self.counters.clone());
     }
 }
 
@@ -150,8 +189,6 @@ impl PartitionState {
 struct Topic {
     /// The decoder for the topic's JSON shape.
     decoder: BodyDecoder,
-    /// `sluice_messages_consumed_total` for the topic, registered once (not per message).
-    consumed: metrics::Counter,
 }
 
 /// Writes one table from its topics.
@@ -198,10 +235,7 @@ impl TableWriter {
         let (progress_tx, progress_rx) = watch::channel(progress.clone());
         let topics = decoders
             .into_iter()
-            .map(|(name, decoder)| {
-                let consumed = metrics::counter!("sluice_messages_consumed_total", "topic" => name.to_string());
-                (name, Topic { decoder, consumed })
-            })
+            .map(|(name, decoder)| (name, Topic { decoder }))
             .collect();
         (
             TableWriter {
@@ -298,9 +332,11 @@ impl TableWriter {
                 for key in keys {
                     let committed = self.sink.txn_version(&key).await?;
                     positions.insert(key.clone(), self.source.start_offset(committed));
+                    let counters = PartitionCounters::new(self.sink.name(), &key);
                     self.partitions
-                        .insert(key.clone(), PartitionState::new(&key, committed));
+                        .insert(key.clone(), PartitionState::new(&key, committed, counters));
                 }
+                self.progress.assigned_once = true;
                 tracing::info!(table = %self.sink.name(), positions = ?positions.iter().map(|(k, o)| format!("{k}@{o:?}")).collect::<Vec<_>>(),
                     "assigning partitions at the table's positions");
                 self.source.assign(&positions)?;
@@ -315,10 +351,9 @@ impl TableWriter {
         &mut self,
         message: &BorrowedMessage<'_>,
     ) -> Result<Option<FlushReason>, PipelineError> {
-        let Some((name, topic)) = self.topics.get_key_value(message.topic()) else {
+        let Some(name) = self.topics.get_key_value(message.topic()).map(|(n, _)| n) else {
             return Ok(None);
         };
-        topic.consumed.increment(1);
         let key = PartitionKey {
             topic: name.clone(),
             partition: message.partition(),
@@ -328,6 +363,7 @@ impl TableWriter {
             // A message fetched before its partition was revoked.
             return Ok(None);
         };
+        state.counters.consumed.increment(1);
         let next = state
             .ledger
             .as_ref()
@@ -341,18 +377,20 @@ impl TableWriter {
             if offset > next {
                 tracing::warn!(table = %self.sink.name(), partition = %key, expected = next, got = offset,
                     "offsets skipped: Kafka no longer has them (retention) or they are transaction markers");
-                metrics::counter!("sluice_offsets_skipped_total", "topic" => key.topic.to_string())
+                metrics::counter!("sluice_offsets_skipped_total", "table" => self.sink.name().to_string(),
+                    "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                     .increment((offset - next) as u64);
             }
         }
         let payload = message.payload();
         let bytes = payload.map_or(0, <[u8]>::len);
-        state.pending.push(
-            offset,
-            message.timestamp().to_millis(),
-            message.key(),
-            payload,
-        );
+        let timestamp = message.timestamp().to_millis();
+        if let Some(t) = timestamp {
+            state.newest_ms = Some(state.newest_ms.map_or(t, |n| n.max(t)));
+        }
+        state
+            .pending
+            .push(offset, timestamp, message.key(), payload);
         state.bytes += bytes;
         state.messages += 1;
         match &mut state.ledger {
@@ -369,9 +407,16 @@ impl TableWriter {
         if state.pending.len() >= self.decode_chunk {
             self.decode_pending(&key)?;
         }
-        Ok(self.batcher.add(1, bytes, Instant::now()))
+        let first = self.batcher.rows() == 0;
+        let reason = self.batcher.add(1, bytes, Instant::now());
+        if first {
+            self.progress.buffered_since = Some(SystemTime::now());
+            self.publish();
+        }
+        Ok(reason)
     }
 
+    #[tracing::instrument(name = "decode", level = "debug", skip(self), fields(topic = %key.topic, partition = key.partition))]
     fn decode_pending(&mut self, key: &PartitionKey) -> Result<(), PipelineError> {
         let state = self
             .partitions
@@ -405,6 +450,7 @@ impl TableWriter {
 
     /// Commits everything buffered, retrying transient failures, re-checking ownership in the
     /// table before every attempt.
+    #[tracing::instrument(name = "flush", level = "info", skip(self), fields(table = %self.sink.name(), reason = reason.as_str(), messages = self.batcher.rows()))]
     async fn flush(&mut self, reason: FlushReason) -> Result<(), PipelineError> {
         let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
         for key in &keys {
@@ -422,6 +468,7 @@ impl TableWriter {
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {
                     tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "cannot read the table; retrying");
+                    self.store_failed("refresh", &e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -446,6 +493,7 @@ impl TableWriter {
                 Err(StoreError::Delta(e)) if e.is_transient() => {
                     tracing::warn!(table = %self.dead_letters.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "dead-letter commit failed; retrying");
                     metrics::counter!("sluice_commit_retries_total", "table" => self.dead_letters.name().to_string()).increment(1);
+                    self.store_failed("commit", &e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -462,6 +510,7 @@ impl TableWriter {
             }
             if ledger.is_empty() {
                 self.batcher.reset();
+                self.publish();
                 return Ok(());
             }
             in_flight = ledger
@@ -494,6 +543,7 @@ impl TableWriter {
                 Err(e) if e.is_transient() => {
                     tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "commit failed; retrying");
                     metrics::counter!("sluice_commit_retries_total", "table" => self.sink.name().to_string()).increment(1);
+                    self.store_failed("commit", &e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -593,10 +643,17 @@ impl TableWriter {
                 );
             }
             self.epoch += 1;
+            let started = Instant::now();
             let committed = self
                 .dead_letters
                 .commit(&[batch], &ledger, self.epoch)
                 .await?;
+            record_commit(
+                self.dead_letters.name(),
+                committed.files,
+                committed.bytes,
+                started.elapsed(),
+            );
             tracing::info!(table = %self.dead_letters.name(), version = committed.version, dead_letters = stored, "committed dead letters");
             self.progress.dead_letters += stored;
             if self.failpoint.as_deref() == Some("after_dead_letter_commit") {
@@ -651,7 +708,8 @@ impl TableWriter {
             }
             tracing::warn!(table = %self.sink.name(), partition = %key, believed = ?state.committed, actual = ?actual,
                 "the table holds another position for this partition; dropping its buffer and re-reading");
-            metrics::counter!("sluice_position_resets_total", "topic" => key.topic.to_string())
+            metrics::counter!("sluice_position_resets_total", "table" => self.sink.name().to_string(),
+                "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                 .increment(1);
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
@@ -677,22 +735,25 @@ impl TableWriter {
         let table = self.sink.name().to_string();
         let mut rows = 0;
         let mut rejected = 0;
+        let mut payload_bytes = 0;
+        let mut newest = None;
         let mut offsets = Vec::with_capacity(ledger.len());
         for (key, l) in ledger {
             let state = self
                 .partitions
                 .get_mut(key)
                 .expect("committed partitions are owned");
+            let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
             for r in &state.rejections {
                 tracing::debug!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
                     reason = r.reason.code(), detail = %r.detail, "dead letter");
-                *self
-                    .progress
-                    .rejected_by_reason
-                    .entry(r.reason.code())
-                    .or_default() += 1;
-                metrics::counter!("sluice_messages_rejected_total", "topic" => key.topic.to_string(), "reason" => r.reason.code())
-                    .increment(1);
+                *by_reason.entry(r.reason.code()).or_default() += 1;
+            }
+            for (reason, n) in by_reason {
+                *self.progress.rejected_by_reason.entry(reason).or_default() += n;
+                metrics::counter!("sluice_dead_letters_total", "table" => table.clone(), "topic" => key.topic.to_string(),
+                    "partition" => key.partition.to_string(), "reason" => reason)
+                    .increment(n);
             }
             for r in state.rejections.iter().take(MAX_LOGGED_REJECTIONS) {
                 tracing::warn!(table = %table, topic = %key.topic, partition = key.partition, offset = r.offset,
@@ -700,11 +761,14 @@ impl TableWriter {
             }
             rows += l.rows;
             rejected += l.rejected;
+            payload_bytes += state.bytes;
+            if let Some(t) = state.newest_ms {
+                newest = Some(newest.map_or(t, |n: i64| n.max(t)));
+            }
+            state.counters.rows.increment(l.rows);
             state.committed = Some(l.last_offset);
             state.clear(key);
             offsets.push((key.clone(), l.last_offset));
-            metrics::counter!("sluice_rows_written_total", "topic" => key.topic.to_string())
-                .increment(l.rows);
         }
         self.batcher.reset();
         self.source.report_committed(&offsets);
@@ -714,19 +778,38 @@ impl TableWriter {
         self.progress.rejected += rejected;
         self.progress.files += files as u64;
         self.progress.bytes += bytes;
-        metrics::counter!("sluice_commits_total", "table" => table.clone()).increment(1);
+        self.progress.last_commit_at = Some(SystemTime::now());
+        self.progress.store_error = None;
+        if newest > self.progress.newest_committed_ms {
+            self.progress.newest_committed_ms = newest;
+        }
+        record_commit(&table, files, bytes, elapsed);
         metrics::counter!("sluice_flushes_total", "table" => table.clone(), "reason" => reason.as_str()).increment(1);
-        metrics::counter!("sluice_bytes_written_total", "table" => table.clone()).increment(bytes);
-        metrics::histogram!("sluice_commit_seconds", "table" => table.clone())
-            .record(elapsed.as_secs_f64());
+        metrics::histogram!("sluice_batch_messages", "table" => table.clone())
+            .record((rows + rejected) as f64);
+        metrics::histogram!("sluice_batch_bytes", "table" => table.clone())
+            .record(payload_bytes as f64);
         tracing::info!(table = %table, version, rows, rejected, files, bytes, reason = reason.as_str(),
             commit_ms = elapsed.as_millis() as u64, "committed batch");
         self.publish();
     }
 
+    /// A transient object-store failure: counted, and shown by readiness until a commit
+    /// succeeds.
+    fn store_failed(&mut self, operation: &'static str, error: &DeltaError) {
+        metrics::counter!("sluice_object_store_errors_total", "table" => self.sink.name().to_string(), "operation" => operation)
+            .increment(1);
+        self.progress.store_error = Some(format!("{operation}: {error}"));
+        self.publish();
+    }
+
     /// Publishes progress; ownership figures are derived from the partition map here.
     fn publish(&mut self) {
+        if self.batcher.rows() == 0 {
+            self.progress.buffered_since = None;
+        }
         self.progress.assigned = self.partitions.len();
+        self.progress.owned = self.partitions.keys().cloned().collect();
         self.progress.committed = self
             .partitions
             .iter()
@@ -742,6 +825,7 @@ impl TableWriter {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(table = %self.sink.name(), error = %e, "cannot read the table; retrying");
+                    self.store_failed("refresh", &e);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -749,4 +833,15 @@ impl TableWriter {
             }
         }
     }
+}
+
+/// Counts a commit of `table` (rows or dead letters) and its duration.
+fn record_commit(table: &str, files: usize, bytes: u64, elapsed: Duration) {
+    let table = table.to_string();
+    metrics::counter!("sluice_commits_total", "table" => table.clone()).increment(1);
+    metrics::counter!("sluice_written_files_total", "table" => table.clone())
+        .increment(files as u64);
+    metrics::counter!("sluice_written_bytes_total", "table" => table.clone()).increment(bytes);
+    metrics::histogram!("sluice_commit_duration_seconds", "table" => table)
+        .record(elapsed.as_secs_f64());
 }

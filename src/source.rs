@@ -15,10 +15,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{KafkaConfig, StartFrom};
 use crate::delta::PartitionKey;
+use crate::pipeline::Progress;
 
 /// How long a seek may wait for the fetcher to apply it.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -243,6 +244,50 @@ impl KafkaSource {
         }
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "informational Kafka offset commit failed");
+        }
+    }
+}
+
+/// How long one watermark request may take.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sets `sluice_consumer_lag_messages` for every partition the writer owns, every `interval`:
+/// the broker's high watermark minus the position committed to the table (everything from the
+/// low watermark when the table has nothing of the partition yet). Runs until aborted.
+pub async fn lag_loop(
+    table: String,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    progress: watch::Receiver<Progress>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let (owned, committed) = {
+            let p = progress.borrow();
+            (p.owned.clone(), p.committed.clone())
+        };
+        for key in owned {
+            let consumer = consumer.clone();
+            let topic = key.topic.clone();
+            let partition = key.partition;
+            let watermarks = tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
+            })
+            .await;
+            match watermarks {
+                Ok(Ok((low, high))) => {
+                    let next = committed.get(&key).map_or(low, |c| (c + 1).max(low));
+                    metrics::gauge!("sluice_consumer_lag_messages", "table" => table.clone(),
+                        "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
+                    .set((high - next).max(0) as f64);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(table = %table, partition = %key, error = %e, "cannot read watermarks for lag");
+                    metrics::counter!("sluice_kafka_errors_total", "table" => table.clone())
+                        .increment(1);
+                }
+                Err(_) => return,
+            }
         }
     }
 }

@@ -147,6 +147,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
             ..DeltaConfig::default()
         },
         metrics: MetricsConfig::default(),
+        health: Default::default(),
         maintenance: Default::default(),
         tables: vec![TableConfig {
             schema: repo().join("schemas/enriched_posts.toml"),
@@ -391,4 +392,87 @@ pub async fn run_until(config: &std::path::Path, done: impl AsyncFn() -> bool) -
         .status();
     let _ = tokio::task::spawn_blocking(move || writer.wait()).await;
     caught_up.is_ok()
+}
+
+/// `GET path` over HTTP/1.0 (the server closes after answering): status and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` page.
+#[derive(Debug, Clone)]
+pub struct Scrape(pub Vec<Sample>);
+
+impl Scrape {
+    pub fn fetch(addr: std::net::SocketAddr) -> Option<Scrape> {
+        let (status, body) = http_get(addr, "/metrics")?;
+        (status == 200).then(|| Scrape::parse(&body))
+    }
+
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let inner = rest.strip_suffix('}').expect("labels close");
+                    let labels = inner
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once("=\"").expect("label is k=\"v\"");
+                            (k.to_string(), v.trim_end_matches('"').to_string())
+                        })
+                        .collect();
+                    (name.to_string(), labels)
+                }
+                None => (series.to_string(), BTreeMap::new()),
+            };
+            samples.push(Sample {
+                name,
+                labels,
+                value: value.parse().expect("sample value is a number"),
+            });
+        }
+        Scrape(samples)
+    }
+
+    /// Samples named `name` whose labels include every pair of `filter`.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.0.iter().filter(move |s| {
+            s.name == name
+                && filter
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// Sum over the matching samples (0 when there are none).
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.matching(name, filter).map(|s| s.value).sum()
+    }
 }
