@@ -28,6 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::{Config, TableConfig};
 use crate::dead_letters;
 use crate::delta::{PartitionKey, app_id, open_table, register_table, table_location};
+use crate::progress::Meter;
 use crate::schema::{ColumnSource, TableSchema};
 
 /// How long the broker may stay silent while the audit still expects messages.
@@ -534,6 +535,9 @@ impl KafkaReader {
                 ends.insert(p, to);
             }
             consumer.assign(&list).map_err(|e| e.to_string())?;
+            let total: i64 = wanted.iter().map(|&(_, from, to)| to - from).sum();
+            let mut meter = Meter::new(format!("audit {topic}"), total as u64, "offsets", true);
+            let mut read = 0u64;
             let mut out: HashMap<i32, Vec<i64>> = HashMap::new();
             let mut last_progress = Instant::now();
             while !ends.is_empty() {
@@ -544,6 +548,8 @@ impl KafkaReader {
                         let Some(&end) = ends.get(&p) else { continue };
                         if m.offset() < end {
                             out.entry(p).or_default().push(m.offset());
+                            read += 1;
+                            meter.update(read, "");
                         }
                         if m.offset() + 1 >= end {
                             ends.remove(&p);
@@ -565,6 +571,7 @@ impl KafkaReader {
                     None => {}
                 }
             }
+            meter.finish(read, "");
             Ok(out)
         })
         .await

@@ -432,10 +432,14 @@ impl Config {
         if config.ingest.decode_chunk == 0 {
             return Err(invalid("ingest.decode_chunk must be at least 1".into()));
         }
-        if config.metrics.lag_interval_s == 0 || config.health.probe_interval_s == 0 {
-            return Err(invalid(
-                "metrics.lag_interval_s and health.probe_interval_s must be at least 1".into(),
-            ));
+        if config.health.probe_interval_s == 0 {
+            return Err(invalid("health.probe_interval_s must be at least 1".into()));
+        }
+        let max_lag = crate::telemetry::MAX_LAG_INTERVAL_S;
+        if !(1..=max_lag).contains(&config.metrics.lag_interval_s) {
+            return Err(invalid(format!(
+                "metrics.lag_interval_s must be between 1 and {max_lag}"
+            )));
         }
         if config.delta.checkpoint_interval == 0 {
             return Err(invalid(

@@ -187,6 +187,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         bad_every: options.bad_every,
         spread_days: 3,
         clock_ms: None,
+        progress: false,
     })
     .await?;
 

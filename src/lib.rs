@@ -28,6 +28,7 @@
 //! - [`maintain`]: vacuum, checkpoints with log cleanup, and `sluice inspect`.
 //! - [`audit`]: proof from the broker and the tables that every offset landed exactly once.
 //! - [`generator`] and [`produce`]: realistic enriched posts, published to Kafka.
+//! - [`progress`]: progress bars on a terminal, periodic log lines otherwise.
 //! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
 //! - [`health`]: readiness checks and the gauges derived from writers' progress.
@@ -52,6 +53,7 @@ pub mod maintain;
 pub mod mapping;
 pub mod pipeline;
 pub mod produce;
+pub mod progress;
 pub mod schema;
 pub mod source;
 pub mod sql;

@@ -12,6 +12,7 @@ use sluice::demo::{DemoOptions, run as run_demo};
 use sluice::generator::Shape;
 use sluice::health::Health;
 use sluice::produce::{ProduceOptions, produce};
+use sluice::progress::Meter;
 use sluice::sql::format::Format;
 use sluice::sql::shell::{Printer, repl, run_script};
 use sluice::sql::{Session, TimeTravel};
@@ -289,8 +290,12 @@ fn main() -> anyhow::Result<ExitCode> {
     let level = match cli.command {
         // Query output owns the terminal; only warnings and errors are logged.
         Command::Sql(_) | Command::Config(_) => "warn",
-        // On a terminal compaction shows a progress bar instead of a log line per partition.
-        Command::Compact(_) if std::io::stderr().is_terminal() => "warn",
+        // On a terminal long jobs draw a progress bar instead of logging progress lines.
+        Command::Compact(_) | Command::Produce(_) | Command::Audit { .. }
+            if std::io::stderr().is_terminal() =>
+        {
+            "warn"
+        }
         _ => "info",
     };
     init_logging(
@@ -396,6 +401,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 bad_every,
                 spread_days: 3,
                 clock_ms: None,
+                progress: true,
             })
             .await?;
             let secs = report.elapsed.as_secs_f64().max(1e-9);
@@ -536,22 +542,19 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
     let tables = table_locations(&cfg, args.table.as_deref(), &args.config)?;
     let mut busy = false;
     for (name, location) in tables {
-        let terminal = std::io::stderr().is_terminal();
+        let mut meter: Option<Meter> = None;
         let mut bar = |p: &sluice::compact::CompactedPartition, done: usize, total: usize| {
-            if terminal {
-                let width = 30;
-                let filled = width * done / total.max(1);
-                eprint!(
-                    "\r{name} [{}{}] {done}/{total} partitions, last {} ({} files -> {})\x1b[K",
-                    "#".repeat(filled),
-                    ".".repeat(width - filled),
-                    p.partition,
-                    p.files_removed,
-                    p.files_added
-                );
-                if done == total {
-                    eprintln!();
-                }
+            let m = meter.get_or_insert_with(|| {
+                Meter::new(format!("compact {name}"), total as u64, "partitions", true)
+            });
+            let detail = format!(
+                "last {} ({} files -> {})",
+                p.partition, p.files_removed, p.files_added
+            );
+            if done == total {
+                m.finish(done as u64, &detail);
+            } else {
+                m.update(done as u64, &detail);
             }
         };
         let outcome = sluice::compact::compact_with_progress(

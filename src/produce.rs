@@ -9,6 +9,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::generator::{Generator, Shape};
+use crate::progress::Meter;
 
 /// Deliveries awaited in flight before the producer waits for the oldest.
 const MAX_IN_FLIGHT: usize = 20_000;
@@ -61,6 +62,9 @@ pub struct ProduceOptions {
     /// it, and message timestamps step evenly through the spread instead of being the wall
     /// clock. `None` uses the wall clock.
     pub clock_ms: Option<i64>,
+    /// Draw a progress bar when stderr is a terminal (the CLI); otherwise progress is logged
+    /// every 10 s.
+    pub progress: bool,
 }
 
 /// What was published.
@@ -104,7 +108,7 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
     let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
     let mut report = ProduceReport::default();
     let mut failures: Vec<(String, String)> = Vec::new();
-    let mut last_log = Instant::now();
+    let mut meter = Meter::new("produce", options.count, "messages", options.progress);
 
     for n in 0..options.count {
         if options.rate > 0 {
@@ -144,19 +148,12 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
             let d = in_flight.pop_front().expect("non-empty");
             settle(d, options, &mut report, &mut failures).await;
         }
-        if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(
-                sent = n + 1,
-                total = options.count,
-                delivered = report.delivered,
-                "producing"
-            );
-            last_log = Instant::now();
-        }
+        meter.update(n + 1, "");
     }
     while let Some(d) = in_flight.pop_front() {
         settle(d, options, &mut report, &mut failures).await;
     }
+    meter.finish(options.count, &format!("{} delivered", report.delivered));
     report.elapsed = started.elapsed();
     if failures.is_empty() {
         Ok(report)

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tracing_subscriber::EnvFilter;
 
 use crate::health::Health;
@@ -257,6 +258,12 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// A gauge not set for this long is dropped from `/metrics`; lag measurements must come more
+/// often (`metrics.lag_interval_s` is at most [`MAX_LAG_INTERVAL_S`]).
+pub const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longest allowed `metrics.lag_interval_s`, well inside [`GAUGE_IDLE`].
+pub const MAX_LAG_INTERVAL_S: u64 = 60;
+
 /// Installs the Prometheus recorder (once per process) and describes every metric. Metrics
 /// recorded before this call are lost, so the service installs it before opening tables.
 pub fn recorder() -> Result<&'static PrometheusHandle, String> {
@@ -272,6 +279,9 @@ pub fn recorder() -> Result<&'static PrometheusHandle, String> {
     let messages = [1.0, 10.0, 100.0, 1e3, 1e4, 5e4, 1e5, 2e5, 5e5, 1e6];
     let bytes = [1e3, 1e4, 1e5, 1e6, 4e6, 16e6, 64e6, 128e6, 256e6, 1e9];
     let handle = PrometheusBuilder::new()
+        // Lag series of partitions this instance no longer owns disappear instead of showing
+        // their last value forever; live gauges are set every few seconds or at each scrape.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full("sluice_batch_messages".into()), &messages)

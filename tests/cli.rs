@@ -317,3 +317,92 @@ async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_to
     .await;
     assert!(scalar_i64(&early_out_of_range) > 0, "{report}");
 }
+
+/// `sluice config check FILE ARGS` with extra environment.
+fn config_check(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["config", "check", "--config"])
+        .arg(config)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), "127.0.0.1:1", 100);
+    let output = config_check(
+        &file,
+        &["--brokers", "kafka-a:9092,kafka-b:9092"],
+        &[
+            ("SLUICE_BATCH__MAX_AGE_MS", "2500"),
+            ("SLUICE_KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("valid; tables enriched_posts"), "{stderr}");
+    // File, environment and flags merged; defaults filled in.
+    let effective: sluice::config::Config =
+        toml::from_str(&stdout).expect("the output is a config");
+    assert_eq!(effective.kafka.brokers, "kafka-a:9092,kafka-b:9092");
+    assert_eq!(effective.batch.max_age_ms, 2500);
+    assert_eq!(effective.batch.max_rows, 100);
+    assert_eq!(effective.maintenance.interval_s, 300);
+    assert_eq!(effective.kafka.properties["sasl.password"], "<redacted>");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+}
+
+#[test]
+fn config_check_names_the_file_and_the_key_that_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), "127.0.0.1:1", 100);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let failing = |contents: String, env: &[(&str, &str)]| {
+        std::fs::write(&file, contents).unwrap();
+        let output = config_check(&file, &[], env);
+        assert_eq!(output.status.code(), Some(1));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let err = failing(text.replace("max_rows =", "max_rowz ="), &[]);
+    assert!(
+        err.contains("sluice.toml") && err.contains("unknown field `max_rowz`"),
+        "{err}"
+    );
+    assert!(err.contains("line 11"), "{err}");
+
+    let err = failing(text.clone(), &[("SLUICE_BATCH__MAX_AGE", "5")]);
+    assert!(
+        err.contains("unknown field `max_age`") && err.contains("SLUICE_BATCH__MAX_AGE"),
+        "{err}"
+    );
+
+    let err = failing(
+        format!("{text}[maintenance]\nzorder = [\"categroy\"]\n"),
+        &[],
+    );
+    assert!(
+        err.contains("enriched_posts") && err.contains("`categroy`, which is not a column"),
+        "{err}"
+    );
+
+    let err = failing(
+        text.replace("mappings/mastodon.toml", "mappings/mastodn.toml"),
+        &[],
+    );
+    assert!(err.contains("mastodn.toml"), "{err}");
+
+    let err = failing(format!("{text}[metrics]\nlisten = \"9464\"\n"), &[]);
+    assert!(
+        err.contains("metrics.listen `9464` is not an address"),
+        "{err}"
+    );
+}

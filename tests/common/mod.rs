@@ -86,6 +86,7 @@ async fn build_fixture(dir: PathBuf) -> PathBuf {
         bad_every: 50,
         spread_days: 3,
         clock_ms: Some(FIXTURE_CLOCK_MS),
+        progress: false,
     })
     .await
     .expect("fixture published");
@@ -191,6 +192,7 @@ pub async fn publish(
         bad_every,
         spread_days: 3,
         clock_ms: None,
+        progress: false,
     })
     .await
     .expect("messages delivered")
