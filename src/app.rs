@@ -128,15 +128,6 @@ pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
     Ok(names)
 }
 
-/// The names of the configured tables (read from their schema files).
-pub fn table_names(config: &Config) -> Result<Vec<String>, AppError> {
-    config
-        .tables
-        .iter()
-        .map(|t| Ok(TableSchema::load(&t.schema)?.name))
-        .collect()
-}
-
 /// Opens every table, subscribes its consumer and starts its writer task. Writers stop when
 /// `shutdown` resolves, after committing what they buffered. Commits write checkpoints.
 pub async fn start(

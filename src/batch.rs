@@ -144,6 +144,11 @@ impl Batcher {
         (now.saturating_duration_since(oldest) >= self.limits.max_age()).then_some(FlushReason::Age)
     }
 
+    /// When the oldest buffered message arrived, if anything is buffered.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.oldest
+    }
+
     /// When the age limit will fire, if anything is buffered.
     pub fn deadline(&self) -> Option<Instant> {
         self.oldest.map(|t| t + self.limits.max_age())

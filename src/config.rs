@@ -409,19 +409,18 @@ impl Config {
         let mut config: Config =
             toml::Value::Table(value)
                 .try_into()
-                .map_err(|e: toml::de::Error| match overrides.is_empty() {
-                    // Parsing the text itself points at the line and the key.
-                    true => invalid(
-                        toml::from_str::<Config>(&text)
-                            .err()
-                            .unwrap_or(e)
-                            .to_string(),
-                    ),
-                    false => invalid(format!(
-                        "{} (with environment overrides {})",
-                        e.to_string().trim_end(),
-                        overrides.join(", ")
-                    )),
+                .map_err(|e: toml::de::Error| {
+                    if overrides.is_empty() {
+                        // Parsing the text itself points at the line and the key.
+                        let spanned = toml::from_str::<Config>(&text).err().unwrap_or(e);
+                        invalid(spanned.to_string())
+                    } else {
+                        invalid(format!(
+                            "{} (with environment overrides {})",
+                            e.to_string().trim_end(),
+                            overrides.join(", ")
+                        ))
+                    }
                 })?;
         config.batch.validate().map_err(invalid)?;
         if config.tables.is_empty() {
@@ -431,6 +430,11 @@ impl Config {
         }
         if config.ingest.decode_chunk == 0 {
             return Err(invalid("ingest.decode_chunk must be at least 1".into()));
+        }
+        if let Some(listen) = &config.metrics.listen {
+            listen.parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(format!("metrics.listen `{listen}` is not an address: {e}"))
+            })?;
         }
         if config.health.probe_interval_s == 0 {
             return Err(invalid("health.probe_interval_s must be at least 1".into()));

@@ -161,7 +161,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     let partitions = Shape::ALL.len() * options.partitions.max(1) as usize;
     let assigned = tokio::time::timeout(
         CATCH_UP_TIMEOUT,
-        table.progress.wait_for(|p| p.assigned == partitions),
+        table.progress.wait_for(|p| p.owned.len() == partitions),
     )
     .await
     .map(|r| r.is_ok())

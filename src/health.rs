@@ -79,16 +79,16 @@ struct Inner {
 
 /// Shared by the writers' helper tasks (which report into it) and the HTTP endpoint.
 pub struct Health {
-    /// Tables the config names; readiness waits for all of them.
-    expected: Vec<String>,
+    /// Tables the config names; readiness waits for all of them to open.
+    expected: usize,
     /// How long a buffered message may wait for its commit before readiness fails.
     max_wait: Duration,
     inner: Mutex<Inner>,
 }
 
 impl Health {
-    /// Health for the tables named `expected`; a message may wait `max_wait` for its commit.
-    pub fn new(expected: Vec<String>, max_wait: Duration) -> Arc<Health> {
+    /// Health for `expected` tables; a message may wait `max_wait` for its commit.
+    pub fn new(expected: usize, max_wait: Duration) -> Arc<Health> {
         Arc::new(Health {
             expected,
             max_wait,
@@ -151,15 +151,11 @@ impl Health {
         if inner.stopping {
             checks.push(service(false, "shutting down".into()));
         }
-        let open = self
-            .expected
-            .iter()
-            .filter(|t| inner.tables.contains_key(*t))
-            .count();
-        if open < self.expected.len() {
+        let open = inner.tables.len();
+        if open < self.expected {
             checks.push(service(
                 false,
-                format!("{open} of {} tables open", self.expected.len()),
+                format!("{open} of {} tables open", self.expected),
             ));
         }
         for (name, table) in &inner.tables {
@@ -174,7 +170,7 @@ impl Health {
                 check(
                     "assignment",
                     true,
-                    format!("{} partitions assigned", p.assigned),
+                    format!("{} partitions assigned", p.owned.len()),
                 )
             } else {
                 check(
@@ -243,7 +239,7 @@ impl Health {
             metrics::gauge!("sluice_table_version", "table" => t.clone())
                 .set(p.table_version as f64);
             metrics::gauge!("sluice_assigned_partitions", "table" => t.clone())
-                .set(p.assigned as f64);
+                .set(p.owned.len() as f64);
             if let Some(at) = p.last_commit_at {
                 metrics::gauge!("sluice_last_commit_timestamp_seconds", "table" => t.clone())
                     .set(seconds(at));
@@ -312,7 +308,7 @@ mod tests {
     use super::*;
 
     fn health_with(progress: Progress) -> (Arc<Health>, watch::Sender<Progress>) {
-        let health = Health::new(vec!["t".into()], Duration::from_secs(70));
+        let health = Health::new(1, Duration::from_secs(70));
         let (tx, rx) = watch::channel(progress);
         health.register("t", rx);
         (health, tx)
@@ -324,7 +320,7 @@ mod tests {
 
     #[test]
     fn ready_needs_every_table_open_and_assigned() {
-        let health = Health::new(vec!["t".into(), "u".into()], Duration::from_secs(70));
+        let health = Health::new(2, Duration::from_secs(70));
         let now = SystemTime::now();
         let r = health.readiness(now);
         assert!(!r.ready);

@@ -68,9 +68,7 @@ pub struct Progress {
     pub rejected_by_reason: BTreeMap<&'static str, u64>,
     /// Dead letters this writer stored in the dead-letter table.
     pub dead_letters: u64,
-    /// Partitions this writer currently owns.
-    pub assigned: usize,
-    /// The partitions this writer owns.
+    /// The partitions this writer currently owns.
     pub owned: Vec<PartitionKey>,
     /// Whether the consumer group has given this writer an assignment yet (possibly empty).
     pub assigned_once: bool,
@@ -410,7 +408,7 @@ impl TableWriter {
         let first = self.batcher.rows() == 0;
         let reason = self.batcher.add(1, bytes, Instant::now());
         if first {
-            self.progress.buffered_since = Some(SystemTime::now());
+            // Readiness watches how long buffered messages wait.
             self.publish();
         }
         Ok(reason)
@@ -805,10 +803,10 @@ impl TableWriter {
 
     /// Publishes progress; ownership figures are derived from the partition map here.
     fn publish(&mut self) {
-        if self.batcher.rows() == 0 {
-            self.progress.buffered_since = None;
-        }
-        self.progress.assigned = self.partitions.len();
+        self.progress.buffered_since = self
+            .batcher
+            .oldest()
+            .map(|t| SystemTime::now() - t.elapsed());
         self.progress.owned = self.partitions.keys().cloned().collect();
         self.progress.committed = self
             .partitions

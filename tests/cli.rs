@@ -3,8 +3,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,20 +19,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Sum of a counter across its label sets, from the Prometheus text format.
+/// Sum of a counter across its label sets.
 fn scrape_counter(port: u16, name: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    Scrape::fetch(([127, 0, 0, 1], port).into()).map(|s| s.sum(name, &[]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

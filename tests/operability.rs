@@ -48,8 +48,7 @@ struct Service {
 
 impl Service {
     async fn start(config: Config) -> Service {
-        let names = sluice::app::check(&config).unwrap();
-        let health = Health::new(names, Duration::from_secs(60));
+        let health = Health::new(config.tables.len(), Duration::from_secs(60));
         let addr = serve("127.0.0.1:0", health.clone()).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let h = health.clone();
