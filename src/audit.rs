@@ -286,17 +286,23 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
         }
         let wanted: Vec<(i32, i64, i64)> = plan
             .iter()
-            .filter_map(|&(p, low, high, c)| {
-                let end = c.map_or(low, |c| (c + 1).min(high));
+            .filter_map(|&(p, low, _, c)| {
+                // Read up to the committed position even past the listed end: the reader
+                // stops at the partition's real end, and some brokers (Tansu 0.6) list the
+                // last batch's base offset as the end.
+                let end = c.map_or(low, |c| c + 1);
                 (end > low).then_some((p, low, end))
             })
             .collect();
         let mut read = kafka.read_offsets(wanted).await?;
-        for (partition, low, high, committed) in plan {
+        for (partition, low, listed_high, committed) in plan {
             let found = tables
                 .remove(&(topic.clone(), partition))
                 .unwrap_or_default();
             let in_kafka = read.remove(&partition).unwrap_or_default();
+            let high = in_kafka
+                .last()
+                .map_or(listed_high, |&o| listed_high.max(o + 1));
             partitions.push(judge(
                 &topic, partition, low, high, committed, &in_kafka, &found,
             ));

@@ -281,6 +281,9 @@ pub async fn probe_store(store: &dyn ObjectStore, version: i64) -> Result<(), St
     }
 }
 
+/// How long one probe may take before it counts as a failure.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Probes a table's store every `interval` and reports into `health` until the task is
 /// aborted.
 pub async fn probe_loop(
@@ -292,7 +295,11 @@ pub async fn probe_loop(
 ) {
     loop {
         let version = progress.borrow().table_version;
-        let result = probe_store(store.as_ref(), version).await;
+        // The store's client retries a refused connection for minutes; a probe that hangs
+        // that long must not leave the last good answer standing.
+        let result = tokio::time::timeout(PROBE_TIMEOUT, probe_store(store.as_ref(), version))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())));
         if let Err(e) = &result {
             tracing::warn!(table = %table, error = %e, "object store probe failed");
             metrics::counter!("sluice_object_store_errors_total", "table" => table.clone(), "operation" => "probe")

@@ -11,7 +11,7 @@ use sluice::config::Config;
 use sluice::demo::{DemoOptions, run as run_demo};
 use sluice::generator::Shape;
 use sluice::health::Health;
-use sluice::produce::{ProduceOptions, produce};
+use sluice::produce::{ProduceOptions, create_topics, produce};
 use sluice::progress::Meter;
 use sluice::sql::format::Format;
 use sluice::sql::shell::{Printer, repl, run_script};
@@ -281,6 +281,10 @@ struct ProduceArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Create the topics that do not exist yet with this many partitions first (for brokers
+    /// that do not create topics on first use, such as Tansu or a hardened Kafka).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    partitions: Option<i32>,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -362,6 +366,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             embedding_dim,
             bad_every,
             seed,
+            partitions,
         }) => {
             let shapes: Vec<Shape> = if shape.is_empty() {
                 Shape::ALL.to_vec()
@@ -381,7 +386,13 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                             .unwrap_or_else(|| s.default_topic().to_string()),
                     )
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            if let Some(partitions) = partitions {
+                let topics: Vec<String> = shapes.iter().map(|(_, t)| t.clone()).collect();
+                for topic in create_topics(&brokers, &topics, partitions).await? {
+                    eprintln!("created topic {topic} with {partitions} partitions");
+                }
+            }
             let report = produce(&ProduceOptions {
                 brokers,
                 shapes,

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -24,6 +26,16 @@ pub enum ProduceError {
         brokers: String,
         /// librdkafka's error.
         source: KafkaError,
+    },
+    /// A topic could not be created.
+    #[error("cannot create topic {topic} on {brokers}: {reason}")]
+    CreateTopic {
+        /// Bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// The broker's or client's answer.
+        reason: String,
     },
     /// Messages could not be delivered.
     #[error("{failed} of {count} messages to {topic} were not delivered; first error: {first}")]
@@ -78,6 +90,45 @@ pub struct ProduceReport {
     pub last_offsets: BTreeMap<(String, i32), i64>,
     /// Wall time.
     pub elapsed: Duration,
+}
+
+/// Creates those of `topics` that do not exist yet with `partitions` partitions (replication
+/// 1), for brokers that do not create topics on first use; returns the ones it created.
+pub async fn create_topics(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+) -> Result<Vec<String>, ProduceError> {
+    let fail = |topic: &str, reason: String| ProduceError::CreateTopic {
+        brokers: brokers.to_string(),
+        topic: topic.to_string(),
+        reason,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|source| ProduceError::Create {
+            brokers: brokers.to_string(),
+            source,
+        })?;
+    let wanted: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&wanted, &options)
+        .await
+        .map_err(|e| fail(&topics.join(","), e.to_string()))?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(fail(&topic, code.to_string())),
+        }
+    }
+    Ok(created)
 }
 
 /// Publishes `options.count` messages and waits for every delivery report.

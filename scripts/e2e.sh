@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The end-to-end suite against real servers (tests/e2e.rs): a Tansu Kafka broker and moto's S3
+# server on loopback, on free ports; the `sluice` binary writing s3:// tables through faults.
+#
+#   bash scripts/e2e.sh                     # install what is missing, start, test, stop
+#   SLUICE_E2E_SEED=123 bash scripts/e2e.sh # replay the random pauses of a failed run
+#
+# Installs when missing: tansu (cargo install, kept in cargo's bin folder) and moto (pip).
+# Everything it starts is stopped by PID when it exits, also on failure; a failure prints the
+# tail of every process log (the folder is kept and named at the end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+TANSU_VERSION=0.6.0
+MOTO_VERSION=5.2.1
+
+logs="$(mktemp -d /tmp/sluice-e2e.XXXXXX)"
+pids=()
+
+finish() {
+  local status=$?
+  for pid in "${pids[@]}"; do
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  if [ "$status" -ne 0 ]; then
+    echo "== end-to-end suite failed (exit $status); process logs in $logs"
+    for f in "$logs"/*.log; do
+      [ -e "$f" ] || continue
+      echo "---- $(basename "$f") (last 40 lines)"
+      tail -n 40 "$f"
+    done
+  else
+    rm -rf "$logs"
+  fi
+  exit "$status"
+}
+trap finish EXIT
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits for a TCP port to accept connections, or fails naming the process log.
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 150); do
+    if python3 -c "import socket, sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "$name did not listen on 127.0.0.1:$port; see $logs/$name.log" >&2
+  return 1
+}
+
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  echo "== installing tansu $TANSU_VERSION (cargo install; once per machine)"
+  cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked
+fi
+if ! python3 -c "import moto, flask, flask_cors; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
+  echo "== installing moto $MOTO_VERSION (pip)"
+  python3 -m pip install --quiet "moto[s3]==$MOTO_VERSION" flask flask-cors
+fi
+
+echo "== building the suite"
+cargo test --release --test e2e --no-run
+
+s3_port=$(free_port)
+python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$logs/moto.log" 2>&1 &
+pids+=($!)
+wait_port "$s3_port" moto
+for bucket in lakehouse broker; do
+  curl -fsS -X PUT "http://127.0.0.1:$s3_port/$bucket" >/dev/null
+done
+
+kafka_port=$(free_port)
+tansu broker \
+  --storage-engine memory://tansu/ \
+  --listener-url "tcp://127.0.0.1:$kafka_port" \
+  --advertised-listener-url "tcp://127.0.0.1:$kafka_port" >"$logs/tansu.log" 2>&1 &
+pids+=($!)
+wait_port "$kafka_port" tansu
+
+# moto does not check credentials, but the S3 client wants some.
+export AWS_ACCESS_KEY_ID=sluice-e2e AWS_SECRET_ACCESS_KEY=sluice-e2e AWS_REGION=us-east-1
+export SLUICE_E2E_BROKERS="127.0.0.1:$kafka_port"
+export SLUICE_E2E_S3="http://127.0.0.1:$s3_port"
+export SLUICE_E2E_BUCKET=lakehouse
+export SLUICE_E2E_BROKER_BUCKET=broker
+export SLUICE_E2E_TANSU="$(command -v tansu)"
+export SLUICE_E2E_LOGS="$logs"
+echo "== end-to-end suite: broker $SLUICE_E2E_BROKERS, S3 $SLUICE_E2E_S3, logs $logs"
+cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture

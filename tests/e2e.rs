@@ -1,0 +1,810 @@
+//! End to end against real servers: the `sluice` binary, a Tansu Kafka broker and moto's S3
+//! server, with faults: kill -9 of writers, an S3 outage, a broker restart, two writers in one
+//! group, compaction racing the writer. Every scenario ends with `sluice audit`: each produced
+//! offset is in the table or its dead letters exactly once.
+//!
+//! `scripts/e2e.sh` installs and starts the servers and runs these tests; they are ignored by a
+//! plain `cargo test`, which has no servers. Process logs land in `$SLUICE_E2E_LOGS`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use sluice::config::Config;
+use sluice::delta::{PartitionKey, app_id, open_table, table_location};
+use sluice::generator::Shape;
+use sluice::produce::{ProduceOptions, ProduceReport, create_topics, produce};
+
+/// How long a scenario waits for the writers to catch up before it fails with the logs.
+const CATCH_UP: Duration = Duration::from_secs(240);
+/// Partitions of each topic.
+const PARTITIONS: i32 = 4;
+/// Every n-th produced message is hostile and must become a dead letter.
+const BAD_EVERY: u64 = 97;
+/// The writers' `session.timeout.ms`.
+const SESSION_TIMEOUT_MS: u64 = 4_000;
+/// How long a killed writer stays down. Longer than the session timeout: Tansu 0.6 can keep a
+/// killed member in the group for good (holding its partitions) when a new member joins while
+/// the dead one's session is still running, which real Kafka does not do.
+const RESTART_AFTER: Duration = Duration::from_millis(SESSION_TIMEOUT_MS + 1_500);
+
+/// The servers `scripts/e2e.sh` started, and where processes log.
+struct Servers {
+    brokers: String,
+    s3: String,
+    bucket: String,
+    broker_bucket: String,
+    tansu: PathBuf,
+    logs: PathBuf,
+    seed: u64,
+}
+
+impl Servers {
+    fn from_env() -> Servers {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the end-to-end suite with `bash scripts/e2e.sh`")
+            })
+        };
+        let seed = std::env::var("SLUICE_E2E_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        let logs = PathBuf::from(var("SLUICE_E2E_LOGS"));
+        std::fs::create_dir_all(&logs).unwrap();
+        Servers {
+            brokers: var("SLUICE_E2E_BROKERS"),
+            s3: var("SLUICE_E2E_S3"),
+            bucket: var("SLUICE_E2E_BUCKET"),
+            broker_bucket: var("SLUICE_E2E_BROKER_BUCKET"),
+            tansu: PathBuf::from(var("SLUICE_E2E_TANSU")),
+            logs,
+            seed,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process whose output goes to a log file; killed when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, logs: &Path, command: &mut Command) -> Proc {
+        let log = logs.join(format!("{name}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after `patience`).
+    fn terminate(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+
+    /// Whether it is still running (a writer must survive every fault).
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.running() {
+            self.kill9();
+        }
+    }
+}
+
+/// A Tansu broker of the scenario's own that keeps its log in the S3 server, so it can be
+/// killed and restarted on the same port without losing messages.
+struct PersistentBroker {
+    port: u16,
+    process: Proc,
+    restarts: u32,
+}
+
+impl PersistentBroker {
+    async fn start(servers: &Servers) -> PersistentBroker {
+        let port = free_port();
+        let process = Self::spawn(servers, port, 0).await;
+        PersistentBroker {
+            port,
+            process,
+            restarts: 0,
+        }
+    }
+
+    async fn spawn(servers: &Servers, port: u16, generation: u32) -> Proc {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let process = Proc::spawn(
+            &format!("tansu-persistent-{generation}"),
+            &servers.logs,
+            Command::new(&servers.tansu)
+                .arg("broker")
+                .args([
+                    "--storage-engine",
+                    &format!("s3://{}/", servers.broker_bucket),
+                ])
+                .args(["--listener-url", &url, "--advertised-listener-url", &url])
+                .env("AWS_ENDPOINT", &servers.s3)
+                .env("AWS_ALLOW_HTTP", "true"),
+        );
+        let listening = eventually(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        assert!(
+            listening,
+            "tansu did not listen on {port}; log {}",
+            process.log.display()
+        );
+        process
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9, `down` of silence, and a new process on the same port and storage.
+    async fn restart(&mut self, servers: &Servers, down: Duration) {
+        self.process.kill9();
+        tokio::time::sleep(down).await;
+        self.restarts += 1;
+        self.process = Self::spawn(servers, self.port, self.restarts).await;
+    }
+}
+
+/// One scenario: its topics, its table under `s3://bucket/<name>`, its config file.
+struct Scenario {
+    name: String,
+    servers: Servers,
+    dir: tempfile::TempDir,
+    topics: Vec<(Shape, String)>,
+    rng: SmallRng,
+}
+
+impl Scenario {
+    async fn new(name: &str) -> Scenario {
+        let servers = Servers::from_env();
+        let seed = servers.seed;
+        println!(
+            "scenario {name}: seed {seed} (rerun with SLUICE_E2E_SEED={seed}), logs in {}",
+            servers.logs.display()
+        );
+        let topics = [Shape::Mastodon, Shape::Bluesky, Shape::Tweets]
+            .into_iter()
+            .map(|s| (s, format!("{name}.{}", s.default_topic())))
+            .collect();
+        let scenario = Scenario {
+            name: name.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+            rng: SmallRng::seed_from_u64(seed),
+            servers,
+            topics,
+        };
+        scenario.create_topics(&scenario.servers.brokers).await;
+        scenario
+    }
+
+    async fn create_topics(&self, brokers: &str) {
+        let topics: Vec<String> = self.topics.iter().map(|(_, t)| t.clone()).collect();
+        let created = create_topics(brokers, &topics, PARTITIONS)
+            .await
+            .expect("topics created");
+        assert_eq!(created, topics, "the scenario's topics are new");
+    }
+
+    /// Writes the writer's config: brokers and S3 endpoint as given, `extra` TOML appended.
+    fn config(&self, brokers: &str, s3: &str, extra: &str) -> PathBuf {
+        let repo = env!("CARGO_MANIFEST_DIR");
+        let sources: Vec<String> = self
+            .topics
+            .iter()
+            .map(|(shape, topic)| {
+                format!(
+                    "{{ topic = \"{topic}\", mapping = \"{repo}/schemas/{}\" }}",
+                    shape.mapping_file()
+                )
+            })
+            .collect();
+        let text = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "e2e-{name}"
+[kafka.properties]
+"session.timeout.ms" = "{SESSION_TIMEOUT_MS}"
+"heartbeat.interval.ms" = "400"
+
+[storage]
+root = "s3://{bucket}/{name}"
+[storage.s3]
+endpoint = "{s3}"
+region = "us-east-1"
+allow_http = true
+
+[batch]
+max_age_ms = 1000
+
+[metrics]
+lag_interval_s = 1
+
+[health]
+probe_interval_s = 1
+{extra}
+
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{sources}]
+"#,
+            name = self.name,
+            bucket = self.servers.bucket,
+            sources = sources.join(", "),
+        );
+        let file = self.dir.path().join(format!("{}.toml", self.name));
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// The default config: the shared broker and S3 server.
+    fn default_config(&self, extra: &str) -> PathBuf {
+        self.config(&self.servers.brokers, &self.servers.s3, extra)
+    }
+
+    /// Starts `sluice run` with the metrics endpoint on a free port.
+    fn writer(&self, label: &str, config: &Path) -> Writer {
+        let port = free_port();
+        let process = Proc::spawn(
+            &format!("{}-{label}", self.name),
+            &self.servers.logs,
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["--log-format", "json", "run", "--config"])
+                .arg(config)
+                .args(["--metrics-listen", &format!("127.0.0.1:{port}")]),
+        );
+        Writer {
+            process,
+            metrics: ([127, 0, 0, 1], port).into(),
+        }
+    }
+
+    /// Publishes `count` messages at `rate`/s to the scenario's topics in the background.
+    fn produce(&mut self, brokers: &str, count: u64, rate: u64) -> JoinHandle<ProduceReport> {
+        let options = ProduceOptions {
+            brokers: brokers.to_string(),
+            shapes: self.topics.clone(),
+            count,
+            rate,
+            seed: self.rng.random(),
+            embedding_dim: 64,
+            bad_every: BAD_EVERY,
+            spread_days: 2,
+            clock_ms: None,
+            progress: false,
+        };
+        tokio::spawn(async move { produce(&options).await.expect("every message delivered") })
+    }
+
+    /// A random pause in `range` (milliseconds).
+    fn pause(&mut self, range: std::ops::Range<u64>) -> Duration {
+        Duration::from_millis(self.rng.random_range(range))
+    }
+
+    /// Waits until the table has committed every offset up to `last_offsets`.
+    async fn wait_committed(&self, config: &Path, last_offsets: &BTreeMap<(String, i32), i64>) {
+        let config = Config::load(config, std::iter::empty()).unwrap();
+        let deadline = Instant::now() + CATCH_UP;
+        let mut behind = Vec::new();
+        while Instant::now() < deadline {
+            behind = lagging(&config, last_offsets).await;
+            if behind.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!(
+            "scenario {}: the table did not catch up within {CATCH_UP:?}; behind: {behind:?}; logs in {}",
+            self.name,
+            self.servers.logs.display()
+        );
+    }
+
+    /// Runs `sluice audit` and returns its report; panics with it unless clean and covering at
+    /// least `produced` messages.
+    fn audit(&self, config: &Path, produced: u64) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["audit", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        let errors = String::from_utf8_lossy(&output.stderr);
+        println!("scenario {} audit:\n{report}", self.name);
+        assert!(
+            output.status.success(),
+            "scenario {}: audit exit {:?}\n{report}\n{errors}",
+            self.name,
+            output.status.code()
+        );
+        let checked = audited_messages(&report);
+        assert!(
+            checked >= produced,
+            "scenario {}: the audit checked {checked} messages, {produced} were produced\n{report}",
+            self.name
+        );
+        report
+    }
+}
+
+/// `(topic, partition, committed)` for every partition whose committed position is short of
+/// `last_offsets`.
+async fn lagging(
+    config: &Config,
+    last_offsets: &BTreeMap<(String, i32), i64>,
+) -> Vec<(String, i32, Option<i64>)> {
+    let location = table_location(&config.storage.root, "enriched_posts");
+    let Ok(table) = open_table(&location, config.storage_options()).await else {
+        return vec![("(no table yet)".into(), -1, None)];
+    };
+    let Ok(snapshot) = table.snapshot() else {
+        return vec![("(no snapshot)".into(), -1, None)];
+    };
+    let mut behind = Vec::new();
+    for ((topic, partition), last) in last_offsets {
+        let key = PartitionKey {
+            topic: Arc::from(topic.as_str()),
+            partition: *partition,
+        };
+        let committed = snapshot
+            .transaction_version(
+                table.log_store().as_ref(),
+                app_id(&config.kafka.group_id, &key),
+            )
+            .await
+            .ok()
+            .flatten();
+        if committed.is_none_or(|c| c < *last) {
+            behind.push((topic.clone(), *partition, committed));
+        }
+    }
+    behind
+}
+
+/// The "N messages checked" figure of an audit report.
+fn audited_messages(report: &str) -> u64 {
+    report
+        .lines()
+        .filter_map(|l| l.strip_prefix("CLEAN: "))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A running `sluice run`.
+struct Writer {
+    process: Proc,
+    metrics: SocketAddr,
+}
+
+impl Writer {
+    /// `/readyz` status and body, if the endpoint answers.
+    fn readyz(&self) -> Option<(u16, String)> {
+        http_get(self.metrics, "/readyz")
+    }
+
+    /// Sum of a metric over its label sets.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.metrics, "/metrics")?.1;
+        Some(
+            text.lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// Stops with SIGTERM; a clean stop commits what it buffered and exits 0.
+    fn stop(mut self) {
+        let status = self.process.terminate(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not stop cleanly on SIGTERM ({status:?}); log {}",
+            self.process.name,
+            self.process.log.display()
+        );
+    }
+}
+
+/// `GET path` over HTTP/1.0: status and body.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// A TCP proxy in front of a server that can be taken down: while down its port refuses
+/// connections and every open connection is cut, as when the server itself stops.
+struct Outage {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl Outage {
+    async fn start(target: SocketAddr) -> Outage {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, mut state) = watch::channel(true);
+        tokio::spawn(async move {
+            let mut listener = Some(listener);
+            loop {
+                let Some(open) = &listener else {
+                    // Down: wait to come back, then listen on the same port again.
+                    if state.wait_for(|up| *up).await.is_err() {
+                        return;
+                    }
+                    listener = Some(rebind(addr).await);
+                    continue;
+                };
+                tokio::select! {
+                    accepted = open.accept() => {
+                        let Ok((client, _)) = accepted else { continue };
+                        let state = state.clone();
+                        tokio::spawn(pipe(client, target, state));
+                    }
+                    changed = state.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if !*state.borrow() {
+                            listener = None;
+                        }
+                    }
+                }
+            }
+        });
+        Outage { addr, up }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn down(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn up(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+async fn rebind(addr: SocketAddr) -> tokio::net::TcpListener {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Copies bytes both ways until either side closes or the proxy goes down.
+async fn pipe(mut client: TcpStream, target: SocketAddr, mut state: watch::Receiver<bool>) {
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = state.wait_for(|up| !*up) => {}
+    }
+}
+
+fn socket_addr(endpoint: &str) -> SocketAddr {
+    endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+/// Scenario 1: all three upstream shapes plus hostile payloads through `sluice run` into
+/// `s3://` on moto, stopped with SIGTERM; the audit accounts for every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn shapes_and_hostile_payloads_land_on_s3_exactly_once() {
+    let mut s = Scenario::new("shapes").await;
+    let config = s.default_config("");
+    let writer = s.writer("writer", &config);
+    let report = s
+        .produce(&s.servers.brokers.clone(), 6_000, 0)
+        .await
+        .unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    assert!(
+        writer.metric("sluice_dead_letters_total").unwrap_or(0.0) >= (6_000 / BAD_EVERY) as f64,
+        "every hostile payload is a dead letter"
+    );
+    writer.stop();
+    let audit = s.audit(&config, report.delivered);
+    assert!(audit.contains("posts.tweets") && audit.contains("posts.bluesky"));
+}
+
+/// Scenario 2: the writer is killed with SIGKILL at random moments while producing goes on,
+/// and restarted each time; nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    let mut s = Scenario::new("kill9").await;
+    let config = s.default_config("");
+    let producer = s.produce(&s.servers.brokers.clone(), 24_000, 200);
+    for kill in 0..12 {
+        let mut writer = s.writer(&format!("run{kill}"), &config);
+        tokio::time::sleep(s.pause(1_500..6_000)).await;
+        assert!(
+            writer.process.running(),
+            "the writer died on its own; log {}",
+            writer.process.log.display()
+        );
+        writer.process.kill9();
+        tokio::time::sleep(RESTART_AFTER).await;
+    }
+    let writer = s.writer("final", &config);
+    let report = producer.await.unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    writer.stop();
+    s.audit(&config, report.delivered);
+}
+
+/// Polls `check` every 250 ms until it holds; false if `within` passes first.
+async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    check()
+}
+
+/// Scenario 3: the S3 server is unreachable for 20 s mid-ingest. The writer keeps consuming,
+/// retries its commits, reports unready while the store is gone and ready once it is back,
+/// and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn s3_outage_is_retried_and_shown_by_readiness() {
+    let mut s = Scenario::new("s3outage").await;
+    let proxy = Outage::start(socket_addr(&s.servers.s3)).await;
+    let brokers = s.servers.brokers.clone();
+    let config = s.config(&brokers, &proxy.endpoint(), "");
+    let writer = s.writer("writer", &config);
+    let producer = s.produce(&brokers, 36_000, 1_000);
+    let ready = |w: &Writer| w.readyz().is_some_and(|(status, _)| status == 200);
+    assert!(
+        eventually(Duration::from_secs(60), || ready(&writer)).await,
+        "the writer never became ready: {:?}",
+        writer.readyz()
+    );
+    tokio::time::sleep(s.pause(3_000..6_000)).await;
+
+    proxy.down();
+    let outage = Instant::now();
+    let mut unready = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            unready = writer.readyz().filter(|(status, _)| *status == 503);
+            unready.is_some()
+        })
+        .await,
+        "readiness did not report the unreachable store: {:?}",
+        writer.readyz()
+    );
+    let (_, body) = unready.unwrap();
+    assert!(
+        body.contains("FAIL enriched_posts object store")
+            || body.contains("FAIL enriched_posts commit"),
+        "/readyz names the store problem:\n{body}"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(outage.elapsed())).await;
+    proxy.up();
+
+    assert!(
+        eventually(Duration::from_secs(90), || ready(&writer)).await,
+        "the writer did not become ready after the store came back: {:?}",
+        writer.readyz()
+    );
+    let report = producer.await.unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    assert!(
+        writer
+            .metric("sluice_object_store_errors_total")
+            .unwrap_or(0.0)
+            > 0.0,
+        "the outage is counted in sluice_object_store_errors_total"
+    );
+    writer.stop();
+    s.audit(&config, report.delivered);
+}
+
+/// Scenario 4: the broker (with its log in S3) is killed and restarted twice mid-ingest; the
+/// producer and the writer reconnect, and every message the broker holds lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn broker_restarts_mid_ingest_lose_nothing() {
+    let mut s = Scenario::new("restart").await;
+    let mut broker = PersistentBroker::start(&s.servers).await;
+    s.create_topics(&broker.brokers()).await;
+    let config = s.config(&broker.brokers(), &s.servers.s3.clone(), "");
+    let writer = s.writer("writer", &config);
+    let producer = s.produce(&broker.brokers(), 24_000, 1_000);
+    for _ in 0..2 {
+        tokio::time::sleep(s.pause(5_000..8_000)).await;
+        let down = s.pause(2_000..5_000);
+        broker.restart(&s.servers, down).await;
+    }
+    let report = producer.await.unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    writer.stop();
+    // A producer retrying across the restart may have written a message twice; the audit
+    // counts the broker's offsets, so it covers at least every delivery.
+    s.audit(&config, report.delivered);
+}
+
+/// Scenario 5: two writers in one group share the partitions; one is killed and restarted,
+/// with rebalances in between; both end up writing and nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn two_writers_in_one_group_survive_a_kill_and_rebalances() {
+    let mut s = Scenario::new("group").await;
+    let config = s.default_config("");
+    let producer = s.produce(&s.servers.brokers.clone(), 30_000, 1_000);
+    let mut first = s.writer("a", &config);
+    tokio::time::sleep(s.pause(3_000..5_000)).await;
+    let second = s.writer("b", &config);
+    tokio::time::sleep(s.pause(4_000..7_000)).await;
+    assert!(
+        first.process.running(),
+        "log {}",
+        first.process.log.display()
+    );
+    first.process.kill9();
+    tokio::time::sleep(RESTART_AFTER).await;
+    let restarted = s.writer("a-restarted", &config);
+    let report = producer.await.unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    for w in [&second, &restarted] {
+        let rows = w.metric("sluice_rows_written_total").unwrap_or(0.0);
+        assert!(
+            rows > 0.0,
+            "{} wrote no rows: the group never gave it partitions; log {}",
+            w.process.name,
+            w.process.log.display()
+        );
+    }
+    second.stop();
+    restarted.stop();
+    s.audit(&config, report.delivered);
+}
+
+/// Scenario 6: the service compacts in the background while a scheduled `sluice compact`
+/// starts against the same table; the lease lets one rewrite at a time, the writer's appends
+/// never conflict with the rewrites, and the compacted table still audits clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn compaction_in_the_service_and_a_concurrent_compact_job() {
+    let mut s = Scenario::new("compact").await;
+    let config = s.default_config("[maintenance]\ninterval_s = 3\nhot_small_files = 4\n");
+    let writer = s.writer("writer", &config);
+    let producer = s.produce(&s.servers.brokers.clone(), 24_000, 1_000);
+    let mut outcomes = Vec::new();
+    for round in 0..3 {
+        tokio::time::sleep(s.pause(4_000..7_000)).await;
+        let job = |n: usize| {
+            Proc::spawn(
+                &format!("compact-job-{round}-{n}"),
+                &s.servers.logs,
+                Command::new(env!("CARGO_BIN_EXE_sluice"))
+                    .args(["compact", "--config"])
+                    .arg(&config),
+            )
+        };
+        let mut jobs = [job(0), job(1)];
+        for j in &mut jobs {
+            let status = j.child.wait().unwrap();
+            assert!(
+                matches!(status.code(), Some(0) | Some(3)),
+                "sluice compact failed ({status}); log {}",
+                j.log.display()
+            );
+            outcomes.push(status.code());
+        }
+    }
+    let report = producer.await.unwrap();
+    s.wait_committed(&config, &report.last_offsets).await;
+    writer.stop();
+
+    let loaded = Config::load(&config, std::iter::empty()).unwrap();
+    let table = open_table(
+        &table_location(&loaded.storage.root, "enriched_posts"),
+        loaded.storage_options(),
+    )
+    .await
+    .unwrap();
+    let history: Vec<_> = table.history(None).try_collect().await.unwrap();
+    let rewrites = history
+        .iter()
+        .filter(|c| c.operation.as_deref() == Some("OPTIMIZE"))
+        .count();
+    assert!(
+        rewrites > 0,
+        "no compaction committed (job exit codes {outcomes:?})"
+    );
+    s.audit(&config, report.delivered);
+}
