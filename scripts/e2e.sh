@@ -4,6 +4,7 @@
 #
 #   bash scripts/e2e.sh                     # install what is missing, start, test, stop
 #   SLUICE_E2E_SEED=123 bash scripts/e2e.sh # replay the random pauses of a failed run
+#   SLUICE_E2E_KEEP_LOGS=1 bash scripts/e2e.sh kill_9   # one scenario, logs kept
 #
 # Installs when missing: tansu (cargo install, kept in cargo's bin folder) and moto (pip).
 # Everything it starts is stopped by PID when it exits, also on failure; a failure prints the
@@ -32,7 +33,7 @@ finish() {
       echo "---- $(basename "$f") (last 40 lines)"
       tail -n 40 "$f"
     done
-  else
+  elif [ -z "${SLUICE_E2E_KEEP_LOGS:-}" ]; then
     rm -rf "$logs"
   fi
   exit "$status"
@@ -93,4 +94,4 @@ export SLUICE_E2E_BROKER_BUCKET=broker
 export SLUICE_E2E_TANSU="$(command -v tansu)"
 export SLUICE_E2E_LOGS="$logs"
 echo "== end-to-end suite: broker $SLUICE_E2E_BROKERS, S3 $SLUICE_E2E_S3, logs $logs"
-cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture
+cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture "$@"

@@ -449,12 +449,18 @@ impl Writer {
 
     /// Sum of a metric over its label sets.
     fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_with(name, "")
+    }
+
+    /// Sum of a metric over the label sets that contain `label` (such as `outcome="x"`).
+    fn metric_with(&self, name: &str, label: &str) -> Option<f64> {
         let text = http_get(self.metrics, "/metrics")?.1;
         Some(
             text.lines()
                 .filter(|l| {
                     l.strip_prefix(name)
                         .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                        && l.contains(label)
                 })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum(),
@@ -604,17 +610,31 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let mut s = Scenario::new("kill9").await;
     let config = s.default_config("");
     let producer = s.produce(&s.servers.brokers.clone(), 24_000, 200);
+    let mut after_commits = 0;
     for kill in 0..12 {
         let mut writer = s.writer(&format!("run{kill}"), &config);
-        tokio::time::sleep(s.pause(1_500..6_000)).await;
+        tokio::time::sleep(s.pause(2_000..8_000)).await;
         assert!(
             writer.process.running(),
             "the writer died on its own; log {}",
             writer.process.log.display()
         );
+        let commits = writer.metric("sluice_commits_total").unwrap_or(0.0);
         writer.process.kill9();
+        println!(
+            "kill {kill}: the writer had made {} commits",
+            commits as u64
+        );
+        if commits > 0.0 {
+            after_commits += 1;
+        }
         tokio::time::sleep(RESTART_AFTER).await;
     }
+    assert!(
+        after_commits >= 3,
+        "only {after_commits} of 12 kills hit a writer that was committing: the scenario \
+         did not kill mid-ingest"
+    );
     let writer = s.writer("final", &config);
     let report = producer.await.unwrap();
     s.wait_committed(&config, &report.last_offsets).await;
@@ -764,6 +784,7 @@ async fn compaction_in_the_service_and_a_concurrent_compact_job() {
     let writer = s.writer("writer", &config);
     let producer = s.produce(&s.servers.brokers.clone(), 24_000, 1_000);
     let mut outcomes = Vec::new();
+    let mut job_compactions = 0;
     for round in 0..3 {
         tokio::time::sleep(s.pause(4_000..7_000)).await;
         let job = |n: usize| {
@@ -784,11 +805,21 @@ async fn compaction_in_the_service_and_a_concurrent_compact_job() {
                 j.log.display()
             );
             outcomes.push(status.code());
+            let output = std::fs::read_to_string(&j.log).unwrap();
+            job_compactions += output.matches("compacted partition").count();
         }
     }
     let report = producer.await.unwrap();
     s.wait_committed(&config, &report.last_offsets).await;
+    let service_compactions = writer
+        .metric_with("sluice_compaction_runs_total", "outcome=\"compacted\"")
+        .unwrap_or(0.0);
     writer.stop();
+    assert!(
+        service_compactions > 0.0 && job_compactions > 0,
+        "both the service ({service_compactions} runs) and the jobs ({job_compactions} \
+         partitions) compacted while the writer wrote"
+    );
 
     let loaded = Config::load(&config, std::iter::empty()).unwrap();
     let table = open_table(
