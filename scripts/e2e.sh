@@ -24,8 +24,17 @@ finish() {
   local status=$?
   for pid in "${pids[@]}"; do
     kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
   done
-  wait 2>/dev/null || true
+  # Writers and brokers the tests started, should the tests themselves have been killed: they
+  # all carry this run's SLUICE_E2E_LOGS in their environment.
+  for environ in /proc/[0-9]*/environ; do
+    local pid=${environ#/proc/}
+    pid=${pid%/environ}
+    if [ "$pid" != "$$" ] && grep -qz "^SLUICE_E2E_LOGS=$logs\$" "$environ" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
   if [ "$status" -ne 0 ]; then
     echo "== end-to-end suite failed (exit $status); process logs in $logs"
     for f in "$logs"/*.log; do
