@@ -13,6 +13,7 @@ use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, MetadataValue, StructField, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::errors::ParquetError;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -103,6 +104,11 @@ impl DeltaError {
                             | TransactionError::VersionAlreadyExists(_)
                     }
                     | DeltaTableError::VersionAlreadyExists(_)
+                    // Uploading a data file failed in the store (the Parquet writer wraps the
+                    // store's error); encoding errors are other variants.
+                    | DeltaTableError::Parquet {
+                        source: ParquetError::External(_)
+                    }
             ),
             _ => false,
         }
@@ -632,5 +638,22 @@ async fn probe_conditional_put(
             table: name.to_string(),
             location: location.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_data_file_upload_is_retried_but_a_bad_encoding_is_not() {
+        let delta = |source: ParquetError| DeltaError::Delta {
+            table: "t".into(),
+            operation: "upload parquet",
+            source: Box::new(DeltaTableError::Parquet { source }),
+        };
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(delta(ParquetError::External(Box::new(refused))).is_transient());
+        assert!(!delta(ParquetError::General("bad page".into())).is_transient());
     }
 }

@@ -4,20 +4,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use sluice::generator::Shape;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Sum of a counter across its label sets.
 fn scrape_counter(port: u16, name: &str) -> Option<f64> {

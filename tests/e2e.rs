@@ -8,12 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{Scrape, free_port, http_get};
 use futures::TryStreamExt;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -74,14 +77,6 @@ impl Servers {
             seed,
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process whose output goes to a log file; killed when dropped.
@@ -477,24 +472,9 @@ impl Writer {
         http_get(self.metrics, "/readyz")
     }
 
-    /// Sum of a metric over its label sets.
-    fn metric(&self, name: &str) -> Option<f64> {
-        self.metric_with(name, "")
-    }
-
-    /// Sum of a metric over the label sets that contain `label` (such as `outcome="x"`).
-    fn metric_with(&self, name: &str, label: &str) -> Option<f64> {
-        let text = http_get(self.metrics, "/metrics")?.1;
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                        && l.contains(label)
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+    /// Sum of a metric over the label sets that include every pair of `filter`.
+    fn metric(&self, name: &str, filter: &[(&str, &str)]) -> Option<f64> {
+        Scrape::fetch(self.metrics).map(|scrape| scrape.sum(name, filter))
     }
 
     /// Stops with SIGTERM; a clean stop commits what it buffered and exits 0.
@@ -507,23 +487,6 @@ impl Writer {
             self.process.log.display()
         );
     }
-}
-
-/// `GET path` over HTTP/1.0: status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
 }
 
 /// A TCP proxy in front of a server that can be taken down: while down its port refuses
@@ -656,7 +619,10 @@ async fn shapes_and_hostile_payloads_land_on_s3_exactly_once() {
     let writer = s.writer("writer", &config);
     s.wait_audited(&config, 6_000).await;
     assert!(
-        writer.metric("sluice_dead_letters_total").unwrap_or(0.0) >= (6_000 / BAD_EVERY) as f64,
+        writer
+            .metric("sluice_dead_letters_total", &[])
+            .unwrap_or(0.0)
+            >= (6_000 / BAD_EVERY) as f64,
         "every hostile payload is a dead letter"
     );
     writer.stop();
@@ -681,7 +647,7 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
             "the writer died on its own; log {}",
             writer.process.log.display()
         );
-        let commits = writer.metric("sluice_commits_total").unwrap_or(0.0);
+        let commits = writer.metric("sluice_commits_total", &[]).unwrap_or(0.0);
         writer.process.kill9();
         println!(
             "kill {kill}: the writer had made {} commits",
@@ -766,7 +732,7 @@ async fn s3_outage_is_retried_and_shown_by_readiness() {
     s.wait_committed(&config, &report.last_offsets).await;
     assert!(
         writer
-            .metric("sluice_object_store_errors_total")
+            .metric("sluice_object_store_errors_total", &[])
             .unwrap_or(0.0)
             > 0.0,
         "the outage is counted in sluice_object_store_errors_total"
@@ -822,7 +788,7 @@ async fn two_writers_in_one_group_survive_a_kill_and_rebalances() {
     let report = producer.await.unwrap();
     s.wait_committed(&config, &report.last_offsets).await;
     for w in [&second, &restarted] {
-        let rows = w.metric("sluice_rows_written_total").unwrap_or(0.0);
+        let rows = w.metric("sluice_rows_written_total", &[]).unwrap_or(0.0);
         assert!(
             rows > 0.0,
             "{} wrote no rows: the group never gave it partitions; log {}",
@@ -874,7 +840,7 @@ async fn compaction_in_the_service_and_a_concurrent_compact_job() {
     let report = producer.await.unwrap();
     s.wait_committed(&config, &report.last_offsets).await;
     let service_compactions = writer
-        .metric_with("sluice_compaction_runs_total", "outcome=\"compacted\"")
+        .metric("sluice_compaction_runs_total", &[("outcome", "compacted")])
         .unwrap_or(0.0);
     writer.stop();
     assert!(
