@@ -27,7 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, TableConfig};
 use crate::dead_letters;
-use crate::delta::{PartitionKey, app_id, open_table, register_table, table_location};
+use crate::delta::{committed_offset, open_table, register_table, table_location};
 use crate::progress::Meter;
 use crate::schema::{ColumnSource, TableSchema};
 
@@ -268,18 +268,9 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
         let topic = source.topic.clone();
         let kafka = KafkaReader::new(config, &name, &topic)?;
         let ranges = kafka.watermarks().await?;
-        let snapshot = main.snapshot().map_err(err("snapshot"))?;
         let mut plan = Vec::new();
         for (partition, (low, high)) in ranges {
-            let key = PartitionKey {
-                topic: Arc::from(topic.as_str()),
-                partition,
-            };
-            let committed = snapshot
-                .transaction_version(
-                    main.log_store().as_ref(),
-                    app_id(&config.kafka.group_id, &key),
-                )
+            let committed = committed_offset(&main, &config.kafka.group_id, &topic, partition)
                 .await
                 .map_err(err("read txn version"))?;
             plan.push((partition, low, high, committed));

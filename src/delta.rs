@@ -423,6 +423,24 @@ pub fn app_id(group_id: &str, key: &PartitionKey) -> String {
     format!("sluice-{group_id}-{}-{}", key.topic, key.partition)
 }
 
+/// The last offset of `topic`/`partition` that `group_id` committed to `table` (its txn
+/// version), as of the table's loaded snapshot.
+pub async fn committed_offset(
+    table: &DeltaTable,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, DeltaTableError> {
+    let key = PartitionKey {
+        topic: Arc::from(topic),
+        partition,
+    };
+    table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), app_id(group_id, &key))
+        .await
+}
+
 /// Turns a configured location (local path or URL) into a table URL.
 pub fn table_url(location: &str) -> Result<Url, String> {
     if location.contains("://") {

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use deltalake::arrow::array::{Array, AsArray};
@@ -14,7 +13,7 @@ use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use crate::compact::{DEFAULT_TARGET_SIZE, PartitionFiles, partitions};
-use crate::delta::{PartitionKey, app_id, open_table, register_table};
+use crate::delta::{committed_offset, open_table, register_table};
 use crate::lease::{self, LeaseRecord};
 
 /// The retention vacuum keeps by default: readers and time travel within a week keep working.
@@ -238,15 +237,9 @@ pub async fn inspect(
             }
         }
     }
-    let snapshot = table.snapshot().map_err(delta(location, "snapshot"))?;
     let mut positions = Vec::new();
     for (topic, partition) in keys {
-        let key = PartitionKey {
-            topic: Arc::from(topic.as_str()),
-            partition,
-        };
-        let version = snapshot
-            .transaction_version(table.log_store().as_ref(), app_id(group_id, &key))
+        let version = committed_offset(&table, group_id, &topic, partition)
             .await
             .map_err(delta(location, "read txn version"))?;
         positions.push((topic, partition, version));

@@ -11,7 +11,6 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -26,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use sluice::audit::audit_table;
 use sluice::config::Config;
-use sluice::delta::{PartitionKey, app_id, open_table, table_location};
+use sluice::delta::{committed_offset, open_table, table_location};
 use sluice::generator::Shape;
 use sluice::produce::{ProduceOptions, ProduceReport, create_topics, produce};
 
@@ -427,20 +426,9 @@ async fn lagging(
     let Ok(table) = open_table(&location, config.storage_options()).await else {
         return vec![("(no table yet)".into(), -1, None)];
     };
-    let Ok(snapshot) = table.snapshot() else {
-        return vec![("(no snapshot)".into(), -1, None)];
-    };
     let mut behind = Vec::new();
     for ((topic, partition), last) in last_offsets {
-        let key = PartitionKey {
-            topic: Arc::from(topic.as_str()),
-            partition: *partition,
-        };
-        let committed = snapshot
-            .transaction_version(
-                table.log_store().as_ref(),
-                app_id(&config.kafka.group_id, &key),
-            )
+        let committed = committed_offset(&table, &config.kafka.group_id, topic, *partition)
             .await
             .ok()
             .flatten();
