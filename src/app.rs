@@ -151,32 +151,47 @@ async fn start_writers(
     for (table, table_config) in loaded {
         let name = table.schema.name.clone();
         let location = table_location(&config.storage.root, &name);
-        let sink = DeltaSink::open_or_create(
-            &location,
-            config.storage_options(),
-            table.schema.clone(),
-            &config.kafka.group_id,
-            config.delta.checkpoint_interval,
-            config.delta.zstd_level,
-        )
-        .await
-        .map_err(PipelineError::from)?;
+        let opening = async {
+            let sink = DeltaSink::open_or_create(
+                &location,
+                config.storage_options(),
+                table.schema.clone(),
+                &config.kafka.group_id,
+                config.delta.checkpoint_interval,
+                config.delta.zstd_level,
+            )
+            .await
+            .map_err(PipelineError::from)?;
+            let dead_letter_schema = Arc::new(dead_letters::schema(&name)?);
+            let dead_letter_sink = DeltaSink::open_or_create(
+                &table_location(&config.storage.root, &dead_letter_schema.name),
+                config.storage_options(),
+                dead_letter_schema,
+                &config.kafka.group_id,
+                config.delta.checkpoint_interval,
+                config.delta.zstd_level,
+            )
+            .await
+            .map_err(PipelineError::from)?;
+            Ok::<_, AppError>((sink, dead_letter_sink))
+        };
+        // Opening a table on an unreachable store retries for minutes; a shutdown then stops
+        // the service at once, before anything was consumed.
+        let opened = tokio::select! {
+            biased;
+            () = shutdown.clone() => None,
+            opened = opening => Some(opened),
+        };
+        let Some(opened) = opened else {
+            tracing::info!(table = %name, "shutdown requested while opening the table; nothing was consumed");
+            return Ok(running);
+        };
+        let (sink, dead_letter_sink) = opened?;
         let sink = if checkpoints_on_commit {
             sink
         } else {
             sink.without_checkpoints()
         };
-        let dead_letter_schema = Arc::new(dead_letters::schema(&name)?);
-        let dead_letter_sink = DeltaSink::open_or_create(
-            &table_location(&config.storage.root, &dead_letter_schema.name),
-            config.storage_options(),
-            dead_letter_schema,
-            &config.kafka.group_id,
-            config.delta.checkpoint_interval,
-            config.delta.zstd_level,
-        )
-        .await
-        .map_err(PipelineError::from)?;
         let dead_letter_sink = if checkpoints_on_commit {
             dead_letter_sink
         } else {

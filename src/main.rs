@@ -324,6 +324,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             let cfg = args.load()?;
+            let requested = shutdown_signal()?;
             let health = match &cfg.metrics.listen {
                 Some(listen) => {
                     let max_wait = cfg.batch.max_age()
@@ -340,7 +341,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             tracing::debug!(effective = %cfg.redacted(), "effective configuration");
             let stopping = health.clone();
             let shutdown = async move {
-                shutdown_signal().await;
+                requested.await;
                 if let Some(h) = stopping {
                     h.stopping();
                 }
@@ -667,25 +668,28 @@ fn load_config(file: &std::path::Path, brokers: Option<String>) -> anyhow::Resul
     Ok(config)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for SIGINT and SIGTERM from this call on (a signal that arrives while the tables
+/// are still opening stops the service cleanly instead of killing it); the future resolves on
+/// the first.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let requested = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested: committing buffered messages");
+    let requested = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    Ok(async move {
+        requested.await;
+        tracing::info!("shutdown requested: committing buffered messages");
+    })
 }

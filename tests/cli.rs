@@ -96,6 +96,99 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
     );
 }
 
+/// An S3 endpoint that accepts connections and never answers keeps the writer opening its
+/// table (the store client waits and retries for minutes). SIGTERM then stops it at once and
+/// cleanly, as `systemctl stop` or a Kubernetes rollout expects, instead of killing it.
+#[test]
+fn sigterm_while_the_tables_are_still_opening_exits_zero() {
+    let silent_store = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent_store.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let config_file = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            r#"
+[kafka]
+brokers = "127.0.0.1:9"
+group_id = "cli-test"
+[storage]
+root = "s3://lakehouse/silent"
+[storage.s3]
+endpoint = "http://{store}"
+region = "us-east-1"
+allow_http = true
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
+"#,
+            store = silent_store.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .env("AWS_ACCESS_KEY_ID", "sluice-test")
+        .env("AWS_SECRET_ACCESS_KEY", "sluice-test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The writer is opening its table once it has connected to the store.
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    let _held_open = loop {
+        match silent_store.accept() {
+            Ok((connection, _)) => break connection,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "sluice exited before reaching the store"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sluice never connected to the store"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break Some(exit);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "exit status {exit:?} (None: still running {CATCH_UP:?} after SIGTERM); log:\n{log}"
+    );
+    assert!(
+        log.contains("shutdown requested while opening the table"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_wrong_schema_file_is_reported_with_file_field_and_reason() {
     let dir = tempfile::tempdir().unwrap();
