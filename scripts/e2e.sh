@@ -42,6 +42,13 @@ finish() {
       echo "---- $(basename "$f") (last 40 lines)"
       tail -n 40 "$f"
     done
+    # Last, so that a truncated CI log still shows it: each panic's message, no backtrace.
+    if [ -s "$logs/suite.out" ]; then
+      echo "== why it failed"
+      awk '/panicked at/ { show = 1; lines = 0 }
+           /^stack backtrace:|^note: / { show = 0 }
+           show && lines++ < 30 { print }' "$logs/suite.out"
+    fi
   elif [ -z "${SLUICE_E2E_KEEP_LOGS:-}" ]; then
     rm -rf "$logs"
   fi
@@ -103,4 +110,4 @@ export SLUICE_E2E_BROKER_BUCKET=broker
 export SLUICE_E2E_TANSU="$(command -v tansu)"
 export SLUICE_E2E_LOGS="$logs"
 echo "== end-to-end suite: broker $SLUICE_E2E_BROKERS, S3 $SLUICE_E2E_S3, logs $logs"
-cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture "$@"
+cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture "$@" 2>&1 | tee "$logs/suite.out"
