@@ -33,6 +33,7 @@
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
 //! - [`health`]: readiness checks and the gauges derived from writers' progress.
 //! - [`telemetry`]: logs, the metric catalogue, and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - [`trino`]: the SQL that registers the tables in Trino (`sluice trino-sql`).
 
 pub mod app;
 pub mod audit;
@@ -58,3 +59,4 @@ pub mod schema;
 pub mod source;
 pub mod sql;
 pub mod telemetry;
+pub mod trino;

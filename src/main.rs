@@ -109,6 +109,19 @@ enum Command {
     ///
     /// Read-only. Every table of the config is registered by name, with its dead letters.
     Sql(SqlArgs),
+    /// Print the Trino SQL that registers every table of the config (and its dead letters)
+    /// in a delta_lake catalog, with the locations taken from storage.root.
+    TrinoSql {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Trino catalog (delta_lake connector, register-table procedure enabled).
+        #[arg(long, default_value = "delta")]
+        catalog: String,
+        /// Trino schema the tables are registered in.
+        #[arg(long, default_value = "sluice")]
+        schema: String,
+    },
 }
 
 /// The config file and the flags that override it (`sluice run`, `sluice config check`).
@@ -293,7 +306,7 @@ fn main() -> anyhow::Result<ExitCode> {
     // creates it); its real failures reach sluice as errors and are logged with context.
     let level = match cli.command {
         // Query output owns the terminal; only warnings and errors are logged.
-        Command::Sql(_) | Command::Config(_) => "warn",
+        Command::Sql(_) | Command::Config(_) | Command::TrinoSql { .. } => "warn",
         // On a terminal long jobs draw a progress bar instead of logging progress lines.
         Command::Compact(_) | Command::Produce(_) | Command::Audit { .. }
             if std::io::stderr().is_terminal() =>
@@ -347,6 +360,23 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 }
             };
             sluice::app::run(cfg, shutdown, health).await?;
+        }
+        Command::TrinoSql {
+            config,
+            catalog,
+            schema,
+        } => {
+            let cfg = load_config(&config, None)?;
+            let tables = sluice::app::check(&cfg)?;
+            let source = config.file_name().map_or_else(
+                || config.display().to_string(),
+                |name| name.to_string_lossy().into_owned(),
+            );
+            let target = sluice::trino::Target { catalog, schema };
+            print!(
+                "{}",
+                sluice::trino::registration_sql(&cfg, &tables, &target, &source)?
+            );
         }
         Command::Config(ConfigCommand::Check(args)) => {
             let cfg = args.load()?;

@@ -479,3 +479,31 @@ fn config_check_names_the_file_and_the_key_that_is_wrong() {
         "{err}"
     );
 }
+
+/// `sql/trino/register.sql`, which the compose stack and scripts/trino-smoke.sh run, is what
+/// `sluice trino-sql` prints for the compose config: the shipped file cannot drift from the
+/// table locations the writer uses.
+#[test]
+fn the_shipped_trino_registration_is_what_trino_sql_prints_for_the_compose_config() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "trino-sql",
+            "--config",
+            &format!("{repo}/config/minio.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("table_location => 's3://lakehouse/warehouse/enriched_posts'"));
+    let shipped = std::fs::read_to_string(format!("{repo}/sql/trino/register.sql")).unwrap();
+    assert_eq!(
+        shipped, printed,
+        "regenerate: sluice trino-sql --config config/minio.toml > sql/trino/register.sql"
+    );
+}
