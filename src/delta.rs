@@ -210,14 +210,11 @@ impl DeltaSink {
             Err(e) => return Err(delta_err("load")(e)),
         }
         evolve_schema(&mut table, &schema).await?;
-        let level = ZstdLevel::try_new(zstd_level).map_err(|e| DeltaError::Delta {
+        let writer_properties = parquet_properties(zstd_level).map_err(|e| DeltaError::Delta {
             table: name.clone(),
             operation: "configure zstd",
             source: Box::new(DeltaTableError::Generic(e.to_string())),
         })?;
-        let writer_properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .build();
         Ok(DeltaSink {
             table,
             schema,
@@ -477,6 +474,15 @@ pub async fn register_table(
     table.update_datafusion_session(&ctx.state())?;
     ctx.register_table(name, table.table_provider().await?)?;
     Ok(())
+}
+
+/// How sluice writes Parquet: zstd at `zstd_level`.
+pub fn parquet_properties(
+    zstd_level: i32,
+) -> Result<WriterProperties, deltalake::parquet::errors::ParquetError> {
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
+        .build())
 }
 
 /// The location of a table under a storage root.

@@ -271,7 +271,9 @@ fn prepare_folder(dir: &Path) -> Result<(), DemoError> {
     Ok(())
 }
 
-fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
+/// Writes the embedded flagship schema, its mappings and a `sluice.toml` for them into `dir`
+/// (whose `schemas/mappings` folder exists); returns the config's path.
+pub(crate) fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
     let write = |path: PathBuf, text: &str| {
         std::fs::write(&path, text).map_err(|source| DemoError::Io { path, source })
     };

@@ -31,6 +31,7 @@
 //! - [`progress`]: progress bars on a terminal, periodic log lines otherwise.
 //! - [`sql`]: a read-only DataFusion session over the tables (`sluice sql`), vector functions.
 //! - [`demo`]: the whole pipeline on an in-process Kafka and the local filesystem.
+//! - [`bench`]: throughput, freshness and memory against the machine's limit (`sluice bench`).
 //! - [`health`]: readiness checks and the gauges derived from writers' progress.
 //! - [`telemetry`]: logs, the metric catalogue, and the `/metrics` `/healthz` `/readyz` endpoint.
 //! - [`trino`]: the SQL that registers the tables in Trino (`sluice trino-sql`).
@@ -39,6 +40,7 @@ pub mod app;
 pub mod audit;
 pub mod background;
 pub mod batch;
+pub mod bench;
 pub mod compact;
 pub mod config;
 pub mod contract;

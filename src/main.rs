@@ -109,6 +109,9 @@ enum Command {
     ///
     /// Read-only. Every table of the config is registered by name, with its dead letters.
     Sql(SqlArgs),
+    /// Measure throughput, freshness and memory against the machine's limit; prints Markdown
+    /// tables (stages: limit, pipeline, kafka, freshness, compaction).
+    Bench(BenchArgs),
     /// Print the Trino SQL that registers every table of the config (and its dead letters)
     /// in a delta_lake catalog, with the locations taken from storage.root.
     TrinoSql {
@@ -122,6 +125,80 @@ enum Command {
         #[arg(long, default_value = "sluice")]
         schema: String,
     },
+}
+
+/// `sluice bench` flags.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Records per profile and stage (the mock cluster holds ~4.5 MB per partition, so the
+    /// kafka stage may use fewer; the table says how many).
+    #[arg(long, default_value_t = 200_000)]
+    records: u64,
+    /// Stages to run, comma-separated. Default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    stage: Vec<sluice::bench::Stage>,
+    /// Record profiles, comma-separated. Default: both.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    profile: Vec<sluice::bench::Profile>,
+    /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of
+    /// a temporary folder; they go under `<root>/sluice-bench-<run>/`.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Broker for the kafka and freshness stages instead of an in-process mock cluster.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Producer rate of the freshness stage, messages per second.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Duration of the freshness stage in seconds.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// The sql/ library the compaction stage runs before and after.
+    #[arg(long, default_value = "sql")]
+    sql_dir: PathBuf,
+    /// Generator seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Internal: measure one STAGE:PROFILE in this process and print its table row.
+    #[arg(long, hide = true)]
+    row: Option<String>,
+    /// Internal: the run the row belongs to.
+    #[arg(long, hide = true, default_value = "adhoc")]
+    run: String,
+}
+
+impl BenchArgs {
+    /// The flags a measurement process needs to repeat this run's settings.
+    fn child_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--records".to_string(),
+            self.records.to_string(),
+            "--rate".into(),
+            self.rate.to_string(),
+            "--seconds".into(),
+            self.seconds.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--sql-dir".into(),
+            self.sql_dir.display().to_string(),
+        ];
+        if let Some(config) = &self.config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        if let Some(brokers) = &self.brokers {
+            args.extend(["--brokers".to_string(), brokers.clone()]);
+        }
+        args
+    }
+}
+
+/// `STAGE:PROFILE` of `sluice bench --row`.
+fn parse_row(spec: &str) -> anyhow::Result<(sluice::bench::Stage, sluice::bench::Profile)> {
+    use clap::ValueEnum;
+    let (stage, profile) = spec.split_once(':').context("--row takes STAGE:PROFILE")?;
+    let stage = sluice::bench::Stage::from_str(stage, true).map_err(anyhow::Error::msg)?;
+    let profile = sluice::bench::Profile::from_str(profile, true).map_err(anyhow::Error::msg)?;
+    Ok((stage, profile))
 }
 
 /// The config file and the flags that override it (`sluice run`, `sluice config check`).
@@ -306,7 +383,9 @@ fn main() -> anyhow::Result<ExitCode> {
     // creates it); its real failures reach sluice as errors and are logged with context.
     let level = match cli.command {
         // Query output owns the terminal; only warnings and errors are logged.
-        Command::Sql(_) | Command::Config(_) | Command::TrinoSql { .. } => "warn",
+        Command::Sql(_) | Command::Config(_) | Command::TrinoSql { .. } | Command::Bench(_) => {
+            "warn"
+        }
         // On a terminal long jobs draw a progress bar instead of logging progress lines.
         Command::Compact(_) | Command::Produce(_) | Command::Audit { .. }
             if std::io::stderr().is_terminal() =>
@@ -360,6 +439,48 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 }
             };
             sluice::app::run(cfg, shutdown, health).await?;
+        }
+        Command::Bench(args) => {
+            let storage = match &args.config {
+                Some(file) => Some(load_config(file, None)?),
+                None => None,
+            };
+            let child_args = args.child_args();
+            let options = sluice::bench::BenchOptions {
+                records: args.records,
+                profiles: if args.profile.is_empty() {
+                    sluice::bench::Profile::ALL.to_vec()
+                } else {
+                    args.profile
+                },
+                stages: if args.stage.is_empty() {
+                    sluice::bench::Stage::ALL.to_vec()
+                } else {
+                    args.stage
+                },
+                storage,
+                brokers: args.brokers,
+                rate: args.rate,
+                seconds: args.seconds,
+                sql_dir: args.sql_dir,
+                seed: args.seed,
+            };
+            if let Some(spec) = &args.row {
+                let (stage, profile) = parse_row(spec)?;
+                println!(
+                    "{}",
+                    sluice::bench::row(&options, &args.run, stage, profile).await?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "## sluice bench on {}, sluice {}\n",
+                sluice::bench::machine(),
+                env!("CARGO_PKG_VERSION")
+            );
+            let report =
+                sluice::bench::run(&options, &child_args, &mut |line| eprintln!("{line}")).await?;
+            println!("{}", report.render());
         }
         Command::TrinoSql {
             config,

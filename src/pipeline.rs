@@ -93,6 +93,37 @@ impl Progress {
     }
 }
 
+/// One Kafka record as the writer sees it: from the consumer, or from a caller feeding the
+/// writer directly ([`TableWriter::ingest`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Kafka timestamp in milliseconds.
+    pub timestamp_ms: Option<i64>,
+    /// Message key.
+    pub key: Option<&'a [u8]>,
+    /// Message value.
+    pub payload: Option<&'a [u8]>,
+}
+
+impl<'a> Record<'a> {
+    fn from_kafka(message: &'a BorrowedMessage<'_>) -> Self {
+        Record {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: message.key(),
+            payload: message.payload(),
+        }
+    }
+}
+
 /// Where a writer puts what it reads.
 pub struct Destination {
     /// The main table: rows.
@@ -197,7 +228,8 @@ pub struct TableWriter {
     forwarder: Option<dead_letters::Forwarder>,
     /// Test aid: abort the process at a named point (see [`FAILPOINT_ENV`]).
     failpoint: Option<String>,
-    source: KafkaSource,
+    /// The consumer; `None` when the caller feeds records ([`TableWriter::without_broker`]).
+    source: Option<KafkaSource>,
     events: mpsc::UnboundedReceiver<PartitionEvent>,
     topics: HashMap<Arc<str>, Topic>,
     batcher: Batcher,
@@ -216,6 +248,61 @@ impl TableWriter {
     pub fn new(
         destination: Destination,
         source: KafkaSource,
+        events: mpsc::UnboundedReceiver<PartitionEvent>,
+        decoders: HashMap<Arc<str>, BodyDecoder>,
+        limits: BatchLimits,
+        decode_chunk: usize,
+    ) -> (Self, watch::Receiver<Progress>) {
+        Self::compose(
+            destination,
+            Some(source),
+            events,
+            decoders,
+            limits,
+            decode_chunk,
+        )
+    }
+
+    /// A writer fed by its caller through [`TableWriter::ingest`] instead of a consumer, owning
+    /// `partitions` from the table's positions as an assignment would (benchmarks measure the
+    /// writer's own path this way, with no broker in the way).
+    pub async fn without_broker(
+        destination: Destination,
+        decoders: HashMap<Arc<str>, BodyDecoder>,
+        limits: BatchLimits,
+        decode_chunk: usize,
+        partitions: Vec<PartitionKey>,
+    ) -> Result<(Self, watch::Receiver<Progress>), PipelineError> {
+        let (_, events) = mpsc::unbounded_channel();
+        let (mut writer, progress) =
+            Self::compose(destination, None, events, decoders, limits, decode_chunk);
+        writer
+            .on_partition_event(PartitionEvent::Assigned(partitions))
+            .await?;
+        Ok((writer, progress))
+    }
+
+    /// Buffers one record of an owned partition; commits when a batch limit is reached or
+    /// the oldest buffered record is due. Records must follow the table's positions.
+    pub async fn ingest(&mut self, record: Record<'_>) -> Result<(), PipelineError> {
+        let reason = self
+            .on_message(record)?
+            .or_else(|| self.batcher.due(Instant::now()));
+        if let Some(reason) = reason {
+            self.flush(reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits what is buffered and returns what this writer did.
+    pub async fn finish(mut self) -> Result<Progress, PipelineError> {
+        self.flush(FlushReason::Shutdown).await?;
+        Ok(self.progress)
+    }
+
+    fn compose(
+        destination: Destination,
+        source: Option<KafkaSource>,
         events: mpsc::UnboundedReceiver<PartitionEvent>,
         decoders: HashMap<Arc<str>, BodyDecoder>,
         limits: BatchLimits,
@@ -262,7 +349,11 @@ impl TableWriter {
         shutdown: impl Future<Output = ()>,
     ) -> Result<Progress, PipelineError> {
         let table = self.sink.name().to_string();
-        let receiver = self.source.receiver();
+        let receiver = self
+            .source
+            .as_ref()
+            .expect("run() needs the consumer; fed writers use ingest()")
+            .receiver();
         tokio::pin!(shutdown);
         loop {
             let deadline = self
@@ -281,7 +372,7 @@ impl TableWriter {
                 }
                 received = receiver.recv() => match received {
                     Ok(message) => {
-                        let reason = self.on_message(&message)?;
+                        let reason = self.on_message(Record::from_kafka(&message))?;
                         // The message borrows librdkafka's buffer; release it before awaiting.
                         drop(message);
                         if let Some(reason) = reason {
@@ -329,7 +420,9 @@ impl TableWriter {
                 let mut positions = BTreeMap::new();
                 for key in keys {
                     let committed = self.sink.txn_version(&key).await?;
-                    positions.insert(key.clone(), self.source.start_offset(committed));
+                    if let Some(source) = &self.source {
+                        positions.insert(key.clone(), source.start_offset(committed));
+                    }
                     let counters = PartitionCounters::new(self.sink.name(), &key);
                     self.partitions
                         .insert(key.clone(), PartitionState::new(&key, committed, counters));
@@ -337,7 +430,9 @@ impl TableWriter {
                 self.progress.assigned_once = true;
                 tracing::info!(table = %self.sink.name(), positions = ?positions.iter().map(|(k, o)| format!("{k}@{o:?}")).collect::<Vec<_>>(),
                     "assigning partitions at the table's positions");
-                self.source.assign(&positions)?;
+                if let Some(source) = &self.source {
+                    source.assign(&positions)?;
+                }
                 self.publish();
             }
         }
@@ -345,18 +440,15 @@ impl TableWriter {
     }
 
     /// Buffers one message; returns a flush reason when a size limit is reached.
-    fn on_message(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-    ) -> Result<Option<FlushReason>, PipelineError> {
-        let Some(name) = self.topics.get_key_value(message.topic()).map(|(n, _)| n) else {
+    fn on_message(&mut self, message: Record<'_>) -> Result<Option<FlushReason>, PipelineError> {
+        let Some(name) = self.topics.get_key_value(message.topic).map(|(n, _)| n) else {
             return Ok(None);
         };
         let key = PartitionKey {
             topic: name.clone(),
-            partition: message.partition(),
+            partition: message.partition,
         };
-        let offset = message.offset();
+        let offset = message.offset;
         let Some(state) = self.partitions.get_mut(&key) else {
             // A message fetched before its partition was revoked.
             return Ok(None);
@@ -380,15 +472,13 @@ impl TableWriter {
                     .increment((offset - next) as u64);
             }
         }
-        let payload = message.payload();
+        let payload = message.payload;
         let bytes = payload.map_or(0, <[u8]>::len);
-        let timestamp = message.timestamp().to_millis();
+        let timestamp = message.timestamp_ms;
         if let Some(t) = timestamp {
             state.newest_ms = Some(state.newest_ms.map_or(t, |n| n.max(t)));
         }
-        state
-            .pending
-            .push(offset, timestamp, message.key(), payload);
+        state.pending.push(offset, timestamp, message.key, payload);
         state.bytes += bytes;
         state.messages += 1;
         match &mut state.ledger {
@@ -712,9 +802,11 @@ impl TableWriter {
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
             state.clear(&key);
-            let offset = self.source.start_offset(actual);
-            if let Err(e) = self.source.seek(&key, offset) {
-                tracing::warn!(partition = %key, error = %e, "seek failed; the partition will be reassigned");
+            if let Some(source) = &self.source {
+                let offset = source.start_offset(actual);
+                if let Err(e) = source.seek(&key, offset) {
+                    tracing::warn!(partition = %key, error = %e, "seek failed; the partition will be reassigned");
+                }
             }
         }
         self.verified_version = self.sink.version();
@@ -769,7 +861,9 @@ impl TableWriter {
             offsets.push((key.clone(), l.last_offset));
         }
         self.batcher.reset();
-        self.source.report_committed(&offsets);
+        if let Some(source) = &self.source {
+            source.report_committed(&offsets);
+        }
         self.progress.table_version = version;
         self.progress.commits += 1;
         self.progress.rows += rows;

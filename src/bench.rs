@@ -1,0 +1,1095 @@
+//! `sluice bench`: the writer's speed, freshness and memory, measured against the machine's
+//! limit, printed as tables a user can paste.
+//!
+//! Stages, each run for two record profiles (enriched posts of ~1 KB, tweets with 384-dim
+//! embeddings of ~4 KB):
+//! - **limit**: decode + Parquet encode of the same records in memory on one thread; what one
+//!   core can do at best.
+//! - **pipeline**: the writer ([`TableWriter`]) fed in process, from message bytes to
+//!   committed Delta files on the configured storage, with no broker in the way.
+//! - **kafka**: the service ([`app::start`]) draining a pre-produced set from a broker: the
+//!   in-process mock cluster, or `--brokers`.
+//! - **freshness**: a steady producer below the maximum and a 1 s flush; per record, the time
+//!   from produce to the commit that made it visible, as p50/p99.
+//! - **compaction**: a table of many small files, compacted; the `sql/` library before and
+//!   after.
+//!
+//! CPU time and peak RSS come from `/proc/self` (Linux): CPU seconds per million records
+//! compare runs whatever caps them; peak RSS is reset before each measured stage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::parquet::arrow::ArrowWriter;
+use rdkafka::mocking::MockCluster;
+use tokio::sync::watch;
+
+use crate::app::{self, AppError, load_table};
+use crate::batch::BatchLimits;
+use crate::compact::{CompactOptions, compact};
+use crate::config::Config;
+use crate::dead_letters;
+use crate::decode::{BodyDecoder, Chunk};
+use crate::delta::{
+    DeltaSink, PartitionKey, open_table, parquet_properties, register_table, table_location,
+};
+use crate::generator::{Generator, Shape};
+use crate::pipeline::{Destination, Progress, Record, TableWriter};
+use crate::produce::{ProduceOptions, produce};
+use crate::sql::{Session, TimeTravel};
+
+/// How long a broker-fed stage may take before it is reported as stalled.
+const STALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// What the mock cluster keeps per partition (it drops older messages beyond ~5 MiB).
+const MOCK_PARTITION_BYTES: u64 = 4_500_000;
+/// Partitions the Kafka stages spread a profile over.
+const KAFKA_PARTITIONS: usize = 32;
+/// Age bound of the kafka stage's batches (size limits as configured).
+const KAFKA_FLUSH_MS: u64 = 1_000;
+/// Flush bound of the freshness stage.
+const FRESHNESS_FLUSH_MS: u64 = 1_000;
+/// Rows per commit of the many-small-files table.
+const SMALL_FILE_ROWS: usize = 500;
+
+/// Errors running the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Setting up the tables or the writer failed.
+    #[error(transparent)]
+    App(#[from] AppError),
+    /// The writer failed.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    /// Files for the bench could not be written.
+    #[error("{0}")]
+    Setup(String),
+    /// A stage did not finish.
+    #[error("{stage}: {reason}")]
+    Stage {
+        /// The stage.
+        stage: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn stage_error(stage: &'static str) -> impl Fn(String) -> BenchError {
+    move |reason| BenchError::Stage { stage, reason }
+}
+
+/// The records a stage writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// The three upstream shapes, round robin: enriched posts of ~700 B, tweets with a
+    /// 32-dimension embedding.
+    Posts,
+    /// Tweets with 384-dimension embeddings (~4 KB).
+    Embeddings,
+}
+
+impl Profile {
+    /// Both profiles.
+    pub const ALL: [Profile; 2] = [Profile::Posts, Profile::Embeddings];
+
+    fn shapes(self) -> &'static [Shape] {
+        match self {
+            Profile::Posts => &Shape::ALL,
+            Profile::Embeddings => &[Shape::Tweets],
+        }
+    }
+
+    fn embedding_dim(self) -> usize {
+        match self {
+            Profile::Posts => 32,
+            Profile::Embeddings => 384,
+        }
+    }
+
+    /// Name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Posts => "posts",
+            Profile::Embeddings => "embeddings",
+        }
+    }
+
+    /// Name in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Profile::Posts => "posts",
+            Profile::Embeddings => "384-dim embeddings",
+        }
+    }
+}
+
+/// A benchmark stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Stage {
+    /// Decode + encode in memory on one thread.
+    Limit,
+    /// The writer fed in process to committed Delta files.
+    Pipeline,
+    /// The service draining a broker.
+    Kafka,
+    /// Produce-to-visible latency at a steady rate.
+    Freshness,
+    /// Compaction and the sql/ library before and after.
+    Compaction,
+}
+
+impl Stage {
+    /// Name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Limit => "limit",
+            Stage::Pipeline => "pipeline",
+            Stage::Kafka => "kafka",
+            Stage::Freshness => "freshness",
+            Stage::Compaction => "compaction",
+        }
+    }
+
+    /// Every stage, in report order.
+    pub const ALL: [Stage; 5] = [
+        Stage::Limit,
+        Stage::Pipeline,
+        Stage::Kafka,
+        Stage::Freshness,
+        Stage::Compaction,
+    ];
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Records per profile and stage (the mock cluster may hold fewer; the report says).
+    pub records: u64,
+    /// Profiles to run.
+    pub profiles: Vec<Profile>,
+    /// Stages to run.
+    pub stages: Vec<Stage>,
+    /// Storage for the tables: this config's `[storage]` (root and S3 settings), or a
+    /// temporary folder.
+    pub storage: Option<Config>,
+    /// A broker for the Kafka stages instead of the in-process mock cluster.
+    pub brokers: Option<String>,
+    /// Producer rate of the freshness stage (messages/s).
+    pub rate: u64,
+    /// Duration of the freshness stage.
+    pub seconds: u64,
+    /// The `sql/` library for the compaction stage.
+    pub sql_dir: PathBuf,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+/// CPU seconds of this process (user + system) and the wall clock, to take differences of.
+struct Meter {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Meter {
+    fn start() -> Meter {
+        reset_peak_rss();
+        Meter {
+            wall: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+
+    fn stop(&self) -> Measured {
+        Measured {
+            wall: self.wall.elapsed(),
+            cpu: cpu_time().saturating_sub(self.cpu),
+            peak_rss: peak_rss(),
+        }
+    }
+}
+
+struct Measured {
+    wall: Duration,
+    cpu: Duration,
+    peak_rss: u64,
+}
+
+/// User + system CPU time of the process, from `/proc/self/stat` (clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Peak resident set size in bytes since the last reset (`VmHWM`).
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Starts a new peak RSS measurement (Linux: `echo 5 > /proc/self/clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Distinct generated payloads a stage cycles through: the records differ the way a real
+/// stream's do, while memory holds only the pool, not every record.
+const POOL: u64 = 12_000;
+
+/// One generated message.
+struct Payload {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// `records` messages spread round robin over the profile's topics and `KAFKA_PARTITIONS`
+/// partitions, their payloads cycled from a pool.
+struct Corpus {
+    pool: Vec<Payload>,
+    records: u64,
+    topics: Vec<Arc<str>>,
+    per_topic: i32,
+    timestamp_ms: i64,
+}
+
+impl Corpus {
+    fn new(profile: Profile, records: u64, seed: u64) -> Corpus {
+        let timestamp_ms = chrono::Utc::now().timestamp_millis();
+        let mut generator = Generator::new(seed, profile.embedding_dim(), timestamp_ms, 3);
+        let shapes = profile.shapes();
+        // A multiple of the shape count, so that record i and its pool entry share a shape.
+        let size = (records.min(POOL) / shapes.len() as u64).max(1) * shapes.len() as u64;
+        let pool = (0..size as usize)
+            .map(|i| {
+                let (key, value) = generator.next(shapes[i % shapes.len()]);
+                Payload {
+                    key: key.into_bytes(),
+                    value,
+                }
+            })
+            .collect();
+        Corpus {
+            pool,
+            records,
+            topics: shapes
+                .iter()
+                .map(|s| Arc::from(s.default_topic()))
+                .collect(),
+            per_topic: (KAFKA_PARTITIONS / shapes.len()).max(1) as i32,
+            timestamp_ms,
+        }
+    }
+
+    /// Record `i`: topic `i mod topics`, then partitions round robin, offsets in order.
+    fn record(&self, i: u64) -> Record<'_> {
+        let topics = self.topics.len() as u64;
+        let per_topic = self.per_topic as u64;
+        // The pool is generated round robin over the shapes too, so record i keeps its shape.
+        let payload = &self.pool[(i % self.pool.len() as u64) as usize];
+        Record {
+            topic: &self.topics[(i % topics) as usize],
+            partition: ((i / topics) % per_topic) as i32,
+            offset: (i / (topics * per_topic)) as i64,
+            timestamp_ms: Some(self.timestamp_ms),
+            key: Some(&payload.key),
+            payload: Some(&payload.value),
+        }
+    }
+
+    /// JSON bytes of all `records`.
+    fn bytes(&self) -> u64 {
+        let pool: u64 = self.pool.iter().map(|p| p.value.len() as u64).sum();
+        pool * self.records / self.pool.len().max(1) as u64
+    }
+
+    fn average(&self) -> u64 {
+        self.bytes() / self.records.max(1)
+    }
+
+    fn partitions(&self) -> Vec<PartitionKey> {
+        self.topics
+            .iter()
+            .flat_map(|topic| {
+                (0..self.per_topic).map(|partition| PartitionKey {
+                    topic: topic.clone(),
+                    partition,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The bench's config: the embedded flagship schema and mappings in `dir`, the storage of
+/// `options.storage` (or `dir`), the service's default batch limits.
+fn bench_config(dir: &Path, options: &BenchOptions, run: &str) -> Result<Config, BenchError> {
+    std::fs::create_dir_all(dir.join("schemas/mappings"))
+        .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
+    let file = crate::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let mut config =
+        Config::load(&file, std::iter::empty()).map_err(|e| BenchError::Setup(e.to_string()))?;
+    config.batch = BatchLimits::default();
+    config.kafka.group_id = format!("sluice-bench-{run}");
+    if let Some(storage) = &options.storage {
+        config.storage = storage.storage.clone();
+    }
+    Ok(config)
+}
+
+/// The table of a stage: `<root>/<run>/<stage>-<profile>/enriched_posts` (and dead letters).
+fn stage_config(base: &Config, run: &str, stage: &str, profile: Profile) -> Config {
+    let mut config = base.clone();
+    let profile = profile.name();
+    config.storage.root = table_location(
+        &table_location(&base.storage.root, &format!("sluice-bench-{run}")),
+        &format!("{stage}-{profile}"),
+    );
+    config
+}
+
+fn decoders(config: &Config) -> Result<HashMap<Arc<str>, BodyDecoder>, BenchError> {
+    Ok(load_table(config, &config.tables[0])?.decoders)
+}
+
+/// The results, one table per stage.
+#[derive(Debug, Default)]
+pub struct BenchReport {
+    /// Rendered tables, in stage order.
+    pub sections: Vec<String>,
+}
+
+impl BenchReport {
+    /// The report as Markdown.
+    pub fn render(&self) -> String {
+        self.sections.join("\n")
+    }
+}
+
+fn per_second(count: f64, wall: Duration) -> f64 {
+    count / wall.as_secs_f64().max(1e-9)
+}
+
+fn cpu_per_million(cpu: Duration, records: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / records.max(1) as f64
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs the chosen stages and profiles, each measurement in a fresh child process (`exe`,
+/// `sluice bench --row STAGE:PROFILE ...`) so that its peak RSS is its own; `progress` gets
+/// each row as it is measured.
+pub async fn run(
+    options: &BenchOptions,
+    child_args: &[String],
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<BenchReport, BenchError> {
+    let exe = std::env::current_exe().map_err(|e| BenchError::Setup(e.to_string()))?;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{run}"));
+    let base = bench_config(&dir, options, &run)?;
+    let mut report = BenchReport::default();
+    let mut stages = options.stages.clone();
+    stages.sort();
+    stages.dedup();
+    for stage in stages {
+        let mut section = header(stage, options, &base);
+        for &profile in &options.profiles {
+            let output = tokio::process::Command::new(&exe)
+                .arg("bench")
+                .args(child_args)
+                .args(["--row", &format!("{}:{}", stage.name(), profile.name())])
+                .args(["--run", &run])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .await
+                .map_err(|e| BenchError::Setup(format!("{}: {e}", exe.display())))?;
+            let row = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            if !output.status.success() || !row.starts_with('|') {
+                return Err(BenchError::Stage {
+                    stage: stage.name(),
+                    reason: format!(
+                        "the {} measurement failed ({})",
+                        profile.label(),
+                        output.status
+                    ),
+                });
+            }
+            progress(&row);
+            section.push_str(&row);
+            section.push('\n');
+        }
+        report.sections.push(section);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// One measurement, in this process: the table row of `stage` for `profile`.
+pub async fn row(
+    options: &BenchOptions,
+    run: &str,
+    stage: Stage,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{run}-{}", std::process::id()));
+    let base = bench_config(&dir, options, run)?;
+    let row = match stage {
+        Stage::Limit => limit_row(&base, options, profile),
+        Stage::Pipeline => pipeline_row(&base, run, options, profile).await,
+        Stage::Kafka => kafka_row(&base, run, options, profile).await,
+        Stage::Freshness => freshness_row(&base, run, options, profile).await,
+        Stage::Compaction => compaction_row(&base, run, options, profile).await,
+    };
+    if options.storage.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    row
+}
+
+/// The heading and column names of a stage's table.
+fn header(stage: Stage, options: &BenchOptions, base: &Config) -> String {
+    let broker = match &options.brokers {
+        Some(b) => format!("the broker at {b}"),
+        None => "librdkafka's mock cluster in the same process".into(),
+    };
+    match stage {
+        Stage::Limit => "### Limit: decode + Parquet encode in memory, one thread\n\n\
+             | records | avg JSON size | decode | encode (zstd-1) | both | both, MB/s of JSON |\n\
+             |---|---|---|---|---|---|\n"
+            .to_string(),
+        Stage::Pipeline => format!(
+            "### Pipeline: the writer fed in process → committed Delta files on {}\n\n\
+             | records | records/s | MB/s of JSON | CPU-s per M records | cores used | peak RSS | files | commits |\n\
+             |---|---|---|---|---|---|---|---|\n",
+            where_tables_go(base)
+        ),
+        Stage::Kafka => format!(
+            "### With Kafka: the service draining a pre-produced set from {broker} (max_age_ms {KAFKA_FLUSH_MS})\n\n\
+             | records | records/s | MB/s of JSON | CPU-s per M records | peak RSS | files | commits |\n\
+             |---|---|---|---|---|---|---|\n"
+        ),
+        Stage::Freshness => format!(
+            "### Freshness: {} msg/s for {} s from {broker}, flush every {} ms\n\n\
+             | records | p50 | p99 | max | commits | CPU-s per M records | peak RSS |\n\
+             |---|---|---|---|---|---|---|\n",
+            options.rate, options.seconds, FRESHNESS_FLUSH_MS
+        ),
+        Stage::Compaction => format!(
+            "### Compaction: a table committed every {SMALL_FILE_ROWS} rows, then compacted\n\n\
+             | records | files before | files after | compaction | sql/ library before | after | speed-up |\n\
+             |---|---|---|---|---|---|---|\n"
+        ),
+    }
+}
+
+fn limit_row(
+    base: &Config,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let decoders = decoders(base)?;
+    let properties =
+        parquet_properties(base.delta.zstd_level).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let corpus = Corpus::new(profile, options.records, options.seed);
+    let n = corpus.records;
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let started = Instant::now();
+    let mut chunks: BTreeMap<(Arc<str>, i32), Chunk> = BTreeMap::new();
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    let decode = |chunk: &Chunk, batches: &mut Vec<RecordBatch>| -> Result<(), BenchError> {
+        let decoded = decoders[&chunk.topic]
+            .decode(chunk, now_us)
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+        batches.extend(decoded.batch);
+        Ok(())
+    };
+    for i in 0..n {
+        let r = corpus.record(i);
+        let topic: Arc<str> = corpus.topics[(i % corpus.topics.len() as u64) as usize].clone();
+        let chunk = chunks
+            .entry((topic.clone(), r.partition))
+            .or_insert_with(|| Chunk::new(topic.clone(), r.partition));
+        chunk.push(r.offset, r.timestamp_ms, r.key, r.payload);
+        if chunk.len() >= base.ingest.decode_chunk {
+            let full = std::mem::replace(chunk, Chunk::new(topic, r.partition));
+            decode(&full, &mut batches)?;
+        }
+    }
+    for chunk in chunks.values().filter(|c| !c.is_empty()) {
+        decode(chunk, &mut batches)?;
+    }
+    let decoding = started.elapsed();
+    let started = Instant::now();
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .ok_or_else(|| BenchError::Setup("nothing decoded".into()))?;
+    let mut writer = ArrowWriter::try_new(std::io::sink(), schema, Some(properties))
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    for batch in &batches {
+        writer
+            .write(batch)
+            .map_err(|e| BenchError::Setup(e.to_string()))?;
+    }
+    writer
+        .close()
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let encoding = started.elapsed();
+    let both = decoding + encoding;
+    Ok(format!(
+        "| {n} {} | {} B | {:.0}k rec/s | {:.0}k rec/s | **{:.0}k rec/s** | {:.0} MB/s |",
+        profile.label(),
+        corpus.average(),
+        per_second(n as f64, decoding) / 1e3,
+        per_second(n as f64, encoding) / 1e3,
+        per_second(n as f64, both) / 1e3,
+        per_second(corpus.bytes() as f64, both) / 1e6,
+    ))
+}
+
+async fn open_destination(config: &Config) -> Result<Destination, BenchError> {
+    let loaded = load_table(config, &config.tables[0])?;
+    let name = loaded.schema.name.clone();
+    let open = |location: String, schema| async move {
+        DeltaSink::open_or_create(
+            &location,
+            config.storage_options(),
+            schema,
+            &config.kafka.group_id,
+            config.delta.checkpoint_interval,
+            config.delta.zstd_level,
+        )
+        .await
+        .map_err(|e| BenchError::Setup(e.to_string()))
+    };
+    let table = open(
+        table_location(&config.storage.root, &name),
+        loaded.schema.clone(),
+    )
+    .await?;
+    let dead_letter_schema = Arc::new(dead_letters::schema(&name).map_err(AppError::from)?);
+    let dead_letters = open(
+        table_location(&config.storage.root, &dead_letter_schema.name),
+        dead_letter_schema,
+    )
+    .await?;
+    Ok(Destination {
+        table,
+        dead_letters,
+        forwarder: None,
+    })
+}
+
+/// Feeds `corpus` to a writer with `limits`; returns what it did and what it cost.
+async fn feed(
+    config: &Config,
+    corpus: &Corpus,
+    limits: BatchLimits,
+) -> Result<(Progress, Measured), BenchError> {
+    let destination = open_destination(config).await?;
+    let (mut writer, _) = TableWriter::without_broker(
+        destination,
+        decoders(config)?,
+        limits,
+        config.ingest.decode_chunk,
+        corpus.partitions(),
+    )
+    .await?;
+    let meter = Meter::start();
+    for i in 0..corpus.records {
+        writer.ingest(corpus.record(i)).await?;
+    }
+    let progress = writer.finish().await?;
+    Ok((progress, meter.stop()))
+}
+
+fn where_tables_go(config: &Config) -> String {
+    if config.storage.root.starts_with("s3://") {
+        format!(
+            "S3 ({})",
+            config.storage.s3.endpoint.as_deref().unwrap_or("AWS")
+        )
+    } else {
+        "local disk".to_string()
+    }
+}
+
+async fn pipeline_row(
+    base: &Config,
+    run: &str,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let corpus = Corpus::new(profile, options.records, options.seed);
+    let config = stage_config(base, run, "pipeline", profile);
+    let (written, m) = feed(&config, &corpus, base.batch).await?;
+    let n = corpus.records;
+    Ok(format!(
+        "| {n} {} | **{:.0}k** | {:.0} | {:.1} | {:.2} | {:.0} MiB | {} | {} |",
+        profile.label(),
+        per_second(n as f64, m.wall) / 1e3,
+        per_second(corpus.bytes() as f64, m.wall) / 1e6,
+        cpu_per_million(m.cpu, n),
+        m.cpu.as_secs_f64() / m.wall.as_secs_f64().max(1e-9),
+        mib(m.peak_rss),
+        written.files,
+        written.commits,
+    ))
+}
+
+/// Topics of a profile for a broker-fed stage: fresh names per run, so an external broker's
+/// old messages never mix in.
+fn stage_topics(profile: Profile, run: &str, stage: &str) -> Vec<(Shape, String)> {
+    profile
+        .shapes()
+        .iter()
+        .map(|shape| {
+            (
+                *shape,
+                format!("bench-{run}-{stage}.{}", shape.default_topic()),
+            )
+        })
+        .collect()
+}
+
+/// A broker with `topics`: the given one (topics created if missing) or a mock cluster.
+async fn broker(
+    options: &BenchOptions,
+    topics: &[(Shape, String)],
+    partitions: i32,
+) -> Result<
+    (
+        String,
+        Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    ),
+    BenchError,
+> {
+    match &options.brokers {
+        Some(brokers) => {
+            let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
+            crate::produce::create_topics(brokers, &names, partitions)
+                .await
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            Ok((brokers.clone(), None))
+        }
+        None => {
+            let cluster = MockCluster::new(1).map_err(|e| BenchError::Setup(e.to_string()))?;
+            for (_, topic) in topics {
+                cluster
+                    .create_topic(topic, partitions, 1)
+                    .map_err(|e| BenchError::Setup(e.to_string()))?;
+            }
+            Ok((cluster.bootstrap_servers(), Some(cluster)))
+        }
+    }
+}
+
+/// The config of a broker-fed stage: `brokers`, the stage's topics, `max_age_ms`.
+fn kafka_config(
+    base: &Config,
+    run: &str,
+    stage: &str,
+    profile: Profile,
+    brokers: &str,
+    topics: &[(Shape, String)],
+) -> Config {
+    let mut config = stage_config(base, run, stage, profile);
+    config.kafka.brokers = brokers.to_string();
+    let table = &mut config.tables[0];
+    table.sources = topics
+        .iter()
+        .map(|(shape, topic)| {
+            let mut source = table
+                .sources
+                .iter()
+                .find(|s| s.topic == shape.default_topic())
+                .expect("the bench config has every shape")
+                .clone();
+            source.topic = topic.clone();
+            source
+        })
+        .collect();
+    config
+}
+
+/// The service running one table; stops it on drop of the returned sender.
+struct Service {
+    stop: tokio::sync::oneshot::Sender<()>,
+    progress: watch::Receiver<Progress>,
+    task: tokio::task::JoinHandle<Result<Progress, crate::pipeline::PipelineError>>,
+}
+
+async fn start_service(config: &Config, partitions: usize) -> Result<Service, BenchError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = app::start(config, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    let table = running.into_iter().next().expect("one table");
+    let mut progress = table.progress.clone();
+    tokio::time::timeout(
+        STALL_TIMEOUT,
+        progress.wait_for(|p| p.owned.len() == partitions),
+    )
+    .await
+    .map_err(|_| BenchError::Stage {
+        stage: "kafka",
+        reason: "the group never assigned every partition".into(),
+    })?
+    .map_err(|e| stage_error("kafka")(e.to_string()))?;
+    Ok(Service {
+        stop,
+        progress,
+        task: table.task,
+    })
+}
+
+impl Service {
+    async fn wait_covers(
+        &mut self,
+        stage: &'static str,
+        targets: &BTreeMap<(String, i32), i64>,
+    ) -> Result<(), BenchError> {
+        tokio::time::timeout(STALL_TIMEOUT, self.progress.wait_for(|p| p.covers(targets)))
+            .await
+            .map_err(|_| stage_error(stage)(format!("not caught up within {STALL_TIMEOUT:?}")))?
+            .map_err(|e| stage_error(stage)(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<Progress, BenchError> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| stage_error("kafka")(e.to_string()))?
+            .map_err(BenchError::from)
+    }
+}
+
+fn produce_options(
+    brokers: &str,
+    topics: &[(Shape, String)],
+    profile: Profile,
+    count: u64,
+    rate: u64,
+    seed: u64,
+) -> ProduceOptions {
+    ProduceOptions {
+        brokers: brokers.to_string(),
+        shapes: topics.to_vec(),
+        count,
+        rate,
+        seed,
+        embedding_dim: profile.embedding_dim(),
+        bad_every: 0,
+        spread_days: 3,
+        clock_ms: None,
+        progress: false,
+    }
+}
+
+async fn kafka_row(
+    base: &Config,
+    run: &str,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let topics = stage_topics(profile, run, "kafka");
+    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let partitions = per_topic as usize * topics.len();
+    let average = Corpus::new(profile, 300, options.seed).average().max(1);
+    let mut count = options.records;
+    if options.brokers.is_none() {
+        count = count.min(partitions as u64 * MOCK_PARTITION_BYTES / average);
+    }
+    let (brokers, cluster) = broker(options, &topics, per_topic).await?;
+    let produced = produce(&produce_options(
+        &brokers,
+        &topics,
+        profile,
+        count,
+        0,
+        options.seed,
+    ))
+    .await
+    .map_err(|e| stage_error("kafka")(e.to_string()))?;
+    let mut config = kafka_config(base, run, "kafka", profile, &brokers, &topics);
+    // The set is drained by size; the last partial batch waits for this, not for 10 s.
+    config.batch.max_age_ms = KAFKA_FLUSH_MS;
+    let mut service = start_service(&config, partitions).await?;
+    let meter = Meter::start();
+    service.wait_covers("kafka", &produced.last_offsets).await?;
+    let m = meter.stop();
+    let written = service.stop().await?;
+    drop(cluster);
+    let n = produced.delivered;
+    Ok(format!(
+        "| {n} {} | **{:.0}k** | {:.0} | {:.1} | {:.0} MiB | {} | {} |",
+        profile.label(),
+        per_second(n as f64, m.wall) / 1e3,
+        per_second(produced.bytes as f64, m.wall) / 1e6,
+        cpu_per_million(m.cpu, n),
+        mib(m.peak_rss),
+        written.files,
+        written.commits,
+    ))
+}
+
+/// `(observed at, unix ms)` with the committed offsets then, per partition.
+type Visibility = Vec<(i64, BTreeMap<(String, i32), i64>)>;
+
+/// Records when each commit became visible to the writer's progress watchers.
+fn watch_commits(mut progress: watch::Receiver<Progress>) -> tokio::task::JoinHandle<Visibility> {
+    tokio::spawn(async move {
+        let mut seen = Visibility::new();
+        let mut commits = 0;
+        while progress.changed().await.is_ok() {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let p = progress.borrow_and_update();
+            if p.commits != commits {
+                commits = p.commits;
+                let committed = p
+                    .committed
+                    .iter()
+                    .map(|(k, o)| ((k.topic.to_string(), k.partition), *o))
+                    .collect();
+                seen.push((now, committed));
+            }
+        }
+        seen
+    })
+}
+
+/// Per row, milliseconds from its Kafka timestamp (produce time) to the first commit that
+/// covered its offset.
+async fn latencies(config: &Config, seen: &Visibility) -> Result<Vec<i64>, BenchError> {
+    let error = stage_error("freshness");
+    let location = table_location(&config.storage.root, "enriched_posts");
+    let table = open_table(&location, config.storage_options())
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    let ctx = SessionContext::new();
+    register_table(&ctx, "posts", &table)
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    let batches = ctx
+        .sql("SELECT kafka_topic, kafka_partition, kafka_offset, kafka_timestamp FROM posts")
+        .await
+        .map_err(|e| error(e.to_string()))?
+        .collect()
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    let mut out = Vec::new();
+    for batch in &batches {
+        let topics = deltalake::arrow::compute::cast(
+            batch.column(0),
+            &deltalake::arrow::datatypes::DataType::Utf8,
+        )
+        .map_err(|e| error(e.to_string()))?;
+        let topics = topics.as_string::<i32>();
+        let partitions = batch.column(1).as_primitive::<Int32Type>();
+        let offsets = batch.column(2).as_primitive::<Int64Type>();
+        let produced = batch.column(3).as_primitive::<TimestampMicrosecondType>();
+        for row in 0..batch.num_rows() {
+            if produced.is_null(row) {
+                continue;
+            }
+            let key = (topics.value(row).to_string(), partitions.value(row));
+            let offset = offsets.value(row);
+            let Some((visible, _)) = seen
+                .iter()
+                .find(|(_, committed)| committed.get(&key).is_some_and(|c| *c >= offset))
+            else {
+                return Err(error(format!("no observed commit covers {key:?}@{offset}")));
+            };
+            out.push(visible - produced.value(row) / 1000);
+        }
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn freshness_row(
+    base: &Config,
+    run: &str,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let topics = stage_topics(profile, run, "freshness");
+    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let partitions = per_topic as usize * topics.len();
+    let (brokers, cluster) = broker(options, &topics, per_topic).await?;
+    let mut config = kafka_config(base, run, "freshness", profile, &brokers, &topics);
+    config.batch.max_age_ms = FRESHNESS_FLUSH_MS;
+    let mut service = start_service(&config, partitions).await?;
+    let watcher = watch_commits(service.progress.clone());
+    let meter = Meter::start();
+    let count = options.rate * options.seconds;
+    let produced = produce(&produce_options(
+        &brokers,
+        &topics,
+        profile,
+        count,
+        options.rate,
+        options.seed,
+    ))
+    .await
+    .map_err(|e| stage_error("freshness")(e.to_string()))?;
+    service
+        .wait_covers("freshness", &produced.last_offsets)
+        .await?;
+    let m = meter.stop();
+    let written = service.stop().await?;
+    let seen = watcher
+        .await
+        .map_err(|e| stage_error("freshness")(e.to_string()))?;
+    drop(cluster);
+    let mut lags = latencies(&config, &seen).await?;
+    lags.sort_unstable();
+    Ok(format!(
+        "| {} {} | {} ms | **{} ms** | {} ms | {} | {:.1} | {:.0} MiB |",
+        lags.len(),
+        profile.label(),
+        percentile(&lags, 50.0),
+        percentile(&lags, 99.0),
+        lags.last().copied().unwrap_or(0),
+        written.commits,
+        cpu_per_million(m.cpu, produced.delivered),
+        mib(m.peak_rss),
+    ))
+}
+
+/// Runs every `.sql` file of `dir` on the tables of `config`; returns the total wall time.
+async fn library(config: &Config, dir: &Path) -> Result<(Duration, usize), BenchError> {
+    let error = stage_error("compaction");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| error(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(error(format!("no .sql files in {}", dir.display())));
+    }
+    let started = Instant::now();
+    for file in &files {
+        let sql = std::fs::read_to_string(file).map_err(|e| error(e.to_string()))?;
+        // A fresh session per query, as `sluice sql -f` does: every run opens the tables.
+        let session = Session::open(config, &TimeTravel::default())
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        session
+            .run(&sql)
+            .await
+            .map_err(|e| error(format!("{}: {e}", file.display())))?;
+    }
+    Ok((started.elapsed(), files.len()))
+}
+
+async fn compaction_row(
+    base: &Config,
+    run: &str,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let corpus = Corpus::new(profile, options.records, options.seed);
+    let config = stage_config(base, run, "compaction", profile);
+    let limits = BatchLimits {
+        max_rows: SMALL_FILE_ROWS,
+        ..base.batch
+    };
+    let (written, _) = feed(&config, &corpus, limits).await?;
+    let (before, queries) = library(&config, &options.sql_dir).await?;
+    let location = table_location(&config.storage.root, "enriched_posts");
+    let started = Instant::now();
+    compact(
+        &location,
+        config.storage_options(),
+        &CompactOptions::default(),
+    )
+    .await
+    .map_err(|e| stage_error("compaction")(e.to_string()))?;
+    let compacting = started.elapsed();
+    let files_after = live_files(&config, &location).await?;
+    let (after, _) = library(&config, &options.sql_dir).await?;
+    Ok(format!(
+        "| {} {} | {} | {} | {:.1} s | {:.2} s ({queries} queries) | {:.2} s | **{:.1}×** |",
+        corpus.records,
+        profile.label(),
+        written.files,
+        files_after,
+        compacting.as_secs_f64(),
+        before.as_secs_f64(),
+        after.as_secs_f64(),
+        before.as_secs_f64() / after.as_secs_f64().max(1e-9),
+    ))
+}
+
+async fn live_files(config: &Config, location: &str) -> Result<usize, BenchError> {
+    let table = open_table(location, config.storage_options())
+        .await
+        .map_err(|e| stage_error("compaction")(e.to_string()))?;
+    let files = table
+        .get_file_uris()
+        .map_err(|e| stage_error("compaction")(e.to_string()))?
+        .count();
+    Ok(files)
+}
+
+/// The machine the figures come from, for the report's heading.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let mut out = String::new();
+    let _ = write!(out, "{cores} cores ({cpu}), {memory} GiB");
+    out
+}

@@ -1,0 +1,98 @@
+//! `sluice bench` as a user runs it: every stage, both profiles, small sizes. The figures
+//! themselves are machine facts and not asserted; what is asserted is that each stage measured
+//! what it says (rows written, files and commits made, latencies observed, files compacted).
+
+mod common;
+
+use std::process::Command;
+
+/// The cells of the table rows under the heading that starts with `heading`.
+fn rows(report: &str, heading: &str) -> Vec<Vec<String>> {
+    let section = report
+        .split("### ")
+        .find(|s| s.starts_with(heading))
+        .unwrap_or_else(|| panic!("no `{heading}` table in\n{report}"));
+    section
+        .lines()
+        .filter(|l| l.starts_with('|') && !l.starts_with("| records") && !l.starts_with("|---"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().trim_matches('*').to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// The leading number of a cell such as `12k`, `3 ms`, `1.5×`.
+fn number(cell: &str) -> f64 {
+    let digits: String = cell
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("`{cell}` is not a figure"))
+}
+
+#[test]
+fn every_stage_reports_what_it_measured_for_both_profiles() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "bench",
+            "--records",
+            "3000",
+            "--rate",
+            "1000",
+            "--seconds",
+            "3",
+        ])
+        .args(["--sql-dir", &format!("{}/sql", env!("CARGO_MANIFEST_DIR"))])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{report}");
+    assert!(report.starts_with("## sluice bench on "), "{report}");
+
+    for heading in ["Limit", "Pipeline", "With Kafka", "Freshness", "Compaction"] {
+        let rows = rows(&report, heading);
+        assert_eq!(rows.len(), 2, "{heading}: a row per profile");
+        assert!(rows[0][0].ends_with("posts") && rows[1][0].ends_with("embeddings"));
+    }
+    for row in rows(&report, "Limit") {
+        assert_eq!(number(&row[0]), 3000.0);
+        assert!(number(&row[4]) > 0.0, "{row:?}");
+    }
+    for row in rows(&report, "Pipeline") {
+        assert!(number(&row[1]) > 0.0, "{row:?}");
+        assert!(
+            number(&row[6]) >= 1.0 && number(&row[7]) >= 1.0,
+            "files and commits: {row:?}"
+        );
+    }
+    for row in rows(&report, "With Kafka") {
+        assert_eq!(
+            number(&row[0]),
+            3000.0,
+            "every pre-produced record drained: {row:?}"
+        );
+        assert!(number(&row[6]) >= 1.0, "commits: {row:?}");
+    }
+    for row in rows(&report, "Freshness") {
+        assert_eq!(
+            number(&row[0]),
+            3000.0,
+            "a latency per produced record: {row:?}"
+        );
+        assert!(number(&row[1]) <= number(&row[2]), "p50 ≤ p99: {row:?}");
+    }
+    for row in rows(&report, "Compaction") {
+        let (before, after) = (number(&row[1]), number(&row[2]));
+        assert!(before >= 6.0 && after < before, "files compacted: {row:?}");
+    }
+}
