@@ -188,6 +188,9 @@ pub struct BenchOptions {
     pub sql_dir: PathBuf,
     /// Generator seed.
     pub seed: u64,
+    /// `brokers` is a mock cluster the parent `sluice bench` hosts: its topics exist, it keeps
+    /// ~5 MiB per partition, and for the freshness stage the parent produces.
+    pub hosted_mock: bool,
 }
 
 /// CPU seconds of this process (user + system) and the wall clock, to take differences of.
@@ -419,26 +422,7 @@ pub async fn run(
     for stage in stages {
         let mut section = header(stage, options, &base);
         for &profile in &options.profiles {
-            let output = tokio::process::Command::new(&exe)
-                .arg("bench")
-                .args(child_args)
-                .args(["--row", &format!("{}:{}", stage.name(), profile.name())])
-                .args(["--run", &run])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .await
-                .map_err(|e| BenchError::Setup(format!("{}: {e}", exe.display())))?;
-            let row = String::from_utf8_lossy(&output.stdout).trim().to_string();
-            if !output.status.success() || !row.starts_with('|') {
-                return Err(BenchError::Stage {
-                    stage: stage.name(),
-                    reason: format!(
-                        "the {} measurement failed ({})",
-                        profile.label(),
-                        output.status
-                    ),
-                });
-            }
+            let row = measure(&exe, child_args, options, &run, stage, profile).await?;
             progress(&row);
             section.push_str(&row);
             section.push('\n');
@@ -448,6 +432,82 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
+
+/// Runs one measurement in a child process and returns its table row. Broker-fed stages
+/// without `--brokers` read a mock cluster hosted here, in another process than the writer,
+/// so the writer's CPU and memory are its own; the freshness producer runs here too, from
+/// the moment the child's writer owns every partition.
+async fn measure(
+    exe: &Path,
+    child_args: &[String],
+    options: &BenchOptions,
+    run: &str,
+    stage: Stage,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    use tokio::io::AsyncBufReadExt;
+    let failed = |reason: String| BenchError::Stage {
+        stage: stage.name(),
+        reason: format!("the {} measurement failed: {reason}", profile.label()),
+    };
+    let hosted = matches!(stage, Stage::Kafka | Stage::Freshness) && options.brokers.is_none();
+    let topics = stage_topics(profile, run, stage.name());
+    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let cluster = if hosted {
+        let cluster = MockCluster::new(1).map_err(|e| failed(e.to_string()))?;
+        for (_, topic) in &topics {
+            cluster
+                .create_topic(topic, per_topic, 1)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        Some(cluster)
+    } else {
+        None
+    };
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("bench")
+        .args(child_args)
+        .args(["--row", &format!("{}:{}", stage.name(), profile.name())])
+        .args(["--run", run])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(cluster) = &cluster {
+        command.args(["--brokers", &cluster.bootstrap_servers(), "--hosted-mock"]);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| failed(format!("{}: {e}", exe.display())))?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut row = None;
+    while let Some(line) = lines.next_line().await.map_err(|e| failed(e.to_string()))? {
+        if line == READY {
+            if let (Some(cluster), Stage::Freshness) = (&cluster, stage) {
+                let options = produce_options(
+                    &cluster.bootstrap_servers(),
+                    &topics,
+                    profile,
+                    options.rate * options.seconds,
+                    options.rate,
+                    options.seed,
+                );
+                produce(&options).await.map_err(|e| failed(e.to_string()))?;
+            }
+        } else if line.starts_with('|') {
+            row = Some(line);
+        }
+    }
+    let status = child.wait().await.map_err(|e| failed(e.to_string()))?;
+    drop(cluster);
+    match row {
+        Some(row) if status.success() => Ok(row),
+        _ => Err(failed(status.to_string())),
+    }
+}
+
+/// What a freshness measurement prints once its writer owns every partition.
+pub const READY: &str = "ready";
 
 /// One measurement, in this process: the table row of `stage` for `profile`.
 pub async fn row(
@@ -475,7 +535,7 @@ pub async fn row(
 fn header(stage: Stage, options: &BenchOptions, base: &Config) -> String {
     let broker = match &options.brokers {
         Some(b) => format!("the broker at {b}"),
-        None => "librdkafka's mock cluster in the same process".into(),
+        None => "librdkafka's mock cluster in another process".into(),
     };
     match stage {
         Stage::Limit => "### Limit: decode + Parquet encode in memory, one thread\n\n\
@@ -690,6 +750,7 @@ async fn broker(
     BenchError,
 > {
     match &options.brokers {
+        Some(brokers) if options.hosted_mock => Ok((brokers.clone(), None)),
         Some(brokers) => {
             let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
             crate::produce::create_topics(brokers, &names, partitions)
@@ -824,7 +885,7 @@ async fn kafka_row(
     let partitions = per_topic as usize * topics.len();
     let average = Corpus::new(profile, 300, options.seed).average().max(1);
     let mut count = options.records;
-    if options.brokers.is_none() {
+    if options.brokers.is_none() || options.hosted_mock {
         count = count.min(partitions as u64 * MOCK_PARTITION_BYTES / average);
     }
     let (brokers, cluster) = broker(options, &topics, per_topic).await?;
@@ -959,19 +1020,34 @@ async fn freshness_row(
     let watcher = watch_commits(service.progress.clone());
     let meter = Meter::start();
     let count = options.rate * options.seconds;
-    let produced = produce(&produce_options(
-        &brokers,
-        &topics,
-        profile,
-        count,
-        options.rate,
-        options.seed,
-    ))
-    .await
-    .map_err(|e| stage_error("freshness")(e.to_string()))?;
-    service
-        .wait_covers("freshness", &produced.last_offsets)
-        .await?;
+    if options.hosted_mock {
+        // The parent produces from now on; the writer is done when it holds every record.
+        println!("{READY}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::timeout(
+            STALL_TIMEOUT,
+            service.progress.wait_for(|p| p.rows + p.rejected >= count),
+        )
+        .await
+        .map_err(|_| {
+            stage_error("freshness")(format!("not all {count} records within {STALL_TIMEOUT:?}"))
+        })?
+        .map_err(|e| stage_error("freshness")(e.to_string()))?;
+    } else {
+        let produced = produce(&produce_options(
+            &brokers,
+            &topics,
+            profile,
+            count,
+            options.rate,
+            options.seed,
+        ))
+        .await
+        .map_err(|e| stage_error("freshness")(e.to_string()))?;
+        service
+            .wait_covers("freshness", &produced.last_offsets)
+            .await?;
+    }
     let m = meter.stop();
     let written = service.stop().await?;
     let seen = watcher
@@ -988,7 +1064,7 @@ async fn freshness_row(
         percentile(&lags, 99.0),
         lags.last().copied().unwrap_or(0),
         written.commits,
-        cpu_per_million(m.cpu, produced.delivered),
+        cpu_per_million(m.cpu, count),
         mib(m.peak_rss),
     ))
 }
@@ -1092,4 +1168,49 @@ pub fn machine() -> String {
     let mut out = String::new();
     let _ = write!(out, "{cores} cores ({cpu}), {memory} GiB");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_offsets_are_contiguous_per_partition_and_payloads_keep_their_topics_shape() {
+        let corpus = Corpus::new(Profile::Posts, 5_000, 7);
+        assert_eq!(corpus.pool.len() % 3, 0);
+        let mut offsets: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
+        for i in 0..corpus.records {
+            let r = corpus.record(i);
+            offsets
+                .entry((r.topic.to_string(), r.partition))
+                .or_default()
+                .push(r.offset);
+            let payload = std::str::from_utf8(r.payload.unwrap()).unwrap();
+            let marker = match r.topic {
+                "posts.mastodon" => "\"content\"",
+                "posts.bluesky" => "\"did\"",
+                "posts.tweets" => "\"embedding\"",
+                other => panic!("unexpected topic {other}"),
+            };
+            assert!(
+                payload.contains(marker),
+                "record {i} on {}: {payload}",
+                r.topic
+            );
+        }
+        assert_eq!(offsets.len(), corpus.partitions().len());
+        for (key, list) in offsets {
+            assert_eq!(list, (0..list.len() as i64).collect::<Vec<_>>(), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<i64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 50.0), 50);
+        assert_eq!(percentile(&values, 99.0), 99);
+        assert_eq!(percentile(&values, 100.0), 100);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
 }

@@ -165,6 +165,9 @@ struct BenchArgs {
     /// Internal: the run the row belongs to.
     #[arg(long, hide = true, default_value = "adhoc")]
     run: String,
+    /// Internal: --brokers is a mock cluster hosted by the parent `sluice bench`.
+    #[arg(long, hide = true)]
+    hosted_mock: bool,
 }
 
 impl BenchArgs {
@@ -464,6 +467,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 seconds: args.seconds,
                 sql_dir: args.sql_dir,
                 seed: args.seed,
+                hosted_mock: args.hosted_mock,
             };
             if let Some(spec) = &args.row {
                 let (stage, profile) = parse_row(spec)?;
