@@ -1,8 +1,8 @@
 //! `sluice bench`: the writer's speed, freshness and memory, measured against the machine's
 //! limit, printed as tables a user can paste.
 //!
-//! Stages, each run for two record profiles (enriched posts of ~1 KB, tweets with 384-dim
-//! embeddings of ~4 KB):
+//! Stages, each run for two record profiles (enriched posts of ~800 B of JSON, tweets with
+//! 384-dim embeddings of ~8 KB, the floats being text):
 //! - **limit**: decode + Parquet encode of the same records in memory on one thread; what one
 //!   core can do at best.
 //! - **pipeline**: the writer ([`TableWriter`]) fed in process, from message bytes to
@@ -87,10 +87,10 @@ fn stage_error(stage: &'static str) -> impl Fn(String) -> BenchError {
 /// The records a stage writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
-    /// The three upstream shapes, round robin: enriched posts of ~700 B, tweets with a
-    /// 32-dimension embedding.
+    /// The three upstream shapes, round robin: enriched posts of ~800 B of JSON, tweets with
+    /// a 32-dimension embedding.
     Posts,
-    /// Tweets with 384-dimension embeddings (~4 KB).
+    /// Tweets with 384-dimension embeddings (~8 KB of JSON).
     Embeddings,
 }
 

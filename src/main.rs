@@ -141,8 +141,10 @@ struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     profile: Vec<sluice::bench::Profile>,
     /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of
-    /// a temporary folder; they go under `<root>/sluice-bench-<run>/`.
-    #[arg(long, env = "SLUICE_CONFIG")]
+    /// a temporary folder; they go under `<root>/sluice-bench-<run>/`. Not read from
+    /// SLUICE_CONFIG: a benchmark writes where it is told to, never into a service's store
+    /// by accident.
+    #[arg(long)]
     config: Option<PathBuf>,
     /// Broker for the kafka and freshness stages instead of an in-process mock cluster.
     #[arg(long)]
