@@ -228,7 +228,7 @@ async fn start_writers(
             events,
             table.decoders,
             config.batch,
-            config.ingest.decode_chunk,
+            config.ingest.decoding(),
         );
         tracing::info!(table = %name, location = %location, topics = ?topics, "writer started");
         let stop = shutdown.clone();

@@ -42,7 +42,7 @@ use crate::delta::{
 };
 use crate::generator::{Generator, Shape};
 use crate::pipeline::{Destination, Progress, Record, TableWriter};
-use crate::produce::{ProduceOptions, produce};
+use crate::produce::{ProduceOptions, ProduceReport, produce};
 use crate::sql::{Session, TimeTravel};
 
 /// How long a broker-fed stage may take before it is reported as stalled.
@@ -51,8 +51,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(600);
 const MOCK_PARTITION_BYTES: u64 = 4_500_000;
 /// Partitions the Kafka stages spread a profile over.
 const KAFKA_PARTITIONS: usize = 32;
-/// Age bound of the kafka stage's batches (size limits as configured).
-const KAFKA_FLUSH_MS: u64 = 1_000;
+/// The drained stages (pipeline, kafka) commit their set in this many flushes triggered by
+/// size (`batch.max_rows` = records / this, other limits as configured), so the last record
+/// triggers the last flush: no timer in the measurement, and both stages commit alike.
+const DRAIN_FLUSHES: u64 = 4;
 /// Flush bound of the freshness stage.
 const FRESHNESS_FLUSH_MS: u64 = 1_000;
 /// Rows per commit of the many-small-files table.
@@ -138,6 +140,8 @@ pub enum Stage {
     Pipeline,
     /// The service draining a broker.
     Kafka,
+    /// Peak memory of the service draining a broker at the shipped settings.
+    Memory,
     /// Produce-to-visible latency at a steady rate.
     Freshness,
     /// Compaction and the sql/ library before and after.
@@ -151,16 +155,18 @@ impl Stage {
             Stage::Limit => "limit",
             Stage::Pipeline => "pipeline",
             Stage::Kafka => "kafka",
+            Stage::Memory => "memory",
             Stage::Freshness => "freshness",
             Stage::Compaction => "compaction",
         }
     }
 
     /// Every stage, in report order.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Limit,
         Stage::Pipeline,
         Stage::Kafka,
+        Stage::Memory,
         Stage::Freshness,
         Stage::Compaction,
     ];
@@ -188,6 +194,10 @@ pub struct BenchOptions {
     pub sql_dir: PathBuf,
     /// Generator seed.
     pub seed: u64,
+    /// `batch.max_bytes` instead of the default.
+    pub max_bytes: Option<usize>,
+    /// Payload bytes of the set the parent produced into its hosted mock cluster.
+    pub set_bytes: u64,
     /// `brokers` is a mock cluster the parent `sluice bench` hosts: its topics exist, it keeps
     /// ~5 MiB per partition, and for the freshness stage the parent produces.
     pub hosted_mock: bool,
@@ -352,9 +362,15 @@ fn bench_config(dir: &Path, options: &BenchOptions, run: &str) -> Result<Config,
     std::fs::create_dir_all(dir.join("schemas/mappings"))
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
     let file = crate::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
+    // librdkafka properties (a secured `--brokers`, or tuning) come from the environment, as
+    // for the service; nothing else does.
+    let properties = std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_KAFKA__PROPERTIES__"));
     let mut config =
-        Config::load(&file, std::iter::empty()).map_err(|e| BenchError::Setup(e.to_string()))?;
+        Config::load(&file, properties).map_err(|e| BenchError::Setup(e.to_string()))?;
     config.batch = BatchLimits::default();
+    if let Some(max_bytes) = options.max_bytes {
+        config.batch.max_bytes = max_bytes;
+    }
     config.kafka.group_id = format!("sluice-bench-{run}");
     if let Some(storage) = &options.storage {
         config.storage = storage.storage.clone();
@@ -450,7 +466,8 @@ async fn measure(
         stage: stage.name(),
         reason: format!("the {} measurement failed: {reason}", profile.label()),
     };
-    let hosted = matches!(stage, Stage::Kafka | Stage::Freshness) && options.brokers.is_none();
+    let hosted = matches!(stage, Stage::Kafka | Stage::Memory | Stage::Freshness)
+        && options.brokers.is_none();
     let topics = stage_topics(profile, run, stage.name());
     let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
     let cluster = if hosted {
@@ -464,6 +481,22 @@ async fn measure(
     } else {
         None
     };
+    let mut set_bytes = None;
+    if let (Some(cluster), Stage::Kafka | Stage::Memory) = (&cluster, stage) {
+        let partitions = per_topic as usize * topics.len();
+        let count = set_size(options, profile, partitions, true);
+        let produced = produce(&produce_options(
+            &cluster.bootstrap_servers(),
+            &topics,
+            profile,
+            count,
+            0,
+            options.seed,
+        ))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        set_bytes = Some(produced.bytes);
+    }
     let mut command = tokio::process::Command::new(exe);
     command
         .arg("bench")
@@ -475,6 +508,9 @@ async fn measure(
         .kill_on_drop(true);
     if let Some(cluster) = &cluster {
         command.args(["--brokers", &cluster.bootstrap_servers(), "--hosted-mock"]);
+    }
+    if let Some(bytes) = set_bytes {
+        command.args(["--set-bytes", &bytes.to_string()]);
     }
     let mut child = command
         .spawn()
@@ -522,6 +558,7 @@ pub async fn row(
         Stage::Limit => limit_row(&base, options, profile),
         Stage::Pipeline => pipeline_row(&base, run, options, profile).await,
         Stage::Kafka => kafka_row(&base, run, options, profile).await,
+        Stage::Memory => memory_row(&base, run, options, profile).await,
         Stage::Freshness => freshness_row(&base, run, options, profile).await,
         Stage::Compaction => compaction_row(&base, run, options, profile).await,
     };
@@ -543,15 +580,27 @@ fn header(stage: Stage, options: &BenchOptions, base: &Config) -> String {
              |---|---|---|---|---|---|\n"
             .to_string(),
         Stage::Pipeline => format!(
-            "### Pipeline: the writer fed in process → committed Delta files on {}\n\n\
+            "### Pipeline: the writer fed in process → committed Delta files on {} \
+             (batch.max_rows = records/{DRAIN_FLUSHES})\n\n\
              | records | records/s | MB/s of JSON | CPU-s per M records | cores used | peak RSS | files | commits |\n\
              |---|---|---|---|---|---|---|---|\n",
             where_tables_go(base)
         ),
         Stage::Kafka => format!(
-            "### With Kafka: the service draining a pre-produced set from {broker} (max_age_ms {KAFKA_FLUSH_MS})\n\n\
+            "### With Kafka: the service draining a pre-produced set from {broker} \
+             (batch.max_rows = records/{DRAIN_FLUSHES})\n\n\
              | records | records/s | MB/s of JSON | CPU-s per M records | peak RSS | files | commits |\n\
              |---|---|---|---|---|---|---|\n"
+        ),
+        Stage::Memory => format!(
+            "### Memory: the service draining a pre-produced set from {broker} at the shipped \
+             settings (batch.max_bytes {} MiB, max_rows {}, max_age_ms {}; librdkafka prefetch {} KiB)\n\n\
+             | records | MB of JSON | peak RSS | commits | largest commit (messages) |\n\
+             |---|---|---|---|---|\n",
+            base.batch.max_bytes >> 20,
+            base.batch.max_rows,
+            base.batch.max_age_ms,
+            crate::source::PREFETCH_KBYTES,
         ),
         Stage::Freshness => format!(
             "### Freshness: {} msg/s for {} s from {broker}, flush every {} ms\n\n\
@@ -676,7 +725,7 @@ async fn feed(
         destination,
         decoders(config)?,
         limits,
-        config.ingest.decode_chunk,
+        config.ingest.decoding(),
         corpus.partitions(),
     )
     .await?;
@@ -707,8 +756,8 @@ async fn pipeline_row(
 ) -> Result<String, BenchError> {
     let corpus = Corpus::new(profile, options.records, options.seed);
     let config = stage_config(base, run, "pipeline", profile);
-    let (written, m) = feed(&config, &corpus, base.batch).await?;
     let n = corpus.records;
+    let (written, m) = feed(&config, &corpus, drain_limits(&base.batch, n)).await?;
     Ok(format!(
         "| {n} {} | **{:.0}k** | {:.0} | {:.1} | {:.2} | {:.0} MiB | {} | {} |",
         profile.label(),
@@ -720,6 +769,14 @@ async fn pipeline_row(
         written.files,
         written.commits,
     ))
+}
+
+/// `limits` with `max_rows` set so that `records` make [`DRAIN_FLUSHES`] flushes.
+fn drain_limits(limits: &BatchLimits, records: u64) -> BatchLimits {
+    BatchLimits {
+        max_rows: (records / DRAIN_FLUSHES).max(1) as usize,
+        ..*limits
+    }
 }
 
 /// Topics of a profile for a broker-fed stage: fresh names per run, so an external broker's
@@ -874,6 +931,135 @@ fn produce_options(
     }
 }
 
+/// Records in the pre-produced set of a broker-fed stage: as many as the broker keeps, in
+/// whole [`DRAIN_FLUSHES`].
+fn set_size(options: &BenchOptions, profile: Profile, partitions: usize, mock: bool) -> u64 {
+    let average = Corpus::new(profile, 300, options.seed).average().max(1);
+    let mut count = options.records;
+    if mock {
+        count = count.min(partitions as u64 * MOCK_PARTITION_BYTES / average);
+    }
+    // Whole flushes only: a partial last batch would wait for `max_age_ms`.
+    (count / DRAIN_FLUSHES).max(1) * DRAIN_FLUSHES
+}
+
+/// The pre-produced set of a broker-fed stage. A parent `sluice bench` hosting the mock
+/// cluster produced it already (so the producer's memory is not the writer's): it is every
+/// message of `topics`. Otherwise it is produced here.
+async fn produced_set(
+    options: &BenchOptions,
+    profile: Profile,
+    topics: &[(Shape, String)],
+    stage: &'static str,
+) -> Result<(ProduceReport, usize, String, Option<HostedMock>), BenchError> {
+    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let partitions = per_topic as usize * topics.len();
+    let (brokers, cluster) = broker(options, topics, per_topic).await?;
+    let error = stage_error(stage);
+    if options.hosted_mock {
+        let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
+        let b = brokers.clone();
+        let marks = tokio::task::spawn_blocking(move || watermarks(&b, &names, per_topic))
+            .await
+            .map_err(|e| error(e.to_string()))?
+            .map_err(|e| error(e.to_string()))?;
+        let report = ProduceReport {
+            delivered: marks
+                .iter()
+                .map(|(_, (low, high))| (high - low) as u64)
+                .sum(),
+            bytes: options.set_bytes,
+            last_offsets: marks
+                .into_iter()
+                .filter(|(_, (low, high))| high > low)
+                .map(|(key, (_, high))| (key, high - 1))
+                .collect(),
+            elapsed: Duration::ZERO,
+        };
+        return Ok((report, partitions, brokers, cluster));
+    }
+    let count = set_size(options, profile, partitions, cluster.is_some());
+    let produced = produce(&produce_options(
+        &brokers,
+        topics,
+        profile,
+        count,
+        0,
+        options.seed,
+    ))
+    .await
+    .map_err(|e| error(e.to_string()))?;
+    Ok((produced, partitions, brokers, cluster))
+}
+
+/// Low and high watermarks of every partition of `topics`.
+fn watermarks(
+    brokers: &str,
+    topics: &[String],
+    partitions: i32,
+) -> Result<BTreeMap<(String, i32), (i64, i64)>, rdkafka::error::KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let mut marks = BTreeMap::new();
+    for topic in topics {
+        for partition in 0..partitions {
+            let mark = consumer.fetch_watermarks(topic, partition, STALL_TIMEOUT)?;
+            marks.insert((topic.clone(), partition), mark);
+        }
+    }
+    Ok(marks)
+}
+
+type HostedMock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+async fn memory_row(
+    base: &Config,
+    run: &str,
+    options: &BenchOptions,
+    profile: Profile,
+) -> Result<String, BenchError> {
+    let topics = stage_topics(profile, run, "memory");
+    let (produced, partitions, brokers, cluster) =
+        produced_set(options, profile, &topics, "memory").await?;
+    let config = kafka_config(base, run, "memory", profile, &brokers, &topics);
+    let meter = Meter::start();
+    let mut service = start_service(&config, partitions).await?;
+    let largest = watch_largest_commit(service.progress.clone());
+    service
+        .wait_covers("memory", &produced.last_offsets)
+        .await?;
+    let m = meter.stop();
+    let written = service.stop().await?;
+    let largest = largest
+        .await
+        .map_err(|e| stage_error("memory")(e.to_string()))?;
+    drop(cluster);
+    Ok(format!(
+        "| {} {} | {:.0} | **{:.0} MiB** | {} | {largest} |",
+        produced.delivered,
+        profile.label(),
+        produced.bytes as f64 / 1e6,
+        mib(m.peak_rss),
+        written.commits,
+    ))
+}
+
+/// The most messages (rows + rejections) one commit of the writer held.
+fn watch_largest_commit(mut progress: watch::Receiver<Progress>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let (mut largest, mut before) = (0, 0);
+        while progress.changed().await.is_ok() {
+            let p = progress.borrow_and_update();
+            let messages = p.rows + p.rejected;
+            largest = largest.max(messages - before);
+            before = messages;
+        }
+        largest
+    })
+}
+
 async fn kafka_row(
     base: &Config,
     run: &str,
@@ -881,27 +1067,11 @@ async fn kafka_row(
     profile: Profile,
 ) -> Result<String, BenchError> {
     let topics = stage_topics(profile, run, "kafka");
-    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
-    let partitions = per_topic as usize * topics.len();
-    let average = Corpus::new(profile, 300, options.seed).average().max(1);
-    let mut count = options.records;
-    if options.brokers.is_none() || options.hosted_mock {
-        count = count.min(partitions as u64 * MOCK_PARTITION_BYTES / average);
-    }
-    let (brokers, cluster) = broker(options, &topics, per_topic).await?;
-    let produced = produce(&produce_options(
-        &brokers,
-        &topics,
-        profile,
-        count,
-        0,
-        options.seed,
-    ))
-    .await
-    .map_err(|e| stage_error("kafka")(e.to_string()))?;
+    let (produced, partitions, brokers, cluster) =
+        produced_set(options, profile, &topics, "kafka").await?;
+    let count = produced.delivered;
     let mut config = kafka_config(base, run, "kafka", profile, &brokers, &topics);
-    // The set is drained by size; the last partial batch waits for this, not for 10 s.
-    config.batch.max_age_ms = KAFKA_FLUSH_MS;
+    config.batch = drain_limits(&config.batch, count);
     let mut service = start_service(&config, partitions).await?;
     let meter = Meter::start();
     service.wait_covers("kafka", &produced.last_offsets).await?;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::BatchLimits;
 use crate::decode::InputLimits;
+use crate::pipeline::Decoding;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -165,9 +166,14 @@ pub struct IngestConfig {
     /// before parsing.
     #[serde(default = "default_max_depth")]
     pub max_depth: usize,
-    /// Messages of one partition decoded together.
+    /// Messages decoded together: a partition's buffered messages are handed to a decode
+    /// thread when they reach this many, or when all partitions together hold this many.
     #[serde(default = "default_decode_chunk")]
     pub decode_chunk: usize,
+    /// Threads decoding in parallel (unset: one per core). Decoding is most of the writer's
+    /// CPU; this caps how many cores it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_threads: Option<usize>,
 }
 
 fn default_max_message_bytes() -> usize {
@@ -181,6 +187,16 @@ fn default_decode_chunk() -> usize {
 }
 
 impl IngestConfig {
+    /// How the writer decodes: chunk size and threads (one per core unless configured).
+    pub fn decoding(&self) -> Decoding {
+        Decoding {
+            chunk: self.decode_chunk,
+            threads: self.decode_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }),
+        }
+    }
+
     /// The limits checked on raw bytes before parsing.
     pub fn input_limits(&self) -> InputLimits {
         InputLimits {
@@ -196,6 +212,7 @@ impl Default for IngestConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_depth: DEFAULT_MAX_DEPTH,
             decode_chunk: DEFAULT_DECODE_CHUNK,
+            decode_threads: None,
         }
     }
 }
@@ -431,6 +448,9 @@ impl Config {
         if config.ingest.decode_chunk == 0 {
             return Err(invalid("ingest.decode_chunk must be at least 1".into()));
         }
+        if config.ingest.decode_threads == Some(0) {
+            return Err(invalid("ingest.decode_threads must be at least 1".into()));
+        }
         if let Some(listen) = &config.metrics.listen {
             listen.parse::<std::net::SocketAddr>().map_err(|e| {
                 invalid(format!("metrics.listen `{listen}` is not an address: {e}"))
@@ -616,6 +636,30 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         let printed = config.redacted();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn decode_threads_default_to_the_cores_and_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), MINIMAL);
+        let config = Config::load(&file, vec![]).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.ingest.decoding().threads, cores);
+        let file = write(
+            dir.path(),
+            &format!("{MINIMAL}\n[ingest]\ndecode_threads = 3\n"),
+        );
+        let config = Config::load(&file, vec![]).unwrap();
+        assert_eq!(config.ingest.decoding().threads, 3);
+        let file = write(
+            dir.path(),
+            &format!("{MINIMAL}\n[ingest]\ndecode_threads = 0\n"),
+        );
+        let err = Config::load(&file, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("ingest.decode_threads must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

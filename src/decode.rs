@@ -660,6 +660,12 @@ impl BodyDecoder {
 
 /// Where nesting first exceeds `max_depth`, scanning bytes outside strings.
 fn too_deep(payload: &[u8], max_depth: usize) -> Option<usize> {
+    // Nesting never exceeds the number of `{` and `[` bytes; counting them is one vectorized
+    // pass, so only payloads with that many openers walk the structure.
+    let openers = payload.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    if openers <= max_depth {
+        return None;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;

@@ -11,7 +11,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, MetadataValue, StructField, Transaction};
+use deltalake::kernel::{Action, Add, MetadataValue, StructField, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::errors::ParquetError;
 use deltalake::parquet::file::properties::WriterProperties;
@@ -276,44 +276,94 @@ impl DeltaSink {
     /// Writes `batches` as Parquet (one file per partition value) and commits them together with
     /// one txn per entry of `ledger`. A concurrent commit touching the same partitions returns
     /// [`DeltaError::Conflict`] and leaves the files unreferenced.
-    #[tracing::instrument(name = "commit", level = "info", skip_all, fields(
-        table = %self.schema.name,
-        partitions = %ledger.iter().map(|(k, l)| format!("{k}@{}", l.last_offset)).collect::<Vec<_>>().join(","),
-        epoch = epoch,
-        version = tracing::field::Empty,
-    ))]
     pub async fn commit(
         &mut self,
         batches: &[RecordBatch],
         ledger: &[(PartitionKey, PartitionLedger)],
         epoch: i64,
     ) -> Result<Committed, DeltaError> {
-        let mut actions: Vec<Action> = Vec::new();
-        let mut bytes = 0u64;
-        if batches.iter().any(|b| b.num_rows() > 0) {
-            let mut writer = RecordBatchWriter::for_table(&self.table)
-                .map_err(|s| self.err("open writer", s))?
-                .with_writer_properties(self.writer_properties.clone());
-            let table_schema = self
-                .table
-                .snapshot()
-                .map_err(|s| self.err("snapshot", s))?
-                .snapshot()
-                .arrow_schema();
-            for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-                let batch = self.with_added_columns(batch, &table_schema)?;
-                writer
-                    .write(batch)
-                    .await
-                    .map_err(|s| self.err("write parquet", s))?;
-            }
-            let adds = writer
-                .flush()
-                .await
-                .map_err(|s| self.err("upload parquet", s))?;
-            bytes = adds.iter().map(|a| a.size.max(0) as u64).sum();
-            actions.extend(adds.into_iter().map(Action::Add));
+        let files = self.encode(batches).await?;
+        self.commit_files(files, ledger, epoch).await
+    }
+
+    /// Writes `batches` as Parquet files (one per partition value) that no version references
+    /// yet.
+    pub async fn encode(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, DeltaError> {
+        let mut encoding = self.start_encoding()?;
+        for batch in batches {
+            encoding.push(batch.clone());
         }
+        encoding.finish().await
+    }
+
+    /// Starts writing Parquet files on another task, fed batch by batch while the caller goes
+    /// on (decoding the next messages); [`Encoding::finish`] returns the files.
+    pub fn start_encoding(&self) -> Result<Encoding, DeltaError> {
+        let writer = RecordBatchWriter::for_table(&self.table)
+            .map_err(|s| self.err("open writer", s))?
+            .with_writer_properties(self.writer_properties.clone());
+        let table_schema = self
+            .table
+            .snapshot()
+            .map_err(|s| self.err("snapshot", s))?
+            .snapshot()
+            .arrow_schema();
+        let (sender, mut batches) = tokio::sync::mpsc::unbounded_channel::<RecordBatch>();
+        let name = self.schema.name.clone();
+        let task = tokio::spawn(async move {
+            let mut writer = writer;
+            let err = |operation, source| DeltaError::Delta {
+                table: name.clone(),
+                operation,
+                source: Box::new(source),
+            };
+            // Decoded batches can be small (a chunk of one of many partitions); the Parquet
+            // writer's cost per write is high, so they are gathered into bigger ones first.
+            let mut gathered: Vec<RecordBatch> = Vec::new();
+            let mut rows = 0;
+            let mut open = true;
+            while open {
+                let next = batches.recv().await;
+                open = next.is_some();
+                if let Some(batch) = next {
+                    rows += batch.num_rows();
+                    gathered.push(batch);
+                }
+                if rows >= ENCODE_ROWS || (!open && rows > 0) {
+                    let batch = gather(&name, std::mem::take(&mut gathered))?;
+                    rows = 0;
+                    let batch = with_added_columns(&name, &batch, &table_schema)?;
+                    writer
+                        .write(batch)
+                        .await
+                        .map_err(|s| err("write parquet", s))?;
+                }
+            }
+            writer.flush().await.map_err(|s| err("upload parquet", s))
+        });
+        Ok(Encoding {
+            sender: Some(sender),
+            task,
+        })
+    }
+
+    /// Commits `files` (from [`Self::encode`] or an [`Encoding`]) together with one txn per
+    /// entry of `ledger`. A concurrent commit touching the same partitions returns
+    /// [`DeltaError::Conflict`] and leaves the files unreferenced.
+    #[tracing::instrument(name = "commit", level = "info", skip_all, fields(
+        table = %self.schema.name,
+        partitions = %ledger.iter().map(|(k, l)| format!("{k}@{}", l.last_offset)).collect::<Vec<_>>().join(","),
+        epoch = epoch,
+        version = tracing::field::Empty,
+    ))]
+    pub async fn commit_files(
+        &mut self,
+        files: Vec<Add>,
+        ledger: &[(PartitionKey, PartitionLedger)],
+        epoch: i64,
+    ) -> Result<Committed, DeltaError> {
+        let bytes = files.iter().map(|a| a.size.max(0) as u64).sum();
+        let actions: Vec<Action> = files.into_iter().map(Action::Add).collect();
         let files = actions.len();
         let txns: Vec<Transaction> = ledger
             .iter()
@@ -372,39 +422,6 @@ impl DeltaSink {
         }
     }
 
-    /// Fills columns another instance added to the table since this writer started (a rolling
-    /// upgrade to a newer schema file) with nulls, as additive evolution promises readers.
-    fn with_added_columns(
-        &self,
-        batch: &RecordBatch,
-        table_schema: &deltalake::arrow::datatypes::SchemaRef,
-    ) -> Result<RecordBatch, DeltaError> {
-        let added: Vec<_> = table_schema
-            .fields()
-            .iter()
-            .filter(|f| batch.schema().field_with_name(f.name()).is_err())
-            .collect();
-        if added.is_empty() {
-            return Ok(batch.clone());
-        }
-        tracing::warn!(table = %self.schema.name, columns = ?added.iter().map(|f| f.name()).collect::<Vec<_>>(),
-            "the table gained columns since this writer started; writing them as null until it restarts with the new schema file");
-        let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
-        let mut columns = batch.columns().to_vec();
-        for field in added {
-            fields.push(field.clone());
-            columns.push(deltalake::arrow::array::new_null_array(
-                field.data_type(),
-                batch.num_rows(),
-            ));
-        }
-        let schema = Arc::new(deltalake::arrow::datatypes::Schema::new(fields));
-        RecordBatch::try_new(schema, columns).map_err(|e| DeltaError::Bug {
-            table: self.schema.name.clone(),
-            message: format!("cannot null-fill added columns: {e}"),
-        })
-    }
-
     fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {
         DeltaError::Delta {
             table: self.schema.name.clone(),
@@ -412,6 +429,90 @@ impl DeltaSink {
             source: Box::new(source),
         }
     }
+}
+
+/// Parquet files being written on another task (see [`DeltaSink::start_encoding`]). Dropping
+/// it stops the writing; files already uploaded stay unreferenced (vacuum removes them).
+pub struct Encoding {
+    sender: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+    task: tokio::task::JoinHandle<Result<Vec<Add>, DeltaError>>,
+}
+
+impl Encoding {
+    /// Queues a batch; an encoding error surfaces from [`Encoding::finish`].
+    pub fn push(&mut self, batch: RecordBatch) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        if let Some(sender) = &self.sender {
+            // A send fails only when the task ended early with an error: `finish` reports it.
+            let _ = sender.send(batch);
+        }
+    }
+
+    /// Waits for every queued batch to be written and returns the files.
+    pub async fn finish(mut self) -> Result<Vec<Add>, DeltaError> {
+        self.sender = None;
+        match (&mut self.task).await {
+            Ok(files) => files,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("parquet encoding task cancelled: {e}"),
+        }
+    }
+}
+
+impl Drop for Encoding {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Rows gathered before a write to the Parquet writer.
+const ENCODE_ROWS: usize = 8192;
+
+/// One batch of `batches` (all of the table's schema).
+fn gather(table: &str, batches: Vec<RecordBatch>) -> Result<RecordBatch, DeltaError> {
+    if batches.len() == 1 {
+        return Ok(batches.into_iter().next().expect("one batch"));
+    }
+    let schema = batches[0].schema();
+    deltalake::arrow::compute::concat_batches(&schema, &batches).map_err(|e| DeltaError::Bug {
+        table: table.to_string(),
+        message: format!("decoded batches of one table differ in schema: {e}"),
+    })
+}
+
+/// Fills columns another instance added to the table since this writer started (a rolling
+/// upgrade to a newer schema file) with nulls, as additive evolution promises readers.
+fn with_added_columns(
+    table: &str,
+    batch: &RecordBatch,
+    table_schema: &deltalake::arrow::datatypes::SchemaRef,
+) -> Result<RecordBatch, DeltaError> {
+    let added: Vec<_> = table_schema
+        .fields()
+        .iter()
+        .filter(|f| batch.schema().field_with_name(f.name()).is_err())
+        .collect();
+    if added.is_empty() {
+        return Ok(batch.clone());
+    }
+    tracing::warn!(table, columns = ?added.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "the table gained columns since this writer started; writing them as null until it restarts with the new schema file");
+    let mut fields: Vec<_> = batch.schema().fields().iter().cloned().collect();
+    let mut columns = batch.columns().to_vec();
+    for field in added {
+        fields.push(field.clone());
+        columns.push(deltalake::arrow::array::new_null_array(
+            field.data_type(),
+            batch.num_rows(),
+        ));
+    }
+    let schema = Arc::new(deltalake::arrow::datatypes::Schema::new(fields));
+    RecordBatch::try_new(schema, columns).map_err(|e| DeltaError::Bug {
+        table: table.to_string(),
+        message: format!("cannot null-fill added columns: {e}"),
+    })
 }
 
 /// The txn app id for a Kafka partition: group, topic and partition, so two groups writing one

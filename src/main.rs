@@ -110,7 +110,7 @@ enum Command {
     /// Read-only. Every table of the config is registered by name, with its dead letters.
     Sql(SqlArgs),
     /// Measure throughput, freshness and memory against the machine's limit; prints Markdown
-    /// tables (stages: limit, pipeline, kafka, freshness, compaction).
+    /// tables (stages: limit, pipeline, kafka, memory, freshness, compaction).
     Bench(BenchArgs),
     /// Print the Trino SQL that registers every table of the config (and its dead letters)
     /// in a delta_lake catalog, with the locations taken from storage.root.
@@ -161,6 +161,10 @@ struct BenchArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// batch.max_bytes for every stage instead of the default (the memory stage shows what it
+    /// bounds).
+    #[arg(long)]
+    max_bytes: Option<usize>,
     /// Internal: measure one STAGE:PROFILE in this process and print its table row.
     #[arg(long, hide = true)]
     row: Option<String>,
@@ -170,6 +174,9 @@ struct BenchArgs {
     /// Internal: --brokers is a mock cluster hosted by the parent `sluice bench`.
     #[arg(long, hide = true)]
     hosted_mock: bool,
+    /// Internal: payload bytes of the set the parent produced into its mock cluster.
+    #[arg(long, hide = true, default_value_t = 0)]
+    set_bytes: u64,
 }
 
 impl BenchArgs {
@@ -192,6 +199,9 @@ impl BenchArgs {
         }
         if let Some(brokers) = &self.brokers {
             args.extend(["--brokers".to_string(), brokers.clone()]);
+        }
+        if let Some(max_bytes) = self.max_bytes {
+            args.extend(["--max-bytes".to_string(), max_bytes.to_string()]);
         }
         args
     }
@@ -469,6 +479,8 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 seconds: args.seconds,
                 sql_dir: args.sql_dir,
                 seed: args.seed,
+                max_bytes: args.max_bytes,
+                set_bytes: args.set_bytes,
                 hosted_mock: args.hosted_mock,
             };
             if let Some(spec) = &args.row {

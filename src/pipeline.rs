@@ -8,19 +8,20 @@
 //!    rows and positions land atomically; a failed commit whose txn versions turn out to be in
 //!    the table is recognised as landed, never written twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::Add;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
 use crate::batch::{BatchLimits, Batcher, FlushReason};
 use crate::dead_letters;
-use crate::decode::{BodyDecoder, Chunk, DecodeError, Rejection};
-use crate::delta::{DeltaError, DeltaSink, PartitionKey, PartitionLedger};
+use crate::decode::{BodyDecoder, Chunk, DecodeError, Decoded, Rejection};
+use crate::delta::{DeltaError, DeltaSink, Encoding, PartitionKey, PartitionLedger};
 use crate::source::{KafkaSource, PartitionEvent, SourceError};
 
 /// Longest wait between retries of a failing commit.
@@ -32,6 +33,17 @@ const MAX_LOGGED_REJECTIONS: usize = 20;
 /// Environment variable naming a point where the writer aborts the process, so tests can crash
 /// it exactly there: `after_dead_letter_commit` (dead letters landed, rows not yet).
 pub const FAILPOINT_ENV: &str = "SLUICE_FAILPOINT";
+
+/// How a writer decodes: messages are buffered per partition in chunks, and full chunks are
+/// decoded on `threads` blocking threads while the writer keeps consuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoding {
+    /// A partition's chunk is decoded when it holds this many messages, or when all
+    /// partitions' chunks together hold this many (then the largest goes).
+    pub chunk: usize,
+    /// Chunks decoded at once; one more waits for the oldest.
+    pub threads: usize,
+}
 
 /// Errors that stop the writer loop (transient ones are retried inside it).
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +182,9 @@ struct PartitionState {
     newest_ms: Option<i64>,
     /// The partition's counters, registered once rather than looked up per message.
     counters: PartitionCounters,
+    /// Renewed whenever the buffer is dropped (unique within the writer), so a decode started
+    /// before is discarded.
+    generation: u64,
 }
 
 /// Counters labelled with a table, topic and partition.
@@ -194,7 +209,12 @@ impl PartitionCounters {
 }
 
 impl PartitionState {
-    fn new(key: &PartitionKey, committed: Option<i64>, counters: PartitionCounters) -> Self {
+    fn new(
+        key: &PartitionKey,
+        committed: Option<i64>,
+        counters: PartitionCounters,
+        generation: u64,
+    ) -> Self {
         PartitionState {
             committed,
             pending: Chunk::new(key.topic.clone(), key.partition),
@@ -206,18 +226,27 @@ impl PartitionState {
             messages: 0,
             newest_ms: None,
             counters,
+            generation,
         }
     }
 
-    fn clear(&mut self, key: &PartitionKey) {
-        *self = PartitionState::new(key, self.committed, self.counters.clone());
+    fn clear(&mut self, key: &PartitionKey, generation: u64) {
+        *self = PartitionState::new(key, self.committed, self.counters.clone(), generation);
     }
 }
 
 /// What the writer keeps per subscribed topic.
 struct Topic {
-    /// The decoder for the topic's JSON shape.
-    decoder: BodyDecoder,
+    /// The decoder for the topic's JSON shape, shared with the decode threads.
+    decoder: Arc<BodyDecoder>,
+}
+
+/// A chunk being decoded on a blocking thread.
+struct InFlight {
+    key: PartitionKey,
+    /// The partition's generation when the chunk left; a newer one discards the result.
+    generation: u64,
+    task: tokio::task::JoinHandle<Result<Decoded, DecodeError>>,
 }
 
 /// Writes one table from its topics.
@@ -233,7 +262,21 @@ pub struct TableWriter {
     events: mpsc::UnboundedReceiver<PartitionEvent>,
     topics: HashMap<Arc<str>, Topic>,
     batcher: Batcher,
-    decode_chunk: usize,
+    decoding: Decoding,
+    /// Chunks being decoded, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Partitions whose chunk is due for decoding.
+    due: Vec<PartitionKey>,
+    /// Messages in all partitions' chunks not yet handed to a decode thread.
+    undecoded: usize,
+    /// The last partition buffer generation handed out; it moves whenever a buffer is
+    /// dropped, which makes the encodings below stale.
+    generation: u64,
+    /// The Parquet files of everything decoded so far, written on another task as batches
+    /// decode, with the generation they started at.
+    encoding: Option<(u64, Encoding)>,
+    /// Files written by an attempt of the current flush, reused by its retries.
+    encoded: Option<(u64, Vec<Add>)>,
     partitions: BTreeMap<PartitionKey, PartitionState>,
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
@@ -251,7 +294,7 @@ impl TableWriter {
         events: mpsc::UnboundedReceiver<PartitionEvent>,
         decoders: HashMap<Arc<str>, BodyDecoder>,
         limits: BatchLimits,
-        decode_chunk: usize,
+        decoding: Decoding,
     ) -> (Self, watch::Receiver<Progress>) {
         Self::compose(
             destination,
@@ -259,7 +302,7 @@ impl TableWriter {
             events,
             decoders,
             limits,
-            decode_chunk,
+            decoding,
         )
     }
 
@@ -270,12 +313,12 @@ impl TableWriter {
         destination: Destination,
         decoders: HashMap<Arc<str>, BodyDecoder>,
         limits: BatchLimits,
-        decode_chunk: usize,
+        decoding: Decoding,
         partitions: Vec<PartitionKey>,
     ) -> Result<(Self, watch::Receiver<Progress>), PipelineError> {
         let (_, events) = mpsc::unbounded_channel();
         let (mut writer, progress) =
-            Self::compose(destination, None, events, decoders, limits, decode_chunk);
+            Self::compose(destination, None, events, decoders, limits, decoding);
         writer
             .on_partition_event(PartitionEvent::Assigned(partitions))
             .await?;
@@ -286,8 +329,9 @@ impl TableWriter {
     /// the oldest buffered record is due. Records must follow the table's positions.
     pub async fn ingest(&mut self, record: Record<'_>) -> Result<(), PipelineError> {
         let reason = self
-            .on_message(record)?
+            .on_message(record)
             .or_else(|| self.batcher.due(Instant::now()));
+        self.start_decodes().await?;
         if let Some(reason) = reason {
             self.flush(reason).await?;
         }
@@ -306,7 +350,7 @@ impl TableWriter {
         events: mpsc::UnboundedReceiver<PartitionEvent>,
         decoders: HashMap<Arc<str>, BodyDecoder>,
         limits: BatchLimits,
-        decode_chunk: usize,
+        decoding: Decoding,
     ) -> (Self, watch::Receiver<Progress>) {
         let Destination {
             table: sink,
@@ -320,7 +364,14 @@ impl TableWriter {
         let (progress_tx, progress_rx) = watch::channel(progress.clone());
         let topics = decoders
             .into_iter()
-            .map(|(name, decoder)| (name, Topic { decoder }))
+            .map(|(name, decoder)| {
+                (
+                    name,
+                    Topic {
+                        decoder: Arc::new(decoder),
+                    },
+                )
+            })
             .collect();
         (
             TableWriter {
@@ -332,7 +383,16 @@ impl TableWriter {
                 events,
                 topics,
                 batcher: Batcher::new(limits),
-                decode_chunk,
+                decoding: Decoding {
+                    chunk: decoding.chunk.max(1),
+                    threads: decoding.threads.max(1),
+                },
+                in_flight: VecDeque::new(),
+                due: Vec::new(),
+                undecoded: 0,
+                generation: 0,
+                encoding: None,
+                encoded: None,
                 partitions: BTreeMap::new(),
                 progress,
                 progress_tx,
@@ -355,26 +415,32 @@ impl TableWriter {
             .expect("run() needs the consumer; fed writers use ingest()")
             .receiver();
         tokio::pin!(shutdown);
+        // One timer for the batch age, moved only when the deadline moves (not a new timer per
+        // message).
+        let age = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(age);
         loop {
-            let deadline = self
-                .batcher
-                .deadline()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let deadline = self.batcher.deadline().map(tokio::time::Instant::from_std);
+            if let Some(d) = deadline
+                && age.deadline() != d
+            {
+                age.as_mut().reset(d);
+            }
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 Some(event) = self.events.recv() => self.on_partition_event(event).await?,
-                () = tokio::time::sleep_until(deadline) => {
+                () = &mut age, if deadline.is_some() => {
                     if let Some(reason) = self.batcher.due(Instant::now()) {
                         self.flush(reason).await?;
                     }
                 }
                 received = receiver.recv() => match received {
                     Ok(message) => {
-                        let reason = self.on_message(Record::from_kafka(&message))?;
+                        let reason = self.on_message(Record::from_kafka(&message));
                         // The message borrows librdkafka's buffer; release it before awaiting.
                         drop(message);
+                        self.start_decodes().await?;
                         if let Some(reason) = reason {
                             self.flush(reason).await?;
                         }
@@ -408,6 +474,9 @@ impl TableWriter {
                         }
                     }
                 }
+                self.generation += 1;
+                self.encoding = None;
+                self.recount_undecoded();
                 self.publish();
             }
             PartitionEvent::Assigned(keys) => {
@@ -416,6 +485,7 @@ impl TableWriter {
                 for (_, old) in std::mem::take(&mut self.partitions) {
                     self.batcher.remove(old.messages, old.bytes);
                 }
+                self.encoding = None;
                 self.refresh_with_retry().await?;
                 let mut positions = BTreeMap::new();
                 for key in keys {
@@ -424,9 +494,13 @@ impl TableWriter {
                         positions.insert(key.clone(), source.start_offset(committed));
                     }
                     let counters = PartitionCounters::new(self.sink.name(), &key);
-                    self.partitions
-                        .insert(key.clone(), PartitionState::new(&key, committed, counters));
+                    let generation = self.next_generation();
+                    self.partitions.insert(
+                        key.clone(),
+                        PartitionState::new(&key, committed, counters, generation),
+                    );
                 }
+                self.recount_undecoded();
                 self.progress.assigned_once = true;
                 tracing::info!(table = %self.sink.name(), positions = ?positions.iter().map(|(k, o)| format!("{k}@{o:?}")).collect::<Vec<_>>(),
                     "assigning partitions at the table's positions");
@@ -439,10 +513,11 @@ impl TableWriter {
         Ok(())
     }
 
-    /// Buffers one message; returns a flush reason when a size limit is reached.
-    fn on_message(&mut self, message: Record<'_>) -> Result<Option<FlushReason>, PipelineError> {
+    /// Buffers one message; returns a flush reason when a size limit is reached. Chunks due
+    /// for decoding are left in `due` for [`Self::start_decodes`].
+    fn on_message(&mut self, message: Record<'_>) -> Option<FlushReason> {
         let Some(name) = self.topics.get_key_value(message.topic).map(|(n, _)| n) else {
-            return Ok(None);
+            return None;
         };
         let key = PartitionKey {
             topic: name.clone(),
@@ -451,7 +526,7 @@ impl TableWriter {
         let offset = message.offset;
         let Some(state) = self.partitions.get_mut(&key) else {
             // A message fetched before its partition was revoked.
-            return Ok(None);
+            return None;
         };
         state.counters.consumed.increment(1);
         let next = state
@@ -462,7 +537,7 @@ impl TableWriter {
         if let Some(next) = next {
             if offset < next {
                 // Already buffered or already in the table (a fetch from before a seek).
-                return Ok(None);
+                return None;
             }
             if offset > next {
                 tracing::warn!(table = %self.sink.name(), partition = %key, expected = next, got = offset,
@@ -492,8 +567,20 @@ impl TableWriter {
                 })
             }
         }
-        if state.pending.len() >= self.decode_chunk {
-            self.decode_pending(&key)?;
+        self.undecoded += 1;
+        if state.pending.len() >= self.decoding.chunk {
+            self.due.push(key);
+        } else if self.undecoded >= self.decoding.chunk {
+            // Many partitions, none with a full chunk: decode the fullest rather than let
+            // everything wait for the flush.
+            if let Some((fullest, _)) = self
+                .partitions
+                .iter()
+                .filter(|(k, _)| !self.due.contains(k))
+                .max_by_key(|(_, s)| s.pending.len())
+            {
+                self.due.push(fullest.clone());
+            }
         }
         let first = self.batcher.rows() == 0;
         let reason = self.batcher.add(1, bytes, Instant::now());
@@ -501,49 +588,167 @@ impl TableWriter {
             // Readiness watches how long buffered messages wait.
             self.publish();
         }
-        Ok(reason)
+        reason
     }
 
-    #[tracing::instrument(name = "decode", level = "debug", skip(self), fields(topic = %key.topic, partition = key.partition))]
-    fn decode_pending(&mut self, key: &PartitionKey) -> Result<(), PipelineError> {
-        let state = self
-            .partitions
-            .get_mut(key)
-            .expect("caller checked ownership");
+    /// Hands the due chunks to decode threads, waiting for the oldest decode while every
+    /// thread is busy (which holds back the consumer instead of piling up chunks).
+    async fn start_decodes(&mut self) -> Result<(), PipelineError> {
+        while let Some(key) = self.due.pop() {
+            self.start_decode(key).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_decode(&mut self, key: PartitionKey) -> Result<(), PipelineError> {
+        while self.in_flight.len() >= self.decoding.threads {
+            self.finish_oldest_decode().await?;
+        }
+        let Some(state) = self.partitions.get_mut(&key) else {
+            return Ok(());
+        };
         if state.pending.is_empty() {
             return Ok(());
         }
-        let decoder = &self
-            .topics
-            .get(&key.topic)
-            .expect("consumer only subscribes to configured topics")
-            .decoder;
         let chunk = std::mem::replace(
             &mut state.pending,
             Chunk::new(key.topic.clone(), key.partition),
         );
-        let decoded = decoder.decode(&chunk, chrono::Utc::now().timestamp_micros())?;
+        self.undecoded -= chunk.len();
+        let generation = state.generation;
+        let decoder = self
+            .topics
+            .get(&key.topic)
+            .expect("consumer only subscribes to configured topics")
+            .decoder
+            .clone();
+        let ingested_at = chrono::Utc::now().timestamp_micros();
+        let task = tokio::task::spawn_blocking(move || {
+            let _span =
+                tracing::debug_span!("decode", topic = %chunk.topic, partition = chunk.partition)
+                    .entered();
+            decoder.decode(&chunk, ingested_at)
+        });
+        self.in_flight.push_back(InFlight {
+            key,
+            generation,
+            task,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest decode and buffers its rows and rejections, unless its partition
+    /// was dropped meanwhile.
+    async fn finish_oldest_decode(&mut self) -> Result<(), PipelineError> {
+        let Some(InFlight {
+            key,
+            generation,
+            task,
+        }) = self.in_flight.pop_front()
+        else {
+            return Ok(());
+        };
+        let decoded = match task.await {
+            Ok(decoded) => decoded?,
+            // A panicking decoder is a bug: surface it as if it had run here.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("decode task cancelled: {e}"),
+        };
+        let Some(state) = self.partitions.get_mut(&key) else {
+            return Ok(());
+        };
+        if state.generation != generation {
+            return Ok(());
+        }
         let ledger = state
             .ledger
             .as_mut()
-            .expect("pending messages have a ledger");
-        if let Some(batch) = decoded.batch {
-            ledger.rows += batch.num_rows() as u64;
-            state.decoded.push(batch);
-        }
+            .expect("decoded messages have a ledger");
         ledger.rejected += decoded.rejections.len() as u64;
         state.rejections.extend(decoded.rejections);
+        if let Some(batch) = decoded.batch {
+            ledger.rows += batch.num_rows() as u64;
+            state.decoded.push(batch.clone());
+            self.encode_later(batch);
+        }
         Ok(())
+    }
+
+    /// Hands a newly buffered batch to the background encoding; (re)starts it with every
+    /// buffered batch when there is none or a dropped buffer made it stale. Should it fail to
+    /// start, the flush writes the files itself (and meets the error there).
+    fn encode_later(&mut self, batch: RecordBatch) {
+        if let Some((generation, encoding)) = &mut self.encoding
+            && *generation == self.generation
+        {
+            encoding.push(batch);
+            return;
+        }
+        self.encoding = None;
+        let Ok(mut encoding) = self.sink.start_encoding() else {
+            return;
+        };
+        for state in self.partitions.values() {
+            for buffered in &state.decoded {
+                encoding.push(buffered.clone());
+            }
+        }
+        self.encoding = Some((self.generation, encoding));
+    }
+
+    /// The data files of the buffered `batches`: those of an earlier attempt of this flush
+    /// when no buffer was dropped since, else the background encoding's, else written now.
+    async fn encoded_files(&mut self, batches: &[RecordBatch]) -> Result<Vec<Add>, DeltaError> {
+        if let Some((generation, files)) = &self.encoded
+            && *generation == self.generation
+        {
+            return Ok(files.clone());
+        }
+        let files = match self.encoding.take() {
+            Some((generation, encoding)) if generation == self.generation => {
+                encoding.finish().await?
+            }
+            _ => self.sink.encode(batches).await?,
+        };
+        self.encoded = Some((self.generation, files.clone()));
+        Ok(files)
+    }
+
+    /// Decodes everything buffered and waits for it.
+    async fn decode_all(&mut self) -> Result<(), PipelineError> {
+        self.due.clear();
+        let keys: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.start_decode(key).await?;
+        }
+        while !self.in_flight.is_empty() {
+            self.finish_oldest_decode().await?;
+        }
+        Ok(())
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// Recounts undecoded messages after partitions were dropped wholesale.
+    fn recount_undecoded(&mut self) {
+        self.undecoded = self.partitions.values().map(|s| s.pending.len()).sum();
+        let partitions = &self.partitions;
+        self.due.retain(|k| partitions.contains_key(k));
     }
 
     /// Commits everything buffered, retrying transient failures, re-checking ownership in the
     /// table before every attempt.
     #[tracing::instrument(name = "flush", level = "info", skip(self), fields(table = %self.sink.name(), reason = reason.as_str(), messages = self.batcher.rows()))]
     async fn flush(&mut self, reason: FlushReason) -> Result<(), PipelineError> {
-        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
-        for key in &keys {
-            self.decode_pending(key)?;
-        }
+        self.decode_all().await?;
         let mut backoff = FIRST_BACKOFF;
         let mut in_flight: BTreeMap<PartitionKey, i64> = BTreeMap::new();
         loop {
@@ -597,6 +802,8 @@ impl TableWriter {
                 }
             }
             if ledger.is_empty() {
+                self.encoding = None;
+                self.encoded = None;
                 self.batcher.reset();
                 self.publish();
                 return Ok(());
@@ -607,7 +814,11 @@ impl TableWriter {
                 .collect();
             self.epoch += 1;
             let started = Instant::now();
-            match self.sink.commit(&batches, &ledger, self.epoch).await {
+            let result = match self.encoded_files(&batches).await {
+                Ok(files) => self.sink.commit_files(files, &ledger, self.epoch).await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(committed) => {
                     let elapsed = started.elapsed();
                     // Only our commit landed since the last check: positions are still known.
@@ -801,7 +1012,8 @@ impl TableWriter {
                 .increment(1);
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
-            state.clear(&key);
+            self.generation += 1;
+            state.clear(&key, self.generation);
             if let Some(source) = &self.source {
                 let offset = source.start_offset(actual);
                 if let Err(e) = source.seek(&key, offset) {
@@ -809,6 +1021,7 @@ impl TableWriter {
                 }
             }
         }
+        self.recount_undecoded();
         self.verified_version = self.sink.version();
         Ok(landed)
     }
@@ -857,10 +1070,14 @@ impl TableWriter {
             }
             state.counters.rows.increment(l.rows);
             state.committed = Some(l.last_offset);
-            state.clear(key);
+            self.generation += 1;
+            state.clear(key, self.generation);
             offsets.push((key.clone(), l.last_offset));
         }
         self.batcher.reset();
+        self.encoding = None;
+        self.encoded = None;
+        self.recount_undecoded();
         if let Some(source) = &self.source {
             source.report_committed(&offsets);
         }

@@ -21,6 +21,16 @@ use crate::config::{KafkaConfig, StartFrom};
 use crate::delta::PartitionKey;
 use crate::pipeline::Progress;
 
+/// KiB of messages librdkafka prefetches into the consumer queue before the writer asks for
+/// them (`queued.max.messages.kbytes`; librdkafka's own default is 64 MiB). It is part of the
+/// writer's memory, next to `batch.max_bytes`; `kafka.properties` may override it.
+pub const PREFETCH_KBYTES: &str = "16384";
+/// How long librdkafka pauses fetching a partition once the prefetch queue is full
+/// (`fetch.queue.backoff.ms`). Its default, 1000 ms, makes a bounded queue a throughput limit:
+/// measured through the mock cluster, 16 MiB drained ~37k posts/s with it and ~120–130k with
+/// 10 ms.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// How long a seek may wait for the fetcher to apply it.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -150,7 +160,9 @@ impl KafkaSource {
             // Eager rebalancing: every assignment is complete, every revoke precedes the next
             // assignment, which keeps the ownership rules simple.
             .set("partition.assignment.strategy", "range")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         for (key, value) in &config.properties {
             client.set(key, value);
         }

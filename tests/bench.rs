@@ -59,7 +59,14 @@ fn every_stage_reports_what_it_measured_for_both_profiles() {
     println!("{report}");
     assert!(report.starts_with("## sluice bench on "), "{report}");
 
-    for heading in ["Limit", "Pipeline", "With Kafka", "Freshness", "Compaction"] {
+    for heading in [
+        "Limit",
+        "Pipeline",
+        "With Kafka",
+        "Memory",
+        "Freshness",
+        "Compaction",
+    ] {
         let rows = rows(&report, heading);
         assert_eq!(rows.len(), 2, "{heading}: a row per profile");
         assert!(rows[0][0].ends_with("posts") && rows[1][0].ends_with("embeddings"));
@@ -82,6 +89,15 @@ fn every_stage_reports_what_it_measured_for_both_profiles() {
             "every pre-produced record drained: {row:?}"
         );
         assert!(number(&row[6]) >= 1.0, "commits: {row:?}");
+    }
+    for row in rows(&report, "Memory") {
+        assert_eq!(number(&row[0]), 3000.0, "the whole set drained: {row:?}");
+        assert!(number(&row[2]) > 0.0, "peak RSS: {row:?}");
+        let largest = number(&row[4]);
+        assert!(
+            (1.0..=3000.0).contains(&largest),
+            "largest commit within the set: {row:?}"
+        );
     }
     for row in rows(&report, "Freshness") {
         assert_eq!(

@@ -17,9 +17,11 @@
 
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Array, ArrayRef, AsArray, Float64Array, Float64Builder};
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Float64Builder, GenericListArray,
+};
 use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Field, Float64Type};
+use deltalake::arrow::datatypes::{DataType, Field, Float32Type, Float64Type};
 use deltalake::datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_err};
 use deltalake::datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
@@ -96,7 +98,81 @@ pub fn functions() -> Vec<ScalarUDF> {
 }
 
 fn double_list() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
+    list_of(DataType::Float64)
+}
+
+fn list_of(element: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(element, true)))
+}
+
+/// The type an argument is read as: `array<float>` (embeddings) as it is, widened per
+/// element while computing; every other numeric array as `array<double>`.
+fn argument_type(arg: &DataType) -> DataType {
+    match arg {
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _)
+            if f.data_type() == &DataType::Float32 =>
+        {
+            list_of(DataType::Float32)
+        }
+        _ => double_list(),
+    }
+}
+
+/// One argument's vectors, read in place from the list's flat values: no array per row and
+/// no widened copy of the column.
+struct Vectors<'a> {
+    list: &'a GenericListArray<i32>,
+    values: Values<'a>,
+    /// A scalar argument: row 0 for every row.
+    broadcast: bool,
+}
+
+enum Values<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// What one row of an argument holds.
+enum Row {
+    Null,
+    NullElement,
+    /// The vector, widened into the caller's buffer.
+    Vector,
+}
+
+impl<'a> Vectors<'a> {
+    fn new(array: &'a ArrayRef, broadcast: bool) -> Vectors<'a> {
+        let list = array.as_list::<i32>();
+        let values = match list.values().data_type() {
+            DataType::Float32 => Values::F32(list.values().as_primitive::<Float32Type>().values()),
+            _ => Values::F64(list.values().as_primitive::<Float64Type>().values()),
+        };
+        Vectors {
+            list,
+            values,
+            broadcast,
+        }
+    }
+
+    fn row(&self, row: usize, out: &mut Vec<f64>) -> Row {
+        let row = if self.broadcast { 0 } else { row };
+        if self.list.is_null(row) {
+            return Row::Null;
+        }
+        let offsets = self.list.value_offsets();
+        let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+        if let Some(nulls) = self.list.values().nulls()
+            && nulls.slice(start, end - start).null_count() > 0
+        {
+            return Row::NullElement;
+        }
+        out.clear();
+        match self.values {
+            Values::F32(v) => out.extend(v[start..end].iter().map(|&x| f64::from(x))),
+            Values::F64(v) => out.extend_from_slice(&v[start..end]),
+        }
+        Row::Vector
+    }
 }
 
 impl ScalarUDFImpl for VectorFunction {
@@ -132,17 +208,29 @@ impl ScalarUDFImpl for VectorFunction {
                 return plan_err!("{} takes arrays of numbers, not {arg}", self.name());
             }
         }
-        Ok(vec![double_list(), double_list()])
+        Ok(args.iter().map(argument_type).collect())
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let scalar = args
+        let broadcast: Vec<bool> = args
             .args
             .iter()
-            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let result = self.evaluate(&arrays[0], &arrays[1])?;
-        if scalar {
+            .map(|a| matches!(a, ColumnarValue::Scalar(_)))
+            .collect();
+        let mut arrays = Vec::with_capacity(args.args.len());
+        for arg in &args.args {
+            arrays.push(match arg {
+                ColumnarValue::Array(a) => a.clone(),
+                ColumnarValue::Scalar(s) => s.to_array()?,
+            });
+        }
+        let rows = if broadcast.iter().all(|b| *b) {
+            1
+        } else {
+            args.number_rows
+        };
+        let result = self.evaluate(&arrays[0], &arrays[1], [broadcast[0], broadcast[1]], rows)?;
+        if broadcast.iter().all(|b| *b) {
             Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
                 &result, 0,
             )?))
@@ -153,34 +241,54 @@ impl ScalarUDFImpl for VectorFunction {
 }
 
 impl VectorFunction {
-    fn evaluate(&self, left: &ArrayRef, right: &ArrayRef) -> Result<ArrayRef> {
-        let left = cast(left, &double_list())?;
-        let right = cast(right, &double_list())?;
-        let (left, right) = (left.as_list::<i32>(), right.as_list::<i32>());
-        let mut out = Float64Builder::with_capacity(left.len());
-        for row in 0..left.len() {
-            if left.is_null(row) || right.is_null(row) {
-                out.append_null();
-                continue;
+    /// `rows` results; a `broadcast` argument is one row standing for all.
+    fn evaluate(
+        &self,
+        left: &ArrayRef,
+        right: &ArrayRef,
+        broadcast: [bool; 2],
+        rows: usize,
+    ) -> Result<ArrayRef> {
+        let readable = |a: &ArrayRef| -> Result<ArrayRef> {
+            let wanted = argument_type(a.data_type());
+            Ok(if a.data_type() == &wanted {
+                a.clone()
+            } else {
+                cast(a, &wanted)?
+            })
+        };
+        let (left, right) = (readable(left)?, readable(right)?);
+        let (left, right) = (
+            Vectors::new(&left, broadcast[0]),
+            Vectors::new(&right, broadcast[1]),
+        );
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut out = Float64Builder::with_capacity(rows);
+        for row in 0..rows {
+            match (left.row(row, &mut x), right.row(row, &mut y)) {
+                (Row::Null, _) | (_, Row::Null) => {
+                    out.append_null();
+                    continue;
+                }
+                (Row::Vector, Row::Vector) if x.len() == y.len() => {
+                    out.append_value(self.kind.compute(&x, &y)?);
+                    continue;
+                }
+                _ => {}
             }
-            let (x, y) = (left.value(row), right.value(row));
-            let (x, y) = (
-                x.as_primitive::<Float64Type>(),
-                y.as_primitive::<Float64Type>(),
-            );
-            if x.len() != y.len() {
+            let length = |v: &Vectors, row: usize| {
+                let row = if v.broadcast { 0 } else { row };
+                v.list.value_length(row)
+            };
+            let (lx, ly) = (length(&left, row), length(&right, row));
+            if lx != ly {
                 return Err(DataFusionError::Execution(format!(
-                    "{}: the arguments must have the same length, got {} and {}",
+                    "{}: the arguments must have the same length, got {lx} and {ly}",
                     self.name(),
-                    x.len(),
-                    y.len()
                 )));
             }
-            if x.null_count() > 0 || y.null_count() > 0 {
-                out.append_null();
-                continue;
-            }
-            out.append_value(self.kind.compute(x.values(), y.values())?);
+            // Equal lengths, one has a null element.
+            out.append_null();
         }
         let result: Float64Array = out.finish();
         Ok(Arc::new(result))
@@ -286,6 +394,31 @@ mod tests {
             text.to_string().contains("takes arrays of numbers"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn float_columns_row_by_row_with_null_vectors_and_elements() {
+        let ctx = SessionContext::new();
+        for f in functions() {
+            ctx.register_udf(f);
+        }
+        let batches = ctx
+            .sql(
+                "SELECT cosine_similarity(arrow_cast(v, 'List(Float32)'), \
+                                          arrow_cast(w, 'List(Float32)')) AS s FROM \
+                 (VALUES (1, [1.0, 0.0], [2.0, 0.0]), (2, [1.0, NULL], [1.0, 1.0]), \
+                         (3, NULL, [1.0, 1.0]), (4, [3.0, 4.0], [4.0, 3.0])) AS t(i, v, w) \
+                 ORDER BY i",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let s = batches[0].column(0).as_primitive::<Float64Type>();
+        assert_eq!(s.value(0), 1.0);
+        assert!(s.is_null(1) && s.is_null(2));
+        assert!((s.value(3) - 0.96).abs() < 1e-12, "{}", s.value(3));
     }
 
     #[tokio::test]

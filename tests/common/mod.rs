@@ -142,7 +142,13 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
             s3: Default::default(),
         },
         batch: limits,
-        ingest: IngestConfig::default(),
+        // Small chunks on more threads than cores: decodes overlap consumption, commits and
+        // rebalances in every test.
+        ingest: IngestConfig {
+            decode_chunk: 64,
+            decode_threads: Some(3),
+            ..IngestConfig::default()
+        },
         delta: DeltaConfig {
             checkpoint_interval: 5,
             ..DeltaConfig::default()
