@@ -992,12 +992,15 @@ async fn produced_set(
     Ok((produced, partitions, brokers, cluster))
 }
 
+/// Low and high watermark per (topic, partition).
+type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
+
 /// Low and high watermarks of every partition of `topics`.
 fn watermarks(
     brokers: &str,
     topics: &[String],
     partitions: i32,
-) -> Result<BTreeMap<(String, i32), (i64, i64)>, rdkafka::error::KafkaError> {
+) -> Result<Watermarks, rdkafka::error::KafkaError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)

@@ -516,9 +516,7 @@ impl TableWriter {
     /// Buffers one message; returns a flush reason when a size limit is reached. Chunks due
     /// for decoding are left in `due` for [`Self::start_decodes`].
     fn on_message(&mut self, message: Record<'_>) -> Option<FlushReason> {
-        let Some(name) = self.topics.get_key_value(message.topic).map(|(n, _)| n) else {
-            return None;
-        };
+        let name = self.topics.get_key_value(message.topic).map(|(n, _)| n)?;
         let key = PartitionKey {
             topic: name.clone(),
             partition: message.partition,
