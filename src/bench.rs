@@ -485,14 +485,13 @@ async fn measure(
     if let (Some(cluster), Stage::Kafka | Stage::Memory) = (&cluster, stage) {
         let partitions = per_topic as usize * topics.len();
         let count = set_size(options, profile, partitions, true);
-        let produced = produce(&produce_options(
+        let produced = produce_set(
             &cluster.bootstrap_servers(),
             &topics,
+            options,
             profile,
             count,
-            0,
-            options.seed,
-        ))
+        )
         .await
         .map_err(|e| failed(e.to_string()))?;
         set_bytes = Some(produced.bytes);
@@ -979,8 +978,22 @@ async fn produced_set(
         return Ok((report, partitions, brokers, cluster));
     }
     let count = set_size(options, profile, partitions, cluster.is_some());
-    let produced = produce(&produce_options(
-        &brokers,
+    let produced = produce_set(&brokers, topics, options, profile, count)
+        .await
+        .map_err(|e| error(e.to_string()))?;
+    Ok((produced, partitions, brokers, cluster))
+}
+
+/// Produces `count` records of `profile` as fast as the broker takes them.
+async fn produce_set(
+    brokers: &str,
+    topics: &[(Shape, String)],
+    options: &BenchOptions,
+    profile: Profile,
+    count: u64,
+) -> Result<ProduceReport, crate::produce::ProduceError> {
+    produce(&produce_options(
+        brokers,
         topics,
         profile,
         count,
@@ -988,8 +1001,6 @@ async fn produced_set(
         options.seed,
     ))
     .await
-    .map_err(|e| error(e.to_string()))?;
-    Ok((produced, partitions, brokers, cluster))
 }
 
 /// Low and high watermark per (topic, partition).

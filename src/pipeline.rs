@@ -571,11 +571,7 @@ impl TableWriter {
         } else if self.undecoded >= self.decoding.chunk {
             // Many partitions, none with a full chunk: decode the fullest rather than let
             // everything wait for the flush.
-            if let Some((fullest, _)) = self
-                .partitions
-                .iter()
-                .filter(|(k, _)| !self.due.contains(k))
-                .max_by_key(|(_, s)| s.pending.len())
+            if let Some((fullest, _)) = self.partitions.iter().max_by_key(|(_, s)| s.pending.len())
             {
                 self.due.push(fullest.clone());
             }
@@ -730,6 +726,12 @@ impl TableWriter {
         Ok(())
     }
 
+    /// Ends the current flush's encoding and files, once they are committed or moot.
+    fn forget_files(&mut self) {
+        self.encoding = None;
+        self.encoded = None;
+    }
+
     fn next_generation(&mut self) -> u64 {
         self.generation += 1;
         self.generation
@@ -800,8 +802,7 @@ impl TableWriter {
                 }
             }
             if ledger.is_empty() {
-                self.encoding = None;
-                self.encoded = None;
+                self.forget_files();
                 self.batcher.reset();
                 self.publish();
                 return Ok(());
@@ -1073,9 +1074,7 @@ impl TableWriter {
             offsets.push((key.clone(), l.last_offset));
         }
         self.batcher.reset();
-        self.encoding = None;
-        self.encoded = None;
-        self.recount_undecoded();
+        self.forget_files();
         if let Some(source) = &self.source {
             source.report_committed(&offsets);
         }

@@ -154,8 +154,13 @@ impl<'a> Vectors<'a> {
         }
     }
 
+    /// The list row standing for result row `row`.
+    fn index(&self, row: usize) -> usize {
+        if self.broadcast { 0 } else { row }
+    }
+
     fn row(&self, row: usize, out: &mut Vec<f64>) -> Row {
-        let row = if self.broadcast { 0 } else { row };
+        let row = self.index(row);
         if self.list.is_null(row) {
             return Row::Null;
         }
@@ -276,11 +281,10 @@ impl VectorFunction {
                 }
                 _ => {}
             }
-            let length = |v: &Vectors, row: usize| {
-                let row = if v.broadcast { 0 } else { row };
-                v.list.value_length(row)
-            };
-            let (lx, ly) = (length(&left, row), length(&right, row));
+            let (lx, ly) = (
+                left.list.value_length(left.index(row)),
+                right.list.value_length(right.index(row)),
+            );
             if lx != ly {
                 return Err(DataFusionError::Execution(format!(
                     "{}: the arguments must have the same length, got {lx} and {ly}",
