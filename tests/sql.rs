@@ -339,6 +339,64 @@ async fn partition_and_statistics_filters_skip_files_visibly_in_explain() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_on_embeddings_run_once_above_the_parquet_scan() {
+    let session = session(fixture(), &TimeTravel::default()).await;
+    // Pushed into the Parquet reader, a filter on a list column decodes the column once for
+    // the filter and again for the output; it belongs above the scan, in a FilterExec.
+    let total = count(&session, "SELECT count(*) FROM enriched_posts").await;
+    let with = count(
+        &session,
+        "SELECT count(*) FROM enriched_posts WHERE embedding IS NOT NULL",
+    )
+    .await;
+    let counted = count(
+        &session,
+        "SELECT sum(CASE WHEN embedding IS NULL THEN 0 ELSE 1 END) FROM enriched_posts",
+    )
+    .await;
+    assert!(
+        0 < with && with < total,
+        "{with} of {total} have embeddings"
+    );
+    assert_eq!(
+        with, counted,
+        "the filter keeps exactly the rows with an embedding"
+    );
+
+    // The reader's own row filter reports how many rows it kept (`pushdown_rows_matched`);
+    // zero means no filter ran inside the Parquet reader.
+    let analyzed = rows(
+        &session,
+        "EXPLAIN ANALYZE SELECT post_id FROM enriched_posts WHERE embedding IS NOT NULL",
+    )
+    .await;
+    assert!(
+        analyzed
+            .lines()
+            .any(|line| line.starts_with("Plan with Metrics FilterExec: embedding@")),
+        "the embedding filter runs above the scan:\n{analyzed}"
+    );
+    assert!(
+        analyzed.contains("pushdown_rows_matched=0,"),
+        "the Parquet reader does not filter on the embedding:\n{analyzed}"
+    );
+    let plan = rows(
+        &session,
+        "EXPLAIN SELECT post_id FROM enriched_posts \
+         WHERE embedding IS NOT NULL AND like_count > 4000",
+    )
+    .await;
+    let scan = plan
+        .lines()
+        .find(|line| line.contains("DataSourceExec"))
+        .unwrap_or_else(|| panic!("a Parquet scan:\n{plan}"));
+    assert!(
+        scan.contains("like_count@"),
+        "plain filters still reach the scan and its statistics:\n{plan}"
+    );
+}
+
 fn sluice_sql(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("sql")

@@ -19,6 +19,7 @@ use deltalake::datafusion::sql::sqlparser::ast::{
 
 use super::{AsOf, SqlError, load, table_function_calls};
 use crate::contract::parse_timestamp;
+use crate::delta::table_provider;
 
 const VERSION_AS_OF: &str = "version_as_of";
 const TIMESTAMP_AS_OF: &str = "timestamp_as_of";
@@ -113,14 +114,15 @@ impl Travel {
             let table = load(&location, &self.storage_options, state)
                 .await
                 .map_err(|e| SqlError::TimeTravel(format!("{} {:?}: {e}", key.table, key.state)))?;
+            let open_error = |source| SqlError::Open {
+                table: key.table.clone(),
+                location: location.clone(),
+                source: Box::new(source),
+            };
             table
                 .update_datafusion_session(&ctx.state())
-                .map_err(|source| SqlError::Open {
-                    table: key.table.clone(),
-                    location: location.clone(),
-                    source: Box::new(source),
-                })?;
-            let provider = table.table_provider().await?;
+                .map_err(open_error)?;
+            let provider = table_provider(&table).await.map_err(open_error)?;
             self.loaded.lock().expect("lock").insert(key, provider);
         }
         Ok(())
