@@ -595,7 +595,9 @@ pub async fn register_table(
 /// pushes each filter twice (as the scan's predicate and again from the plan's filter). A
 /// filter on a 384-float embedding then costs three decodes of 77 million floats per 200,000
 /// rows. Above the scan it costs one. Filters on plain columns still reach the reader and the
-/// file statistics.
+/// file statistics; when one does, delta-rs turns the reader's filtering on and DataFusion
+/// moves the nested filter in behind it, so the nested column is decoded twice, but only for
+/// the rows the plain filter kept.
 pub async fn table_provider(table: &DeltaTable) -> Result<Arc<dyn TableProvider>, DeltaTableError> {
     Ok(Arc::new(NestedFiltersAbove {
         inner: table.table_provider().await?,
