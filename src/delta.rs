@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::datatypes::{DataType, SchemaRef};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion;
 use deltalake::datafusion::catalog::{Session, TableProvider};
@@ -586,43 +586,59 @@ pub async fn register_table(
     Ok(())
 }
 
-/// The table as DataFusion reads it: delta-rs' provider, except that filters on nested columns
-/// (lists, structs, maps: `embedding IS NOT NULL`, `array_has(entities, ...)`) are evaluated
-/// above the scan instead of inside the Parquet reader.
+/// The table as DataFusion reads it: delta-rs' provider, except that filters on columns with
+/// repeated values (lists, maps, and structs holding them: `embedding IS NOT NULL`,
+/// `cardinality(entities) > 2`) are evaluated above the scan instead of inside the Parquet
+/// reader.
 ///
 /// Pushed into the reader, such a filter decodes its column once per filter and again for the
 /// output, because the reader's decoded-column cache skips nested columns; delta-rs also
 /// pushes each filter twice (as the scan's predicate and again from the plan's filter). A
 /// filter on a 384-float embedding then costs three decodes of 77 million floats per 200,000
-/// rows. Above the scan it costs one. Filters on plain columns still reach the reader and the
-/// file statistics; when one does, delta-rs turns the reader's filtering on and DataFusion
-/// moves the nested filter in behind it, so the nested column is decoded twice, but only for
-/// the rows the plain filter kept.
+/// rows. Above the scan it costs one. Filters on plain columns and on struct fields (one value
+/// per row, cheap to decode twice) still reach the reader and the file statistics. When one
+/// does, delta-rs turns the reader's filtering on and DataFusion moves the list filter in
+/// behind it, so the list column is decoded twice, but only for the rows the other filter
+/// kept.
 pub async fn table_provider(table: &DeltaTable) -> Result<Arc<dyn TableProvider>, DeltaTableError> {
-    Ok(Arc::new(NestedFiltersAbove {
+    Ok(Arc::new(ListFiltersAbove {
         inner: table.table_provider().await?,
     }))
 }
 
 /// See [`table_provider`].
 #[derive(Debug)]
-struct NestedFiltersAbove {
+struct ListFiltersAbove {
     inner: Arc<dyn TableProvider>,
 }
 
-impl NestedFiltersAbove {
-    fn on_nested_column(&self, filter: &Expr) -> bool {
+impl ListFiltersAbove {
+    fn on_repeated_values(&self, filter: &Expr) -> bool {
         let schema = self.inner.schema();
         filter.column_refs().iter().any(|column| {
             schema
                 .field_with_name(&column.name)
-                .is_ok_and(|field| field.data_type().is_nested())
+                .is_ok_and(|field| repeats(field.data_type()))
         })
     }
 }
 
+/// Whether a column of this type holds a variable number of values per row.
+fn repeats(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::List(_)
+        | DataType::LargeList(_)
+        | DataType::FixedSizeList(..)
+        | DataType::ListView(_)
+        | DataType::LargeListView(_)
+        | DataType::Map(..) => true,
+        DataType::Struct(fields) => fields.iter().any(|f| repeats(f.data_type())),
+        _ => false,
+    }
+}
+
 #[async_trait::async_trait]
-impl TableProvider for NestedFiltersAbove {
+impl TableProvider for ListFiltersAbove {
     fn schema(&self) -> SchemaRef {
         self.inner.schema()
     }
@@ -652,7 +668,7 @@ impl TableProvider for NestedFiltersAbove {
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let pushed: Vec<Expr> = filters
             .iter()
-            .filter(|filter| !self.on_nested_column(filter))
+            .filter(|filter| !self.on_repeated_values(filter))
             .cloned()
             .collect();
         self.inner.scan(state, projection, &pushed, limit).await
@@ -664,7 +680,7 @@ impl TableProvider for NestedFiltersAbove {
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
         let mut answers = self.inner.supports_filters_pushdown(filters)?;
         for (answer, filter) in answers.iter_mut().zip(filters) {
-            if self.on_nested_column(filter) {
+            if self.on_repeated_values(filter) {
                 *answer = TableProviderFilterPushDown::Unsupported;
             }
         }

@@ -395,6 +395,16 @@ async fn filters_on_embeddings_run_once_above_the_parquet_scan() {
         scan.contains("like_count@"),
         "plain filters still reach the scan and its statistics:\n{plan}"
     );
+    // A struct field has one value per row: its filters stay in the reader.
+    let plan = rows(
+        &session,
+        "EXPLAIN SELECT post_id FROM enriched_posts WHERE toxicity_labels['insult'] > 0.5",
+    )
+    .await;
+    assert!(
+        !plan.contains("FilterExec"),
+        "struct field filters run inside the Parquet reader:\n{plan}"
+    );
 }
 
 fn sluice_sql(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
