@@ -51,6 +51,11 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(600);
 const MOCK_PARTITION_BYTES: u64 = 4_500_000;
 /// Partitions the Kafka stages spread a profile over.
 const KAFKA_PARTITIONS: usize = 32;
+
+/// Partitions per topic when a profile's `topics` share [`KAFKA_PARTITIONS`].
+fn partitions_per_topic(topics: usize) -> i32 {
+    (KAFKA_PARTITIONS / topics).max(1) as i32
+}
 /// The drained stages (pipeline, kafka) commit their set in this many flushes triggered by
 /// size (`batch.max_rows` = records / this, other limits as configured), so the last record
 /// triggers the last flush: no timer in the measurement, and both stages commit alike.
@@ -312,7 +317,7 @@ impl Corpus {
                 .iter()
                 .map(|s| Arc::from(s.default_topic()))
                 .collect(),
-            per_topic: (KAFKA_PARTITIONS / shapes.len()).max(1) as i32,
+            per_topic: partitions_per_topic(shapes.len()),
             timestamp_ms,
         }
     }
@@ -469,7 +474,7 @@ async fn measure(
     let hosted = matches!(stage, Stage::Kafka | Stage::Memory | Stage::Freshness)
         && options.brokers.is_none();
     let topics = stage_topics(profile, run, stage.name());
-    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let per_topic = partitions_per_topic(topics.len());
     let cluster = if hosted {
         let cluster = MockCluster::new(1).map_err(|e| failed(e.to_string()))?;
         for (_, topic) in &topics {
@@ -951,7 +956,7 @@ async fn produced_set(
     topics: &[(Shape, String)],
     stage: &'static str,
 ) -> Result<(ProduceReport, usize, String, Option<HostedMock>), BenchError> {
-    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let per_topic = partitions_per_topic(topics.len());
     let partitions = per_topic as usize * topics.len();
     let (brokers, cluster) = broker(options, topics, per_topic).await?;
     let error = stage_error(stage);
@@ -1195,7 +1200,7 @@ async fn freshness_row(
     profile: Profile,
 ) -> Result<String, BenchError> {
     let topics = stage_topics(profile, run, "freshness");
-    let per_topic = (KAFKA_PARTITIONS / topics.len()).max(1) as i32;
+    let per_topic = partitions_per_topic(topics.len());
     let partitions = per_topic as usize * topics.len();
     let (brokers, cluster) = broker(options, &topics, per_topic).await?;
     let mut config = kafka_config(base, run, "freshness", profile, &brokers, &topics);

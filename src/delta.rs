@@ -666,12 +666,8 @@ impl TableProvider for ListFiltersAbove {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let pushed: Vec<Expr> = filters
-            .iter()
-            .filter(|filter| !self.on_repeated_values(filter))
-            .cloned()
-            .collect();
-        self.inner.scan(state, projection, &pushed, limit).await
+        // DataFusion hands a scan only the filters it may push: list filters never arrive.
+        self.inner.scan(state, projection, filters, limit).await
     }
 
     fn supports_filters_pushdown(

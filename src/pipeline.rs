@@ -249,6 +249,12 @@ struct InFlight {
     task: tokio::task::JoinHandle<Result<Decoded, DecodeError>>,
 }
 
+/// Moves the writer's buffer generation on and returns the new one.
+fn advance(generation: &mut u64) -> u64 {
+    *generation += 1;
+    *generation
+}
+
 /// Writes one table from its topics.
 pub struct TableWriter {
     sink: DeltaSink,
@@ -474,7 +480,7 @@ impl TableWriter {
                         }
                     }
                 }
-                self.generation += 1;
+                advance(&mut self.generation);
                 self.encoding = None;
                 self.recount_undecoded();
                 self.publish();
@@ -494,7 +500,7 @@ impl TableWriter {
                         positions.insert(key.clone(), source.start_offset(committed));
                     }
                     let counters = PartitionCounters::new(self.sink.name(), &key);
-                    let generation = self.next_generation();
+                    let generation = advance(&mut self.generation);
                     self.partitions.insert(
                         key.clone(),
                         PartitionState::new(&key, committed, counters, generation),
@@ -730,11 +736,6 @@ impl TableWriter {
     fn forget_files(&mut self) {
         self.encoding = None;
         self.encoded = None;
-    }
-
-    fn next_generation(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
     }
 
     /// Recounts undecoded messages after partitions were dropped wholesale.
@@ -1011,8 +1012,7 @@ impl TableWriter {
                 .increment(1);
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
-            self.generation += 1;
-            state.clear(&key, self.generation);
+            state.clear(&key, advance(&mut self.generation));
             if let Some(source) = &self.source {
                 let offset = source.start_offset(actual);
                 if let Err(e) = source.seek(&key, offset) {
@@ -1069,8 +1069,7 @@ impl TableWriter {
             }
             state.counters.rows.increment(l.rows);
             state.committed = Some(l.last_offset);
-            self.generation += 1;
-            state.clear(key, self.generation);
+            state.clear(key, advance(&mut self.generation));
             offsets.push((key.clone(), l.last_offset));
         }
         self.batcher.reset();

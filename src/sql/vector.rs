@@ -229,13 +229,10 @@ impl ScalarUDFImpl for VectorFunction {
                 ColumnarValue::Scalar(s) => s.to_array()?,
             });
         }
-        let rows = if broadcast.iter().all(|b| *b) {
-            1
-        } else {
-            args.number_rows
-        };
+        let all_scalar = broadcast.iter().all(|b| *b);
+        let rows = if all_scalar { 1 } else { args.number_rows };
         let result = self.evaluate(&arrays[0], &arrays[1], [broadcast[0], broadcast[1]], rows)?;
-        if broadcast.iter().all(|b| *b) {
+        if all_scalar {
             Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
                 &result, 0,
             )?))
@@ -305,15 +302,19 @@ mod tests {
 
     use super::*;
 
-    async fn one(sql: &str) -> Result<Option<f64>> {
+    /// The first column of `sql`'s result (in a session with the vector functions), as doubles.
+    async fn column(sql: &str) -> Result<Float64Array> {
         let ctx = SessionContext::new();
         for f in functions() {
             ctx.register_udf(f);
         }
         let batches = ctx.sql(sql).await?.collect().await?;
-        let column = batches[0].column(0);
-        let values = cast(column, &DataType::Float64)?;
-        let values = values.as_primitive::<Float64Type>();
+        let values = cast(batches[0].column(0), &DataType::Float64)?;
+        Ok(values.as_primitive::<Float64Type>().clone())
+    }
+
+    async fn one(sql: &str) -> Result<Option<f64>> {
+        let values = column(sql).await?;
         Ok((!values.is_null(0)).then(|| values.value(0)))
     }
 
@@ -402,24 +403,15 @@ mod tests {
 
     #[tokio::test]
     async fn float_columns_row_by_row_with_null_vectors_and_elements() {
-        let ctx = SessionContext::new();
-        for f in functions() {
-            ctx.register_udf(f);
-        }
-        let batches = ctx
-            .sql(
-                "SELECT cosine_similarity(arrow_cast(v, 'List(Float32)'), \
-                                          arrow_cast(w, 'List(Float32)')) AS s FROM \
-                 (VALUES (1, [1.0, 0.0], [2.0, 0.0]), (2, [1.0, NULL], [1.0, 1.0]), \
-                         (3, NULL, [1.0, 1.0]), (4, [3.0, 4.0], [4.0, 3.0])) AS t(i, v, w) \
-                 ORDER BY i",
-            )
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let s = batches[0].column(0).as_primitive::<Float64Type>();
+        let s = column(
+            "SELECT cosine_similarity(arrow_cast(v, 'List(Float32)'), \
+                                      arrow_cast(w, 'List(Float32)')) AS s FROM \
+             (VALUES (1, [1.0, 0.0], [2.0, 0.0]), (2, [1.0, NULL], [1.0, 1.0]), \
+                     (3, NULL, [1.0, 1.0]), (4, [3.0, 4.0], [4.0, 3.0])) AS t(i, v, w) \
+             ORDER BY i",
+        )
+        .await
+        .unwrap();
         assert_eq!(s.value(0), 1.0);
         assert!(s.is_null(1) && s.is_null(2));
         assert!((s.value(3) - 0.96).abs() < 1e-12, "{}", s.value(3));
@@ -427,21 +419,12 @@ mod tests {
 
     #[tokio::test]
     async fn works_row_by_row_on_columns() {
-        let ctx = SessionContext::new();
-        for f in functions() {
-            ctx.register_udf(f);
-        }
-        let batches = ctx
-            .sql(
-                "SELECT euclidean_distance(v, [0.0, 0.0]) AS d FROM \
-                 (VALUES ([3.0, 4.0]), ([6.0, 8.0]), (NULL)) AS t(v) ORDER BY d NULLS LAST",
-            )
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let d = batches[0].column(0).as_primitive::<Float64Type>();
+        let d = column(
+            "SELECT euclidean_distance(v, [0.0, 0.0]) AS d FROM \
+             (VALUES ([3.0, 4.0]), ([6.0, 8.0]), (NULL)) AS t(v) ORDER BY d NULLS LAST",
+        )
+        .await
+        .unwrap();
         assert_eq!((d.value(0), d.value(1), d.is_null(2)), (5.0, 10.0, true));
     }
 }
