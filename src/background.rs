@@ -41,6 +41,7 @@ impl Maintenance {
         let (stop, stopped) = watch::channel(false);
         let settings = config.maintenance.clone();
         let checkpoint_interval = config.delta.checkpoint_interval.max(1) as i64;
+        let zstd_level = config.delta.zstd_level;
         let root = config.storage.root.clone();
         let storage = config.storage_options();
         let thread = std::thread::Builder::new()
@@ -53,6 +54,7 @@ impl Maintenance {
                 runtime.block_on(run(
                     settings,
                     checkpoint_interval,
+                    zstd_level,
                     root,
                     storage,
                     tables,
@@ -76,6 +78,7 @@ const CHECKPOINT_TICK: Duration = Duration::from_secs(30);
 async fn run(
     settings: MaintenanceConfig,
     checkpoint_interval: i64,
+    zstd_level: i32,
     root: String,
     storage: HashMap<String, String>,
     tables: Vec<(String, bool)>,
@@ -112,7 +115,11 @@ async fn run(
         last_compaction = Instant::now();
         for (name, zorder) in &tables {
             let location = table_location(&root, name);
-            if let Err(e) = pass(&settings, *zorder, name, &location, &storage, &owner).await {
+            if let Err(e) = pass(
+                &settings, zstd_level, *zorder, name, &location, &storage, &owner,
+            )
+            .await
+            {
                 tracing::warn!(table = %name, error = %e, "maintenance pass failed; retrying next interval");
                 metrics::counter!("sluice_compaction_runs_total", "table" => name.clone(), "outcome" => "failed")
                     .increment(1);
@@ -180,6 +187,7 @@ async fn checkpoint_if_due(
 /// is fragmented enough. The planner applies both rules; with nothing to do no lease is taken.
 async fn pass(
     settings: &MaintenanceConfig,
+    zstd_level: i32,
     zorder: bool,
     name: &str,
     location: &str,
@@ -195,6 +203,7 @@ async fn pass(
         },
         owner: owner.to_string(),
         memory_limit: (settings.memory_mb.max(64) * 1024 * 1024) as usize,
+        zstd_level,
         hot: Some((
             Utc::now().date_naive().to_string(),
             settings.hot_small_files,

@@ -626,8 +626,6 @@ fn limit_row(
     profile: Profile,
 ) -> Result<String, BenchError> {
     let decoders = decoders(base)?;
-    let properties =
-        parquet_properties(base.delta.zstd_level).map_err(|e| BenchError::Setup(e.to_string()))?;
     let corpus = Corpus::new(profile, options.records, options.seed);
     let n = corpus.records;
     let now_us = chrono::Utc::now().timestamp_micros();
@@ -662,6 +660,8 @@ fn limit_row(
         .first()
         .map(|b| b.schema())
         .ok_or_else(|| BenchError::Setup("nothing decoded".into()))?;
+    let properties = parquet_properties(base.delta.zstd_level, &schema)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
     let mut writer = ArrowWriter::try_new(std::io::sink(), schema, Some(properties))
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     for batch in &batches {

@@ -5,7 +5,9 @@
 //! one. Compaction commits are `dataChange=false` (delta-rs optimize), so readers see the same
 //! rows and appends keep committing while it runs. The lease is renewed before each
 //! partition's rewrite, so a compactor that lost it (paused past expiry, or another took it
-//! over) stops before committing anything further.
+//! over) stops before committing anything further. The rewritten files are stored as the
+//! writer stores them (`delta.zstd_level`, vectors plain), and a checkpoint at the compacted
+//! version follows, so readers open the table without replaying the rewrite.
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
@@ -16,7 +18,8 @@ use chrono::{NaiveDate, Utc};
 use deltalake::operations::optimize::OptimizeType;
 use deltalake::{DeltaTable, DeltaTableError};
 
-use crate::delta::open_table;
+use crate::config::DEFAULT_ZSTD_LEVEL;
+use crate::delta::{open_table, parquet_properties};
 use crate::lease::{self, Acquired, LeaseError};
 
 /// Default size compaction aims for.
@@ -80,6 +83,8 @@ pub struct CompactOptions {
     /// A partition still being written (today's), compacted only once it has this many small
     /// files; every other partition from two.
     pub hot: Option<(String, usize)>,
+    /// zstd level of the rewritten files (`delta.zstd_level`), as the writer uses.
+    pub zstd_level: i32,
 }
 
 impl Default for CompactOptions {
@@ -94,6 +99,7 @@ impl Default for CompactOptions {
             owner: lease::owner_id(),
             memory_limit: DEFAULT_MEMORY_LIMIT,
             hot: None,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
         }
     }
 }
@@ -323,6 +329,17 @@ pub async fn compact_with_progress(
     };
 
     let target = NonZeroU64::new(options.target_size.max(1)).expect("at least 1");
+    // The files are rewritten as the writer writes them, not with delta-rs' defaults.
+    let schema = table
+        .snapshot()
+        .map_err(delta_error(location, "snapshot"))?
+        .snapshot()
+        .arrow_schema();
+    let properties =
+        parquet_properties(options.zstd_level, &schema).map_err(|e| CompactError::Invalid {
+            table: location.to_string(),
+            reason: format!("zstd level {}: {e}", options.zstd_level),
+        })?;
     let mut done = Vec::new();
     let mut table = table;
     for part in &planned {
@@ -352,6 +369,7 @@ pub async fn compact_with_progress(
             .optimize()
             .with_type(optimize_type)
             .with_target_size(target)
+            .with_writer_properties(properties.clone())
             .with_session_state(Arc::new(session));
         if let Some(filters) = &filters {
             builder = builder.with_filters(filters);
@@ -382,6 +400,14 @@ pub async fn compact_with_progress(
         );
         progress(&result, done.len() + 1, planned.len());
         done.push(result);
+    }
+    // Without a checkpoint every reader would replay the rewrite's commits (a remove per small
+    // file) on each open: a checkpoint at the compacted version cut opening a compacted
+    // 1,600-file table from 50 to 20 ms. Failing it loses nothing; readers replay the log.
+    if !done.is_empty()
+        && let Err(e) = deltalake::checkpoints::create_checkpoint(&table, None).await
+    {
+        tracing::warn!(table = location, error = %e, "checkpoint after compaction failed; readers replay the log instead");
     }
     lease.release().await.map_err(lease_error)?;
     Ok(CompactOutcome::Compacted(done))

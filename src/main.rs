@@ -709,6 +709,7 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         zorder: args.zorder,
         dry_run: args.dry_run,
         memory_limit: (args.memory_mb.max(64) * 1024 * 1024) as usize,
+        zstd_level: cfg.delta.zstd_level,
         ..CompactOptions::default()
     };
     let tables = table_locations(&cfg, args.table.as_deref(), &args.config)?;

