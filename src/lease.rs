@@ -29,6 +29,9 @@ pub const LEASE_DIR: &str = "_sluice/compaction-lease";
 /// How often a racing acquire re-reads before giving up.
 const MAX_RACES: usize = 8;
 
+/// How often reading the newest record lists again when the record it saw was pruned meanwhile.
+const MAX_LISTINGS: u32 = 10;
+
 /// Errors reading or writing the lease.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -134,34 +137,44 @@ fn store_error(path: &Path) -> impl FnOnce(object_store::Error) -> LeaseError + 
 /// The newest record and its number, if any.
 async fn latest(store: &dyn ObjectStore) -> Result<Option<(u64, LeaseRecord)>, LeaseError> {
     let dir = Path::from(LEASE_DIR);
-    let listed: Vec<_> = store
-        .list(Some(&dir))
-        .try_collect()
-        .await
-        .map_err(store_error(&dir))?;
-    let newest = listed
-        .iter()
-        .filter_map(|meta| {
-            let name = meta.location.filename()?;
-            name.strip_suffix(".json")?.parse::<u64>().ok()
-        })
-        .max();
-    let Some(generation) = newest else {
-        return Ok(None);
-    };
-    let path = record_path(generation);
-    let bytes = store
-        .get(&path)
-        .await
-        .map_err(store_error(&path))?
-        .bytes()
-        .await
-        .map_err(store_error(&path))?;
-    let record = serde_json::from_slice(&bytes).map_err(|e| LeaseError::Corrupt {
-        path: path.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(Some((generation, record)))
+    let mut attempt = 1;
+    loop {
+        let listed: Vec<_> = store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(store_error(&dir))?;
+        let newest = listed
+            .iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?;
+                name.strip_suffix(".json")?.parse::<u64>().ok()
+            })
+            .max();
+        let Some(generation) = newest else {
+            return Ok(None);
+        };
+        let path = record_path(generation);
+        let bytes = match store.get(&path).await {
+            Ok(got) => got.bytes().await,
+            Err(e) => Err(e),
+        };
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            // Another compactor wrote a newer record and pruned this one after the listing:
+            // list again.
+            Err(object_store::Error::NotFound { .. }) if attempt < MAX_LISTINGS => {
+                attempt += 1;
+                continue;
+            }
+            Err(e) => return Err(store_error(&path)(e)),
+        };
+        let record = serde_json::from_slice(&bytes).map_err(|e| LeaseError::Corrupt {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        return Ok(Some((generation, record)));
+    }
 }
 
 /// Writes record `generation` unless it exists. `Ok(false)` means someone else wrote it first.
