@@ -19,7 +19,7 @@ use deltalake::operations::optimize::OptimizeType;
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::config::DEFAULT_ZSTD_LEVEL;
-use crate::delta::{open_table, parquet_properties};
+use crate::delta::{arrow_schema_of, open_table, parquet_properties};
 use crate::lease::{self, Acquired, LeaseError};
 
 /// Default size compaction aims for.
@@ -330,11 +330,7 @@ pub async fn compact_with_progress(
 
     let target = NonZeroU64::new(options.target_size.max(1)).expect("at least 1");
     // The files are rewritten as the writer writes them, not with delta-rs' defaults.
-    let schema = table
-        .snapshot()
-        .map_err(delta_error(location, "snapshot"))?
-        .snapshot()
-        .arrow_schema();
+    let schema = arrow_schema_of(&table).map_err(delta_error(location, "snapshot"))?;
     let properties =
         parquet_properties(options.zstd_level, &schema).map_err(|e| CompactError::Invalid {
             table: location.to_string(),

@@ -222,11 +222,7 @@ impl DeltaSink {
         evolve_schema(&mut table, &schema).await?;
         // The table's own Arrow schema names the Parquet columns as delta-rs writes them
         // (`embedding.list.element`; the schema file's lists say `item`).
-        let written = table
-            .snapshot()
-            .map_err(delta_err("read schema"))?
-            .snapshot()
-            .arrow_schema();
+        let written = arrow_schema_of(&table).map_err(delta_err("read schema"))?;
         let writer_properties =
             parquet_properties(zstd_level, &written).map_err(|e| DeltaError::Delta {
                 table: name.clone(),
@@ -320,12 +316,7 @@ impl DeltaSink {
         let writer = RecordBatchWriter::for_table(&self.table)
             .map_err(|s| self.err("open writer", s))?
             .with_writer_properties(self.writer_properties.clone());
-        let table_schema = self
-            .table
-            .snapshot()
-            .map_err(|s| self.err("snapshot", s))?
-            .snapshot()
-            .arrow_schema();
+        let table_schema = arrow_schema_of(&self.table).map_err(|s| self.err("snapshot", s))?;
         let (sender, mut batches) = tokio::sync::mpsc::unbounded_channel::<RecordBatch>();
         let name = self.schema.name.clone();
         let task = tokio::spawn(async move {
@@ -738,6 +729,11 @@ fn vector_paths(fields: &Fields, parent: &[String]) -> Vec<ColumnPath> {
     paths
 }
 
+/// The Arrow schema of the table's loaded version, with the names delta-rs writes to Parquet.
+pub fn arrow_schema_of(table: &DeltaTable) -> Result<SchemaRef, DeltaTableError> {
+    Ok(table.snapshot()?.snapshot().arrow_schema())
+}
+
 /// The location of a table under a storage root.
 pub fn table_location(root: &str, table: &str) -> String {
     format!("{}/{}", root.trim_end_matches('/'), table)
@@ -785,10 +781,7 @@ async fn evolve_schema(table: &mut DeltaTable, schema: &TableSchema) -> Result<(
         operation,
         source: Box::new(source),
     };
-    let existing = table
-        .snapshot()
-        .map(|s| s.snapshot().arrow_schema())
-        .map_err(|source| delta_err("read schema", source))?;
+    let existing = arrow_schema_of(table).map_err(|source| delta_err("read schema", source))?;
     let mut problems = Vec::new();
     let mut added = Vec::new();
     for (field, column) in expected.fields().iter().zip(&schema.columns) {
