@@ -8,8 +8,12 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# rdkafka builds librdkafka from source: the image's cc, make and perl are all it needs.
+# rdkafka builds librdkafka from source with TLS and SASL (the system's OpenSSL) and OAUTHBEARER
+# OIDC (the system's libcurl); the image has cc, make, perl and pkg-config already.
 # The release profile keeps line tables for backtraces; the image does not need them.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libssl-dev libcurl4-openssl-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_PROFILE_RELEASE_STRIP=symbols
 COPY Cargo.toml Cargo.lock ./
@@ -21,9 +25,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/sluice /usr/local/bin/sluice
 
 FROM debian:bookworm-slim
-# ca-certificates for AWS S3 over TLS; curl for the compose health check of /readyz.
+# ca-certificates for AWS S3 and Kafka over TLS; libssl3 and libcurl4 for librdkafka (TLS,
+# SASL, OIDC); curl for the compose health check of /readyz.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/sluice --create-home sluice
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The end-to-end suite against real servers (tests/e2e.rs): a Tansu Kafka broker and moto's S3
-# server on loopback, on free ports; the `sluice` binary writing s3:// tables through faults.
+# The end-to-end suite against real servers (tests/e2e.rs): an Apache Kafka broker (KRaft, with
+# PLAINTEXT, SSL and SASL_SSL listeners; scripts/kafka.sh) and moto's S3 server on loopback, on
+# free ports; the `sluice` binary writing s3:// tables through faults.
 #
 #   bash scripts/e2e.sh                     # install what is missing, start, test, stop
 #   SLUICE_E2E_SEED=123 bash scripts/e2e.sh # replay the random pauses of a failed run
 #   SLUICE_E2E_KEEP_LOGS=1 bash scripts/e2e.sh kill_9   # one scenario, logs kept
 #
-# Installs when missing: tansu (cargo install, kept in cargo's bin folder) and moto (pip).
+# Installs when missing: Apache Kafka's jars (Maven Central, under $HOME/.cache/) and moto (pip).
 # Everything it starts is stopped by PID when it exits, also on failure; a failure prints the
 # tail of every process log (the folder is kept and named at the end).
 set -euo pipefail
@@ -14,7 +15,6 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 export PATH="$HOME/.cargo/bin:$PATH"
-TANSU_VERSION=0.6.0
 MOTO_VERSION=5.2.1
 
 logs="$(mktemp -d /tmp/sluice-e2e.XXXXXX)"
@@ -73,10 +73,7 @@ wait_port() {
   return 1
 }
 
-if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-  echo "== installing tansu $TANSU_VERSION (cargo install; once per machine)"
-  cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked
-fi
+bash scripts/kafka.sh install
 if ! python3 -c "import moto, flask, flask_cors; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
   echo "== installing moto $MOTO_VERSION (pip)"
   python3 -m pip install --quiet "moto[s3]==$MOTO_VERSION" flask flask-cors
@@ -89,25 +86,22 @@ s3_port=$(free_port)
 python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$logs/moto.log" 2>&1 &
 pids+=($!)
 wait_port "$s3_port" moto
-for bucket in lakehouse broker; do
-  curl -fsS -X PUT "http://127.0.0.1:$s3_port/$bucket" >/dev/null
-done
+curl -fsS -X PUT "http://127.0.0.1:$s3_port/lakehouse" >/dev/null
 
-kafka_port=$(free_port)
-tansu broker \
-  --storage-engine memory://tansu/ \
-  --listener-url "tcp://127.0.0.1:$kafka_port" \
-  --advertised-listener-url "tcp://127.0.0.1:$kafka_port" >"$logs/tansu.log" 2>&1 &
-pids+=($!)
-wait_port "$kafka_port" tansu
+# The shared broker; scenarios that restart a broker start their own with the same script.
+if ! bash scripts/kafka.sh start "$logs/kafka"; then
+  exit 1
+fi
+pids+=("$(cat "$logs/kafka/kafka.pid")")
+ln -sf "$logs/kafka/kafka.log" "$logs/kafka.log"
+# shellcheck disable=SC1091
+source "$logs/kafka/kafka.env"
 
 # moto does not check credentials, but the S3 client wants some.
 export AWS_ACCESS_KEY_ID=sluice-e2e AWS_SECRET_ACCESS_KEY=sluice-e2e AWS_REGION=us-east-1
-export SLUICE_E2E_BROKERS="127.0.0.1:$kafka_port"
+export SLUICE_E2E_KAFKA_ENV="$logs/kafka/kafka.env"
 export SLUICE_E2E_S3="http://127.0.0.1:$s3_port"
 export SLUICE_E2E_BUCKET=lakehouse
-export SLUICE_E2E_BROKER_BUCKET=broker
-export SLUICE_E2E_TANSU="$(command -v tansu)"
 export SLUICE_E2E_LOGS="$logs"
-echo "== end-to-end suite: broker $SLUICE_E2E_BROKERS, S3 $SLUICE_E2E_S3, logs $logs"
+echo "== end-to-end suite: broker $KAFKA_PLAINTEXT, S3 $SLUICE_E2E_S3, logs $logs"
 cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture "$@" 2>&1 | tee "$logs/suite.out"

@@ -20,7 +20,7 @@ use crate::pipeline::{Destination, PipelineError, Progress, TableWriter};
 use crate::schema::{SchemaError, TableSchema};
 use crate::source::{KafkaSource, RebalanceContext, lag_loop};
 use deltalake::logstore::ObjectStoreRef;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 
 /// Errors starting or running the service.
 #[derive(Debug, thiserror::Error)]
@@ -209,12 +209,12 @@ async fn start_writers(
         let forwarder = match &table_config.dead_letter_topic {
             None => None,
             Some(topic) => Some(
-                dead_letters::Forwarder::new(&config.kafka, topic, &name).map_err(|e| {
-                    AppError::Table {
+                dead_letters::Forwarder::new(&config.kafka.connection(), topic, &name).map_err(
+                    |e| AppError::Table {
                         table: name.clone(),
                         reason: format!("cannot create the dead-letter topic producer: {e}"),
-                    }
-                })?,
+                    },
+                )?,
             ),
         };
         let destination = Destination {
@@ -262,6 +262,7 @@ pub async fn run(
         maintained.push((dead_letters::table_name(&table.name), false));
         if let Some(health) = &health {
             health.register(&table.name, table.progress.clone());
+            health.watch_kafka(&table.name, table.consumer.context().watch().clone());
             helpers.push(tokio::spawn(probe_loop(
                 health.clone(),
                 table.name.clone(),

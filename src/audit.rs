@@ -17,10 +17,7 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableError};
-use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -28,6 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::{Config, TableConfig};
 use crate::dead_letters;
 use crate::delta::{committed_offset, open_table, register_table, table_location};
+use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
 use crate::progress::Meter;
 use crate::schema::{ColumnSource, TableSchema};
 
@@ -59,6 +57,14 @@ pub enum AuditError {
         table: String,
         /// The missing source.
         source_name: &'static str,
+    },
+    /// The cluster cannot be reached (credentials, TLS, protocol, down).
+    #[error("audit of {table}: {source}")]
+    Connect {
+        /// Table name.
+        table: String,
+        /// Where and why, without secrets.
+        source: ClientError,
     },
     /// The broker could not be read.
     #[error("audit of {table}: kafka {topic}: {reason}")]
@@ -263,6 +269,15 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
         Err(e) => return Err(err("open dead-letter table")(e)),
     };
 
+    config
+        .kafka
+        .connection()
+        .check(CONNECT_TIMEOUT)
+        .await
+        .map_err(|source| AuditError::Connect {
+            table: name.clone(),
+            source,
+        })?;
     let mut partitions = Vec::new();
     for source in &table.sources {
         let topic = source.topic.clone();
@@ -423,50 +438,27 @@ async fn offsets_in(
     Ok(out)
 }
 
-/// Client callbacks for the audit's reader. Reaching the end of a partition is how the reader
-/// knows it is done, and a broker it cannot reach surfaces as the audit's own error, so client
-/// errors are only logged for debugging instead of once per retry.
-struct ReaderContext;
-
-impl ClientContext for ReaderContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        tracing::debug!(?level, fac, log_message, "librdkafka");
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::debug!(error = %error, reason, "kafka client error");
-        }
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
-
 /// Reads message offsets of one topic straight from the broker, outside any consumer group.
 struct KafkaReader {
-    consumer: Arc<BaseConsumer<ReaderContext>>,
+    consumer: Arc<BaseConsumer<WatchContext>>,
     table: String,
     topic: String,
 }
 
 impl KafkaReader {
     fn new(config: &Config, table: &str, topic: &str) -> Result<Self, AuditError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .set("group.id", format!("{}-audit", config.kafka.group_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true");
-        for (key, value) in &config.kafka.properties {
-            client.set(key, value);
-        }
-        let consumer: BaseConsumer<ReaderContext> = client
-            .create_with_context(ReaderContext)
-            .map_err(|e| AuditError::Kafka {
-                table: table.to_string(),
-                topic: topic.to_string(),
-                reason: format!("cannot create a consumer: {e}"),
-            })?;
+        let connection = config.kafka.connection();
+        let group = format!("{}-audit", config.kafka.group_id);
+        let client = connection.client_config(&[
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+        ]);
+        let (consumer, _) = connection.create(&client).map_err(|e| AuditError::Kafka {
+            table: table.to_string(),
+            topic: topic.to_string(),
+            reason: format!("cannot create a consumer: {e}"),
+        })?;
         Ok(KafkaReader {
             consumer: Arc::new(consumer),
             table: table.to_string(),

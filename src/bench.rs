@@ -34,13 +34,14 @@ use tokio::sync::watch;
 use crate::app::{self, AppError, load_table};
 use crate::batch::BatchLimits;
 use crate::compact::{CompactOptions, compact};
-use crate::config::Config;
+use crate::config::{Config, KAFKA_PROPERTIES_ENV};
 use crate::dead_letters;
 use crate::decode::{BodyDecoder, Chunk};
 use crate::delta::{
     DeltaSink, PartitionKey, open_table, parquet_properties, register_table, table_location,
 };
 use crate::generator::{Generator, Shape};
+use crate::kafka::Connection;
 use crate::pipeline::{Destination, Progress, Record, TableWriter};
 use crate::produce::{ProduceOptions, ProduceReport, produce};
 use crate::sql::{Session, TimeTravel};
@@ -191,6 +192,9 @@ pub struct BenchOptions {
     pub storage: Option<Config>,
     /// A broker for the Kafka stages instead of the in-process mock cluster.
     pub brokers: Option<String>,
+    /// librdkafka properties for every client of the Kafka stages (TLS and SASL for a secured
+    /// `brokers`), from the `SLUICE_KAFKA__PROPERTIES__*` environment as for the service.
+    pub kafka_properties: BTreeMap<String, String>,
     /// Producer rate of the freshness stage (messages/s).
     pub rate: u64,
     /// Duration of the freshness stage.
@@ -206,6 +210,16 @@ pub struct BenchOptions {
     /// `brokers` is a mock cluster the parent `sluice bench` hosts: its topics exist, it keeps
     /// ~5 MiB per partition, and for the freshness stage the parent produces.
     pub hosted_mock: bool,
+}
+
+impl BenchOptions {
+    /// The cluster at `brokers` with the run's librdkafka properties.
+    fn connection(&self, brokers: &str) -> Connection {
+        Connection {
+            brokers: brokers.to_string(),
+            properties: self.kafka_properties.clone(),
+        }
+    }
 }
 
 /// CPU seconds of this process (user + system) and the wall clock, to take differences of.
@@ -369,7 +383,7 @@ fn bench_config(dir: &Path, options: &BenchOptions, run: &str) -> Result<Config,
     let file = crate::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     // librdkafka properties (a secured `--brokers`, or tuning) come from the environment, as
     // for the service; nothing else does.
-    let properties = std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_KAFKA__PROPERTIES__"));
+    let properties = std::env::vars().filter(|(k, _)| k.starts_with(KAFKA_PROPERTIES_ENV));
     let mut config =
         Config::load(&file, properties).map_err(|e| BenchError::Setup(e.to_string()))?;
     config.batch = BatchLimits::default();
@@ -525,7 +539,7 @@ async fn measure(
         if line == READY {
             if let (Some(cluster), Stage::Freshness) = (&cluster, stage) {
                 let options = produce_options(
-                    &cluster.bootstrap_servers(),
+                    options.connection(&cluster.bootstrap_servers()),
                     &topics,
                     profile,
                     options.rate * options.seconds,
@@ -814,7 +828,7 @@ async fn broker(
         Some(brokers) if options.hosted_mock => Ok((brokers.clone(), None)),
         Some(brokers) => {
             let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
-            crate::produce::create_topics(brokers, &names, partitions)
+            crate::produce::create_topics(&options.connection(brokers), &names, partitions)
                 .await
                 .map_err(|e| BenchError::Setup(e.to_string()))?;
             Ok((brokers.clone(), None))
@@ -914,7 +928,7 @@ impl Service {
 }
 
 fn produce_options(
-    brokers: &str,
+    connection: Connection,
     topics: &[(Shape, String)],
     profile: Profile,
     count: u64,
@@ -922,7 +936,7 @@ fn produce_options(
     seed: u64,
 ) -> ProduceOptions {
     ProduceOptions {
-        brokers: brokers.to_string(),
+        connection,
         shapes: topics.to_vec(),
         count,
         rate,
@@ -998,7 +1012,7 @@ async fn produce_set(
     count: u64,
 ) -> Result<ProduceReport, crate::produce::ProduceError> {
     produce(&produce_options(
-        brokers,
+        options.connection(brokers),
         topics,
         profile,
         count,
@@ -1224,7 +1238,7 @@ async fn freshness_row(
         .map_err(|e| stage_error("freshness")(e.to_string()))?;
     } else {
         let produced = produce(&produce_options(
-            &brokers,
+            options.connection(&brokers),
             &topics,
             profile,
             count,

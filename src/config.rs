@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::BatchLimits;
 use crate::decode::InputLimits;
+use crate::kafka::{Connection, is_secret_key};
 use crate::pipeline::Decoding;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
+/// Prefix of the environment variables that set librdkafka properties.
+pub const KAFKA_PROPERTIES_ENV: &str = "SLUICE_KAFKA__PROPERTIES__";
 /// Default consumer group.
 pub const DEFAULT_GROUP_ID: &str = "sluice";
 /// Default largest accepted message, in bytes; larger messages are rejected unparsed.
@@ -111,6 +114,16 @@ pub struct KafkaConfig {
 
 fn default_group_id() -> String {
     DEFAULT_GROUP_ID.into()
+}
+
+impl KafkaConfig {
+    /// The brokers and properties every client of this cluster is created with.
+    pub fn connection(&self) -> Connection {
+        Connection {
+            brokers: self.brokers.clone(),
+            properties: self.properties.clone(),
+        }
+    }
 }
 
 /// Where a partition without a committed txn version starts.
@@ -520,13 +533,28 @@ impl Config {
     }
 }
 
-/// Property names whose values must never be printed.
-pub fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "token", "key"]
-        .iter()
-        .any(|s| key.contains(s))
-        && !key.ends_with(".location")
+/// The librdkafka properties that `SLUICE_KAFKA__PROPERTIES__*` variables of `env` set, for
+/// commands that reach a cluster without a config file (`sluice produce`, `sluice bench`).
+pub fn kafka_properties_from_env(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut root = toml::Table::new();
+    apply_env(
+        &mut root,
+        env.into_iter()
+            .filter(|(k, _)| k.starts_with(KAFKA_PROPERTIES_ENV)),
+    )?;
+    let properties = root
+        .get("kafka")
+        .and_then(|k| k.get("properties"))
+        .and_then(toml::Value::as_table)
+        .map(|t| {
+            t.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(properties)
 }
 
 /// Applies `SLUICE_*` overrides; returns the names of the variables applied.
@@ -628,6 +656,21 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         assert_eq!(config.kafka.brokers, "b1:9092,b2:9092");
         assert_eq!(config.batch.max_age_ms, 2000);
         assert_eq!(config.kafka.properties["sasl.password"], "hunter2");
+        let only_properties = kafka_properties_from_env([
+            (
+                "SLUICE_KAFKA__PROPERTIES__SASL_PASSWORD".to_string(),
+                "hunter2".to_string(),
+            ),
+            (
+                "SLUICE_KAFKA__BROKERS".to_string(),
+                "elsewhere:9092".to_string(),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            only_properties,
+            BTreeMap::from([("sasl.password".to_string(), "hunter2".to_string())])
+        );
         assert_eq!(config.tables[0].schema, dir.path().join("schemas/t.toml"));
         assert_eq!(
             config.storage.root,

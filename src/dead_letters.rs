@@ -23,14 +23,13 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::{DeltaTable, DeltaTableError};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::config::KafkaConfig;
 use crate::decode::Rejection;
 use crate::delta::{PartitionKey, register_table};
+use crate::kafka::{ClientError, Connection, WatchContext};
 use crate::schema::{SchemaError, TableSchema, UTC};
 
 /// Suffix of a main table's dead-letter table.
@@ -113,24 +112,21 @@ pub const MAX_FORWARDED_PAYLOAD: usize = 900_000;
 /// Sent and acknowledged before the dead-letter table commit, so a crash can repeat a message
 /// on the topic but never skip one: at least once there, exactly once in the table.
 pub struct Forwarder {
-    producer: FutureProducer,
+    producer: FutureProducer<WatchContext>,
     topic: String,
     table: String,
 }
 
 impl Forwarder {
-    /// A producer for `topic` with the cluster settings of `kafka`.
-    pub fn new(kafka: &KafkaConfig, topic: &str, table: &str) -> Result<Self, KafkaError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &kafka.brokers)
-            .set("enable.idempotence", "true")
-            .set("message.max.bytes", "1000000");
-        for (key, value) in &kafka.properties {
-            client.set(key, value);
-        }
+    /// A producer for `topic` on the cluster of `connection`.
+    pub fn new(connection: &Connection, topic: &str, table: &str) -> Result<Self, ClientError> {
+        let client = connection.client_config(&[
+            ("enable.idempotence", "true"),
+            ("message.max.bytes", "1000000"),
+        ]);
+        let (producer, _) = connection.create(&client)?;
         Ok(Forwarder {
-            producer: client.create()?,
+            producer,
             topic: topic.to_string(),
             table: table.to_string(),
         })

@@ -175,7 +175,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let started = Instant::now();
     let produced = produce(&ProduceOptions {
-        brokers: config.kafka.brokers.clone(),
+        connection: config.kafka.connection(),
         shapes: Shape::ALL
             .iter()
             .map(|s| (*s, s.default_topic().to_string()))

@@ -1,8 +1,9 @@
 //! Health: what `/healthz` and `/readyz` answer, and the gauges derived from the writers'
 //! progress at scrape time (freshness, versions, assignment).
 //!
-//! Ready means, for every configured table: its writer is open, the consumer group has given
-//! it an assignment (possibly empty: more instances than partitions is healthy), no buffered
+//! Ready means, for every configured table: its writer is open, its consumer reports no
+//! connection failure (credentials, TLS, protocol, unreachable brokers: shown with the
+//! listener and the cause), the consumer group has given it an assignment (possibly empty: more instances than partitions is healthy), no buffered
 //! message has waited longer than `batch.max_age_ms + health.commit_stall_s` for a commit, the
 //! last commit did not fail, and the table's object store answered the last probe. Readiness
 //! drops as soon as shutdown starts, so a load balancer stops routing before the process exits.
@@ -15,6 +16,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::watch;
 
+use crate::kafka::Watch;
 use crate::pipeline::Progress;
 
 /// One readiness condition and how it stands.
@@ -22,7 +24,7 @@ use crate::pipeline::Progress;
 pub struct Check {
     /// Table the check is about, or `service`.
     pub subject: String,
-    /// What is checked: `writer`, `assignment`, `commits`, `object store`.
+    /// What is checked: `writer`, `kafka`, `assignment`, `commits`, `object store`.
     pub name: &'static str,
     /// Whether it passes.
     pub ok: bool,
@@ -70,6 +72,8 @@ enum Probe {
 struct TableHealth {
     progress: watch::Receiver<Progress>,
     probe: Probe,
+    /// The consumer's connection state, once known.
+    kafka: Option<Arc<Watch>>,
 }
 
 struct Inner {
@@ -110,8 +114,16 @@ impl Health {
             TableHealth {
                 progress,
                 probe: Probe::Pending,
+                kafka: None,
             },
         );
+    }
+
+    /// The table's consumer reports connection failures to `kafka`; readiness shows them.
+    pub fn watch_kafka(&self, table: &str, kafka: Arc<Watch>) {
+        if let Some(t) = self.lock().tables.get_mut(table) {
+            t.kafka = Some(kafka);
+        }
     }
 
     /// Shutdown has begun: not ready from now on.
@@ -166,6 +178,18 @@ impl Health {
                 ok,
                 detail,
             };
+            if let Some(problem) = table.kafka.as_ref().and_then(|k| k.problem()) {
+                checks.push(check(
+                    "kafka",
+                    false,
+                    format!(
+                        "{problem} (for {:.0} s)",
+                        now.duration_since(problem.since)
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    ),
+                ));
+            }
             checks.push(if p.assigned_once {
                 check(
                     "assignment",
@@ -374,6 +398,33 @@ mod tests {
         assert!(r.render().contains("connection refused"));
         health.probed("t", Ok(()));
         assert!(health.readiness(now).ready);
+    }
+
+    #[test]
+    fn a_kafka_connection_failure_is_named_until_the_connection_works() {
+        let now = SystemTime::now();
+        let (health, _tx) = health_with(Progress::default());
+        let connection = crate::kafka::Connection {
+            brokers: "127.0.0.1:9094".into(),
+            properties: [("security.protocol".to_string(), "SASL_SSL".to_string())].into(),
+        };
+        let kafka = Arc::new(Watch::new(&connection));
+        health.watch_kafka("t", kafka.clone());
+        assert_eq!(failing(&health.readiness(now)), vec!["assignment"]);
+        kafka.report(
+            &rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::Authentication),
+            "sasl_ssl://127.0.0.1:9094/bootstrap: SASL authentication error: invalid credentials",
+        );
+        let r = health.readiness(SystemTime::now());
+        assert_eq!(failing(&r), vec!["kafka", "assignment"]);
+        assert!(
+            r.render()
+                .contains("FAIL t kafka: authentication failed at sasl_ssl://127.0.0.1:9094"),
+            "{}",
+            r.render()
+        );
+        kafka.connected();
+        assert_eq!(failing(&health.readiness(now)), vec!["assignment"]);
     }
 
     #[tokio::test]

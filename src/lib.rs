@@ -18,6 +18,7 @@
 //! - [`contract`]: promises on values: timestamp forms and windows, ranges, dimensions.
 //! - [`dead_letters`]: the dead-letter table's rows and the optional dead-letter topic.
 //! - [`batch`]: when to flush (rows, bytes, age); pure rules, no I/O.
+//! - [`kafka`]: Kafka clients: settings, secrets kept out of errors, connection failures explained.
 //! - [`source`]: the Kafka consumer; assignment driven by the table.
 //! - [`delta`]: create the table, read txn versions, write Parquet, commit.
 //! - [`pipeline`]: the writer loop composing the stages, and its exactly-once rules.
@@ -50,6 +51,7 @@ pub mod delta;
 pub mod demo;
 pub mod generator;
 pub mod health;
+pub mod kafka;
 pub mod labels;
 pub mod lease;
 pub mod maintain;

@@ -362,9 +362,14 @@ impl From<DemoArgs> for DemoOptions {
 /// `sluice produce` flags.
 #[derive(clap::Args)]
 struct ProduceArgs {
-    /// Bootstrap servers.
-    #[arg(long, env = "SLUICE_KAFKA__BROKERS", default_value = "localhost:9092")]
-    brokers: String,
+    /// Bootstrap servers (default: the config's kafka.brokers, else localhost:9092).
+    #[arg(long, env = "SLUICE_KAFKA__BROKERS")]
+    brokers: Option<String>,
+    /// Take the cluster (kafka.brokers and kafka.properties: TLS, SASL) from this config
+    /// file. Without it, librdkafka properties come from SLUICE_KAFKA__PROPERTIES__*
+    /// variables alone.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Upstream shape; repeat for several (round robin). Default: all three.
     #[arg(long, value_enum)]
     shape: Vec<Shape>,
@@ -475,6 +480,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 },
                 storage,
                 brokers: args.brokers,
+                kafka_properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
                 rate: args.rate,
                 seconds: args.seconds,
                 sql_dir: args.sql_dir,
@@ -529,6 +535,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Produce(ProduceArgs {
             brokers,
+            config,
             shape,
             topic,
             count,
@@ -557,14 +564,21 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                     )
                 })
                 .collect::<Vec<_>>();
+            let connection = match &config {
+                Some(file) => load_config(file, brokers)?.kafka.connection(),
+                None => sluice::kafka::Connection {
+                    brokers: brokers.unwrap_or_else(|| "localhost:9092".into()),
+                    properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
+                },
+            };
             if let Some(partitions) = partitions {
                 let topics: Vec<String> = shapes.iter().map(|(_, t)| t.clone()).collect();
-                for topic in create_topics(&brokers, &topics, partitions).await? {
+                for topic in create_topics(&connection, &topics, partitions).await? {
                     eprintln!("created topic {topic} with {partitions} partitions");
                 }
             }
             let report = produce(&ProduceOptions {
-                brokers,
+                connection,
                 shapes,
                 count,
                 rate,

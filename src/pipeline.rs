@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::Add;
 use futures::{FutureExt, StreamExt};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
@@ -470,7 +471,11 @@ impl TableWriter {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(table = %table, error = %e, "kafka receive error; retrying");
+                                // A connection failure is logged once, by the consumer's watch;
+                                // anything else here each time.
+                                if !receiver.context().watch().report_code(&e) {
+                                    tracing::warn!(table = %table, error = %e, "kafka receive error; retrying");
+                                }
                                 metrics::counter!("sluice_kafka_errors_total", "table" => table.clone()).increment(1);
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                                 break;

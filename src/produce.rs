@@ -4,13 +4,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::generator::{Generator, Shape};
+use crate::kafka::{CONNECT_TIMEOUT, ClientError, Connection, WatchContext};
 use crate::progress::Meter;
 
 /// Deliveries awaited in flight before the producer waits for the oldest.
@@ -19,14 +18,9 @@ const MAX_IN_FLIGHT: usize = 20_000;
 /// Errors publishing.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
-    /// The producer could not be created.
-    #[error("kafka producer for {brokers}: {source}")]
-    Create {
-        /// Bootstrap servers.
-        brokers: String,
-        /// librdkafka's error.
-        source: KafkaError,
-    },
+    /// The producer could not be created or could not reach the cluster.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// A topic could not be created.
     #[error("cannot create topic {topic} on {brokers}: {reason}")]
     CreateTopic {
@@ -54,8 +48,8 @@ pub enum ProduceError {
 /// What to publish.
 #[derive(Debug, Clone)]
 pub struct ProduceOptions {
-    /// Bootstrap servers.
-    pub brokers: String,
+    /// The cluster: bootstrap servers and librdkafka properties (TLS, SASL).
+    pub connection: Connection,
     /// Shapes to publish, round robin; each goes to its topic.
     pub shapes: Vec<(Shape, String)>,
     /// Messages in total.
@@ -95,22 +89,18 @@ pub struct ProduceReport {
 /// Creates those of `topics` that do not exist yet with `partitions` partitions (replication
 /// 1), for brokers that do not create topics on first use; returns the ones it created.
 pub async fn create_topics(
-    brokers: &str,
+    connection: &Connection,
     topics: &[String],
     partitions: i32,
 ) -> Result<Vec<String>, ProduceError> {
     let fail = |topic: &str, reason: String| ProduceError::CreateTopic {
-        brokers: brokers.to_string(),
+        brokers: connection.brokers.clone(),
         topic: topic.to_string(),
-        reason,
+        reason: connection.redactor().scrub(&reason),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(|source| ProduceError::Create {
-            brokers: brokers.to_string(),
-            source,
-        })?;
+    connection.check(CONNECT_TIMEOUT).await?;
+    let (admin, _): (AdminClient<WatchContext>, _) =
+        connection.create(&connection.client_config(&[]))?;
     let wanted: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
@@ -132,18 +122,18 @@ pub async fn create_topics(
 }
 
 /// Publishes `options.count` messages and waits for every delivery report.
+/// Fails first, naming the listener and the cause, when the cluster cannot be reached (wrong
+/// credentials, an untrusted certificate, a plaintext client on a TLS listener).
 pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceError> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &options.brokers)
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "60000")
-        .create()
-        .map_err(|source| ProduceError::Create {
-            brokers: options.brokers.clone(),
-            source,
-        })?;
+    let connection = &options.connection;
+    connection.check(CONNECT_TIMEOUT).await?;
+    let (producer, _): (FutureProducer<WatchContext>, _) =
+        connection.create(&connection.client_config(&[
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("queue.buffering.max.messages", "200000"),
+            ("message.timeout.ms", "60000"),
+        ]))?;
     let now_ms = options
         .clock_ms
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
@@ -189,7 +179,7 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
                     }
                 }
                 Err((e, _)) => {
-                    failures.push((topic.clone(), e.to_string()));
+                    failures.push((topic.clone(), connection.redactor().scrub(&e.to_string())));
                     return Err(delivery_error(&failures, options.count));
                 }
             }
@@ -240,7 +230,10 @@ async fn settle(
                 .or_insert(-1);
             *entry = (*entry).max(delivery.offset);
         }
-        Ok(Err((e, _))) => failures.push((topic.clone(), e.to_string())),
+        Ok(Err((e, _))) => failures.push((
+            topic.clone(),
+            options.connection.redactor().scrub(&e.to_string()),
+        )),
         Err(_) => failures.push((topic.clone(), "producer dropped the delivery".into())),
     }
 }

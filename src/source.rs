@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{KafkaConfig, StartFrom};
 use crate::delta::PartitionKey;
+use crate::kafka::{ClientError, Watch, forward_log};
 use crate::pipeline::Progress;
 
 /// KiB of messages librdkafka prefetches into the consumer queue before the writer asks for
@@ -37,13 +38,13 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors from the Kafka side, with the topic or partition concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The consumer could not be created (bad properties, unreachable config).
+    /// The consumer could not be created (librdkafka refused a property).
     #[error("kafka consumer for group {group}: {source}")]
     Create {
         /// Consumer group.
         group: String,
-        /// librdkafka's error.
-        source: KafkaError,
+        /// What was refused, without secrets.
+        source: ClientError,
     },
     /// Subscribing to the topics failed.
     #[error("subscribe to {topics:?}: {source}")]
@@ -82,12 +83,29 @@ pub enum PartitionEvent {
     Revoked(Vec<PartitionKey>),
 }
 
-/// Forwards rebalances to the writer loop instead of assigning at committed offsets.
+/// Forwards rebalances to the writer loop instead of assigning at committed offsets, and
+/// connection failures to the consumer's [`Watch`].
 pub struct RebalanceContext {
     events: mpsc::UnboundedSender<PartitionEvent>,
+    watch: Arc<Watch>,
 }
 
-impl ClientContext for RebalanceContext {}
+impl RebalanceContext {
+    /// The consumer's connection state.
+    pub fn watch(&self) -> &Arc<Watch> {
+        &self.watch
+    }
+}
+
+impl ClientContext for RebalanceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(&self.watch, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.watch.report(&error, reason);
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn rebalance(
@@ -99,6 +117,8 @@ impl ConsumerContext for RebalanceContext {
         let keys = keys_of(tpl);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Joining the group took a working connection.
+                self.watch.connected();
                 tracing::info!(partitions = ?keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "partitions assigned by the group");
                 // The writer loop assigns them, at the offsets the table holds.
                 let _ = self.events.send(PartitionEvent::Assigned(keys));
@@ -143,34 +163,35 @@ impl KafkaSource {
         topics: &[String],
     ) -> Result<(Self, mpsc::UnboundedReceiver<PartitionEvent>), SourceError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group_id)
+        let connection = config.connection();
+        let client = connection.client_config(&[
+            ("group.id", &config.group_id),
             // Positions come from the Delta table; Kafka's committed offsets are informational.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            (
                 "auto.offset.reset",
                 match config.start_from {
                     StartFrom::Earliest => "earliest",
                     StartFrom::Latest => "latest",
                 },
-            )
+            ),
             // Eager rebalancing: every assignment is complete, every revoke precedes the next
             // assignment, which keeps the ownership rules simple.
-            .set("partition.assignment.strategy", "range")
-            .set("enable.partition.eof", "false")
-            .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
-        for (key, value) in &config.properties {
-            client.set(key, value);
-        }
+            ("partition.assignment.strategy", "range"),
+            ("enable.partition.eof", "false"),
+            ("queued.max.messages.kbytes", PREFETCH_KBYTES),
+            ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
+        ]);
+        let context = RebalanceContext {
+            events: tx,
+            watch: Arc::new(Watch::new(&connection)),
+        };
         let consumer: StreamConsumer<RebalanceContext> = client
-            .create_with_context(RebalanceContext { events: tx })
-            .map_err(|source| SourceError::Create {
+            .create_with_context(context)
+            .map_err(|e| SourceError::Create {
                 group: config.group_id.clone(),
-                source,
+                source: connection.config_error(&e),
             })?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
@@ -279,22 +300,26 @@ pub async fn lag_loop(
             (p.owned.clone(), p.committed.clone())
         };
         for key in owned {
-            let consumer = consumer.clone();
+            let reader = consumer.clone();
             let topic = key.topic.clone();
             let partition = key.partition;
             let watermarks = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
+                reader.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
             })
             .await;
             match watermarks {
                 Ok(Ok((low, high))) => {
+                    consumer.context().watch.connected();
                     let next = committed.get(&key).map_or(low, |c| (c + 1).max(low));
                     metrics::gauge!("sluice_consumer_lag_messages", "table" => table.clone(),
                         "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                     .set((high - next).max(0) as f64);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(table = %table, partition = %key, error = %e, "cannot read watermarks for lag");
+                    // While the connection fails, the watch has said why once already.
+                    if consumer.context().watch.problem().is_none() {
+                        tracing::warn!(table = %table, partition = %key, error = %e, "cannot read watermarks for lag");
+                    }
                     metrics::counter!("sluice_kafka_errors_total", "table" => table.clone())
                         .increment(1);
                 }

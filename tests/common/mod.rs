@@ -21,6 +21,7 @@ use sluice::config::{
 };
 use sluice::delta::{open_table, register_table, table_location};
 use sluice::generator::Shape;
+use sluice::kafka::Connection;
 use sluice::produce::{ProduceOptions, ProduceReport, produce};
 
 /// How long a test waits for the writer to catch up before failing with a message.
@@ -74,7 +75,7 @@ async fn build_fixture(dir: PathBuf) -> PathBuf {
     let topics: Vec<&str> = Shape::ALL.iter().map(|s| s.default_topic()).collect();
     let kafka = Kafka::new(&topics, 3);
     let report = produce(&ProduceOptions {
-        brokers: kafka.brokers(),
+        connection: Connection::plain(&kafka.brokers()),
         shapes: Shape::ALL
             .iter()
             .map(|s| (*s, s.default_topic().to_string()))
@@ -186,7 +187,7 @@ pub async fn publish(
     bad_every: u64,
 ) -> ProduceReport {
     produce(&ProduceOptions {
-        brokers: brokers.to_string(),
+        connection: Connection::plain(brokers),
         shapes: shapes
             .iter()
             .map(|s| (*s, s.default_topic().to_string()))
