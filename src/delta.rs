@@ -212,10 +212,22 @@ impl DeltaSink {
         match table.load().await {
             Ok(()) => {}
             Err(DeltaTableError::NotATable(_)) => {
-                table = create_table(&table, &schema, checkpoint_interval)
-                    .await
-                    .map_err(delta_err("create"))?;
-                tracing::info!(table = %name, location, "created Delta table");
+                match create_table(&table, &schema, checkpoint_interval).await {
+                    Ok(created) => {
+                        table = created;
+                        tracing::info!(table = %name, location, "created Delta table");
+                    }
+                    // Another instance of the group, started at the same moment, created it
+                    // between our load and our create: use theirs.
+                    Err(e) => match table.load().await {
+                        Ok(()) => tracing::info!(
+                            table = %name,
+                            location,
+                            "another writer created the table first; using it"
+                        ),
+                        Err(_) => return Err(delta_err("create")(e)),
+                    },
+                }
             }
             Err(e) => return Err(delta_err("load")(e)),
         }
@@ -751,6 +763,9 @@ async fn create_table(
     }
     let mut create = table
         .create()
+        // A create that finds version 0 taken must fail, not retry as version 1: a second
+        // CREATE on top of another instance's table would replace its metadata (a new table id).
+        .with_commit_properties(CommitProperties::default().with_max_retries(0))
         .with_table_name(&schema.name)
         .with_columns(fields)
         .with_configuration_property(

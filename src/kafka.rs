@@ -33,13 +33,15 @@ const MIN_SCRUBBED_LEN: usize = 4;
 
 /// Property names whose values must never be printed: passwords, secrets, tokens and keys
 /// (`sasl.password`, `ssl.key.password`, `ssl.key.pem`, `sasl.oauthbearer.client.secret`),
-/// and `sasl.oauthbearer.config`, which may carry credentials. File locations are not secret.
+/// and `sasl.oauthbearer.config`, which may carry credentials. File locations and URLs
+/// (`ssl.key.location`, `sasl.oauthbearer.token.endpoint.url`) are not secret.
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     (["password", "secret", "token", "key", "credential"]
         .iter()
         .any(|s| key.contains(s))
-        && !key.ends_with(".location"))
+        && !key.ends_with(".location")
+        && !key.ends_with(".url"))
         || key == "sasl.oauthbearer.config"
 }
 
@@ -103,7 +105,18 @@ impl Connection {
     where
         T: FromClientConfigAndContext<WatchContext>,
     {
-        let watch = Arc::new(Watch::new(self));
+        self.create_watched(config, Watch::new(self))
+    }
+
+    fn create_watched<T>(
+        &self,
+        config: &ClientConfig,
+        watch: Watch,
+    ) -> Result<(T, Arc<Watch>), ClientError>
+    where
+        T: FromClientConfigAndContext<WatchContext>,
+    {
+        let watch = Arc::new(watch);
         let client = config
             .create_with_context(WatchContext {
                 watch: watch.clone(),
@@ -183,6 +196,9 @@ impl Connection {
             let deadline = Instant::now() + timeout;
             loop {
                 let attempt = consumer.fetch_metadata(None, Duration::from_millis(500));
+                // librdkafka queues its log lines (where it tells why a connection failed) for
+                // the client's poll: serve them to the watch.
+                let _ = consumer.poll(Duration::from_millis(50));
                 if attempt.is_ok() {
                     watch.connected();
                     return Ok(());
@@ -439,6 +455,9 @@ struct WatchState {
 /// readiness, one-shot commands.
 #[derive(Debug)]
 pub struct Watch {
+    /// Whether failures are logged here (a long-running client) or only handed to the caller,
+    /// who reports them (a one-shot check).
+    logs: bool,
     brokers: String,
     security: String,
     redactor: Redactor,
@@ -449,6 +468,7 @@ impl Watch {
     /// A watch for clients of `connection`.
     pub fn new(connection: &Connection) -> Watch {
         Watch {
+            logs: true,
             brokers: connection.brokers.clone(),
             security: connection.security(),
             redactor: connection.redactor(),
@@ -550,7 +570,7 @@ impl Watch {
             detail,
             since,
         };
-        if state.logged != Some(kind) {
+        if state.logged != Some(kind) && self.logs {
             state.logged = Some(kind);
             if kind == ProblemKind::Unreachable {
                 tracing::warn!(brokers = %self.brokers, "kafka: {problem}");
@@ -640,6 +660,7 @@ mod tests {
             "sasl.username",
             "security.protocol",
             "sasl.oauthbearer.client.id",
+            "sasl.oauthbearer.token.endpoint.url",
         ] {
             assert!(!is_secret_key(key), "{key}");
         }

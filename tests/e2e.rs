@@ -40,8 +40,11 @@ const PARTITIONS: i32 = 4;
 const BAD_EVERY: u64 = 97;
 /// The writers' `session.timeout.ms`: the broker's smallest (`group.min.session.timeout.ms`).
 const SESSION_TIMEOUT_MS: u64 = 6_000;
-/// How long a killed writer stays down before the next one starts.
-const RESTART_AFTER: Duration = Duration::from_millis(1_500);
+/// How long a killed writer stays down before the next one starts. Longer than the session
+/// timeout: the broker keeps a killed member, and its partitions, until its session expires, so
+/// a writer started earlier only waits in the group; starting later keeps each run's 2–8 s for
+/// ingesting, which the scenario needs to kill mid-commit.
+const RESTART_AFTER: Duration = Duration::from_millis(SESSION_TIMEOUT_MS + 1_500);
 
 /// The servers `scripts/e2e.sh` started, and where processes log.
 struct Servers {

@@ -464,3 +464,38 @@ async fn dead_letters_stay_exactly_once_through_a_rebalance_and_a_crash_audited_
     .await;
     assert_eq!(scalar_i64(&stored), 555);
 }
+
+/// Instances of one group that start at the same moment on a table nobody has created yet (a
+/// new deployment with two replicas) all open it: one creates it, the others use theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_starting_together_on_a_new_table_all_open_it() {
+    let schema = std::sync::Arc::new(
+        sluice::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml")).unwrap(),
+    );
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let location =
+            sluice::delta::table_location(&dir.path().to_string_lossy(), "enriched_posts");
+        let opens = (0..8).map(|_| {
+            let (location, schema) = (location.clone(), schema.clone());
+            tokio::spawn(async move {
+                sluice::delta::DeltaSink::open_or_create(
+                    &location,
+                    Default::default(),
+                    schema,
+                    "sluice-test",
+                    5,
+                    1,
+                )
+                .await
+                .map(|sink| sink.table().version())
+            })
+        });
+        for opened in futures::future::join_all(opens).await {
+            let version = opened
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: a writer could not open: {e}"));
+            assert_eq!(version, Some(0), "round {round}: one table, created once");
+        }
+    }
+}
