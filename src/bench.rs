@@ -205,11 +205,12 @@ pub struct BenchOptions {
     pub seed: u64,
     /// `batch.max_bytes` instead of the default.
     pub max_bytes: Option<usize>,
-    /// Payload bytes of the set the parent produced into its hosted mock cluster.
+    /// Payload bytes of the set the parent produced into `brokers`.
     pub set_bytes: u64,
-    /// `brokers` is a mock cluster the parent `sluice bench` hosts: its topics exist, it keeps
-    /// ~5 MiB per partition, and for the freshness stage the parent produces.
-    pub hosted_mock: bool,
+    /// The parent `sluice bench` prepared `brokers` (a mock cluster it hosts, or the broker
+    /// of `--brokers`): the topics exist and hold the set, and for the freshness stage the
+    /// parent produces. The measuring process only drains.
+    pub parent_produces: bool,
 }
 
 impl BenchOptions {
@@ -468,10 +469,11 @@ pub async fn run(
     Ok(report)
 }
 
-/// Runs one measurement in a child process and returns its table row. Broker-fed stages
-/// without `--brokers` read a mock cluster hosted here, in another process than the writer,
-/// so the writer's CPU and memory are its own; the freshness producer runs here too, from
-/// the moment the child's writer owns every partition.
+/// Runs one measurement in a child process and returns its table row. Broker-fed stages read
+/// a broker prepared here: a mock cluster hosted here without `--brokers`, else the given
+/// broker, with the stage's topics created and its set produced from this process, so the
+/// writer's CPU and memory are its own; the freshness producer runs here too, from the moment
+/// the child's writer owns every partition.
 async fn measure(
     exe: &Path,
     child_args: &[String],
@@ -485,34 +487,22 @@ async fn measure(
         stage: stage.name(),
         reason: format!("the {} measurement failed: {reason}", profile.label()),
     };
-    let hosted = matches!(stage, Stage::Kafka | Stage::Memory | Stage::Freshness)
-        && options.brokers.is_none();
+    let fed = matches!(stage, Stage::Kafka | Stage::Memory | Stage::Freshness);
     let topics = stage_topics(profile, run, stage.name());
     let per_topic = partitions_per_topic(topics.len());
-    let cluster = if hosted {
-        let cluster = MockCluster::new(1).map_err(|e| failed(e.to_string()))?;
-        for (_, topic) in &topics {
-            cluster
-                .create_topic(topic, per_topic, 1)
-                .map_err(|e| failed(e.to_string()))?;
-        }
-        Some(cluster)
+    let (brokers, cluster) = if fed {
+        let (brokers, cluster) = broker(options, &topics, per_topic).await?;
+        (Some(brokers), cluster)
     } else {
-        None
+        (None, None)
     };
     let mut set_bytes = None;
-    if let (Some(cluster), Stage::Kafka | Stage::Memory) = (&cluster, stage) {
+    if let (Some(brokers), Stage::Kafka | Stage::Memory) = (&brokers, stage) {
         let partitions = per_topic as usize * topics.len();
-        let count = set_size(options, profile, partitions, true);
-        let produced = produce_set(
-            &cluster.bootstrap_servers(),
-            &topics,
-            options,
-            profile,
-            count,
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+        let count = set_size(options, profile, partitions, cluster.is_some());
+        let produced = produce_set(brokers, &topics, options, profile, count)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         set_bytes = Some(produced.bytes);
     }
     let mut command = tokio::process::Command::new(exe);
@@ -524,8 +514,12 @@ async fn measure(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true);
-    if let Some(cluster) = &cluster {
-        command.args(["--brokers", &cluster.bootstrap_servers(), "--hosted-mock"]);
+    if let Some(brokers) = &brokers {
+        // `--brokers` is among the child's arguments already unless the broker is hosted here.
+        if cluster.is_some() {
+            command.args(["--brokers", brokers]);
+        }
+        command.arg("--parent-produces");
     }
     if let Some(bytes) = set_bytes {
         command.args(["--set-bytes", &bytes.to_string()]);
@@ -537,9 +531,9 @@ async fn measure(
     let mut row = None;
     while let Some(line) = lines.next_line().await.map_err(|e| failed(e.to_string()))? {
         if line == READY {
-            if let (Some(cluster), Stage::Freshness) = (&cluster, stage) {
+            if let (Some(brokers), Stage::Freshness) = (&brokers, stage) {
                 let options = produce_options(
-                    options.connection(&cluster.bootstrap_servers()),
+                    options.connection(brokers),
                     &topics,
                     profile,
                     options.rate * options.seconds,
@@ -825,7 +819,7 @@ async fn broker(
     BenchError,
 > {
     match &options.brokers {
-        Some(brokers) if options.hosted_mock => Ok((brokers.clone(), None)),
+        Some(brokers) if options.parent_produces => Ok((brokers.clone(), None)),
         Some(brokers) => {
             let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
             crate::produce::create_topics(&options.connection(brokers), &names, partitions)
@@ -961,9 +955,9 @@ fn set_size(options: &BenchOptions, profile: Profile, partitions: usize, mock: b
     (count / DRAIN_FLUSHES).max(1) * DRAIN_FLUSHES
 }
 
-/// The pre-produced set of a broker-fed stage. A parent `sluice bench` hosting the mock
-/// cluster produced it already (so the producer's memory is not the writer's): it is every
-/// message of `topics`. Otherwise it is produced here.
+/// The pre-produced set of a broker-fed stage. A parent `sluice bench` produced it already
+/// (so the producer's CPU and memory are not the writer's): it is every message of `topics`.
+/// Run on its own (`--row`), the stage produces it here.
 async fn produced_set(
     options: &BenchOptions,
     profile: Profile,
@@ -974,10 +968,10 @@ async fn produced_set(
     let partitions = per_topic as usize * topics.len();
     let (brokers, cluster) = broker(options, topics, per_topic).await?;
     let error = stage_error(stage);
-    if options.hosted_mock {
+    if options.parent_produces {
         let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
-        let b = brokers.clone();
-        let marks = tokio::task::spawn_blocking(move || watermarks(&b, &names, per_topic))
+        let connection = options.connection(&brokers);
+        let marks = tokio::task::spawn_blocking(move || watermarks(&connection, &names, per_topic))
             .await
             .map_err(|e| error(e.to_string()))?
             .map_err(|e| error(e.to_string()))?;
@@ -1027,18 +1021,20 @@ type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
 /// Low and high watermarks of every partition of `topics`.
 fn watermarks(
-    brokers: &str,
+    connection: &Connection,
     topics: &[String],
     partitions: i32,
-) -> Result<Watermarks, rdkafka::error::KafkaError> {
+) -> Result<Watermarks, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let (consumer, _): (BaseConsumer<crate::kafka::WatchContext>, _) = connection
+        .create(&connection.client_config(&[]))
+        .map_err(|e| e.to_string())?;
     let mut marks = BTreeMap::new();
     for topic in topics {
         for partition in 0..partitions {
-            let mark = consumer.fetch_watermarks(topic, partition, STALL_TIMEOUT)?;
+            let mark = consumer
+                .fetch_watermarks(topic, partition, STALL_TIMEOUT)
+                .map_err(|e| connection.redactor().scrub(&e.to_string()))?;
             marks.insert((topic.clone(), partition), mark);
         }
     }
@@ -1223,7 +1219,7 @@ async fn freshness_row(
     let watcher = watch_commits(service.progress.clone());
     let meter = Meter::start();
     let count = options.rate * options.seconds;
-    if options.hosted_mock {
+    if options.parent_produces {
         // The parent produces from now on; the writer is done when it holds every record.
         println!("{READY}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
