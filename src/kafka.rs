@@ -62,7 +62,7 @@ pub enum ClientError {
         /// Bootstrap servers.
         brokers: String,
         /// What went wrong and what to check.
-        problem: Problem,
+        problem: Box<Problem>,
     },
 }
 
@@ -206,7 +206,7 @@ impl Connection {
                 let problem = watch.problem();
                 let fail = |problem| ClientError::Connect {
                     brokers: connection.brokers.clone(),
-                    problem,
+                    problem: Box::new(problem),
                 };
                 match problem {
                     Some(p) if p.kind != ProblemKind::Unreachable => return Err(fail(p)),
