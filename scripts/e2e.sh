@@ -92,7 +92,7 @@ curl -fsS -X PUT "http://127.0.0.1:$s3_port/lakehouse" >/dev/null
 if ! bash scripts/kafka.sh start "$logs/kafka"; then
   exit 1
 fi
-pids+=("$(cat "$logs/kafka/kafka.pid")")
+pids+=("$(cat "$logs/kafka/kafka.pid")" "$(cat "$logs/kafka/oidc.pid")")
 ln -sf "$logs/kafka/kafka.log" "$logs/kafka.log"
 # shellcheck disable=SC1091
 source "$logs/kafka/kafka.env"
