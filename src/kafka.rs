@@ -189,8 +189,15 @@ impl Connection {
     /// untrusted certificates and protocol mismatches fail at once; an unreachable cluster
     /// fails when the time is up. For one-shot commands, before they publish or read.
     pub async fn check(&self, timeout: Duration) -> Result<(), ClientError> {
-        let (consumer, watch): (BaseConsumer<WatchContext>, _) =
-            self.create(&self.client_config(&[("group.id", "sluice-connection-check")]))?;
+        // The caller reports the failure; the watch only finds it.
+        let quiet = Watch {
+            logs: false,
+            ..Watch::new(self)
+        };
+        let (consumer, watch): (BaseConsumer<WatchContext>, _) = self.create_watched(
+            &self.client_config(&[("group.id", "sluice-connection-check")]),
+            quiet,
+        )?;
         let connection = self.clone();
         tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + timeout;
