@@ -3,10 +3,11 @@
 //!
 //! Ready means, for every configured table: its writer is open, its consumer reports no
 //! connection failure (credentials, TLS, protocol, unreachable brokers: shown with the
-//! listener and the cause), the consumer group has given it an assignment (possibly empty: more instances than partitions is healthy), no buffered
-//! message has waited longer than `batch.max_age_ms + health.commit_stall_s` for a commit, the
-//! last commit did not fail, and the table's object store answered the last probe. Readiness
-//! drops as soon as shutdown starts, so a load balancer stops routing before the process exits.
+//! listener and the cause), the consumer group has given it an assignment (possibly empty:
+//! more instances than partitions is healthy), no buffered message has waited longer than
+//! `batch.max_age_ms + health.commit_stall_s` for a commit, the last commit did not fail, and
+//! the table's object store answered the last probe. Readiness drops as soon as shutdown
+//! starts, so a load balancer stops routing before the process exits.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -210,15 +210,14 @@ impl Connection {
                     watch.connected();
                     return Ok(());
                 }
-                let problem = watch.problem();
                 let fail = |problem| ClientError::Connect {
                     brokers: connection.brokers.clone(),
                     problem: Box::new(problem),
                 };
-                match problem {
+                match watch.problem() {
                     Some(p) if p.kind != ProblemKind::Unreachable => return Err(fail(p)),
-                    _ if Instant::now() >= deadline => {
-                        let problem = watch.problem().unwrap_or_else(|| Problem {
+                    problem if Instant::now() >= deadline => {
+                        let problem = problem.unwrap_or_else(|| Problem {
                             kind: ProblemKind::Unreachable,
                             listener: connection.brokers.clone(),
                             security: connection.security(),
