@@ -113,7 +113,8 @@ enum Command {
     /// tables (stages: limit, pipeline, kafka, memory, freshness, compaction).
     Bench(BenchArgs),
     /// Print the Trino SQL that registers every table of the config (and its dead letters)
-    /// in a delta_lake catalog, with the locations taken from storage.root.
+    /// in a delta_lake catalog, with the locations taken from storage.root; or, with
+    /// --server, register them through Trino (again and again: registered tables are kept).
     TrinoSql {
         /// Config file.
         #[arg(long, env = "SLUICE_CONFIG")]
@@ -124,6 +125,14 @@ enum Command {
         /// Trino schema the tables are registered in.
         #[arg(long, default_value = "sluice")]
         schema: String,
+        /// Register through this Trino coordinator (http://host:8080 or https://...) instead
+        /// of printing SQL: creates the schema, registers what is missing, checks that what
+        /// is registered is at the config's location. Safe to repeat.
+        #[arg(long)]
+        server: Option<String>,
+        /// Trino user for --server.
+        #[arg(long, default_value = "sluice", env = "TRINO_USER")]
+        user: String,
     },
 }
 
@@ -511,18 +520,35 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             config,
             catalog,
             schema,
+            server,
+            user,
         } => {
             let cfg = load_config(&config, None)?;
             let tables = sluice::app::check(&cfg)?;
-            let source = config.file_name().map_or_else(
-                || config.display().to_string(),
-                |name| name.to_string_lossy().into_owned(),
-            );
             let target = sluice::trino::Target { catalog, schema };
-            print!(
-                "{}",
-                sluice::trino::registration_sql(&cfg, &tables, &target, &source)?
-            );
+            if let Some(server) = server {
+                // Password authentication: the password only from the environment.
+                let password = std::env::var("TRINO_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty());
+                let client = sluice::trino::Client::new(&server, &user, password)?;
+                for done in sluice::trino::register(&client, &cfg, &tables, &target).await? {
+                    let what = match done.outcome {
+                        sluice::trino::Outcome::Registered => "registered",
+                        sluice::trino::Outcome::AlreadyThere => "already registered",
+                    };
+                    println!("{what}: {} at {}", done.name, done.location);
+                }
+            } else {
+                let source = config.file_name().map_or_else(
+                    || config.display().to_string(),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                print!(
+                    "{}",
+                    sluice::trino::registration_sql(&cfg, &tables, &target, &source)?
+                );
+            }
         }
         Command::Config(ConfigCommand::Check(args)) => {
             let cfg = args.load()?;

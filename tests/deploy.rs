@@ -401,6 +401,20 @@ fn the_trino_catalogs_reach_the_store_and_metastore_with_current_property_names(
             .unwrap_or_else(|| panic!("{name} mounts a catalog folder"));
         let catalog = properties(&repo().join(folder).join("delta.properties"));
         let env = env(trino);
+        // Endpoints come from the server's environment (`${ENV:NAME}`), as in the Trino suite.
+        let resolved = |key: &str| -> String {
+            let value = &catalog[key];
+            match value
+                .strip_prefix("${ENV:")
+                .and_then(|rest| rest.strip_suffix('}'))
+            {
+                Some(variable) => env
+                    .get(variable)
+                    .unwrap_or_else(|| panic!("{name} sets {variable} for {key}"))
+                    .clone(),
+                None => value.clone(),
+            }
+        };
 
         assert_eq!(catalog["connector.name"], "delta_lake", "{folder}");
         for key in catalog.keys() {
@@ -425,7 +439,8 @@ fn the_trino_catalogs_reach_the_store_and_metastore_with_current_property_names(
             "{folder}: fs.native-s3.enabled is gone in Trino {version}"
         );
         assert_eq!(
-            catalog["s3.endpoint"], endpoint,
+            resolved("s3.endpoint"),
+            endpoint,
             "{folder}: same store as the writer"
         );
         assert_eq!(
@@ -466,7 +481,7 @@ fn the_trino_catalogs_reach_the_store_and_metastore_with_current_property_names(
                 );
             }
             None | Some("thrift") => {
-                let uri = &catalog["hive.metastore.uri"];
+                let uri = &resolved("hive.metastore.uri");
                 let (host, port) = host_port(uri);
                 assert!(services.contains_key(&host), "{folder}: {uri} is a service");
                 assert_eq!(port, 9083);
@@ -526,9 +541,12 @@ fn the_metastore_reaches_postgres_and_minio() {
         let end = rest.find("</value>").unwrap();
         rest[start..end].to_string()
     };
+    // The endpoint comes from the metastore's environment (Hadoop's `${env.NAME}`), as in the
+    // Trino suite (scripts/metastore.sh).
+    assert_eq!(property("fs.s3a.endpoint"), "${env.S3_ENDPOINT}");
     assert_eq!(
-        property("fs.s3a.endpoint"),
-        config.storage.s3.endpoint.unwrap()
+        Some(&env["S3_ENDPOINT"]),
+        config.storage.s3.endpoint.as_ref()
     );
     assert_eq!(property("fs.s3a.path.style.access"), "true");
     assert_eq!(
@@ -550,4 +568,30 @@ fn every_file_the_stack_mounts_exists() {
             );
         }
     }
+}
+
+/// Stateful services keep their data in the named volume they mount: for Kafka that takes
+/// `KAFKA_LOG_DIRS` (the image's default is under /tmp), or recreating the container loses
+/// the topics while the table keeps their committed positions.
+#[test]
+fn kafka_keeps_its_topics_in_its_volume() {
+    let services = services(&compose());
+    let kafka = &services["kafka"];
+    let volumes: Vec<(String, String)> = kafka["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let (volume, path) = v.as_str()?.split_once(':')?;
+            (!volume.starts_with("./")).then(|| (volume.to_string(), path.to_string()))
+        })
+        .collect();
+    let log_dirs = env(kafka)
+        .get("KAFKA_LOG_DIRS")
+        .cloned()
+        .expect("kafka sets KAFKA_LOG_DIRS");
+    assert!(
+        volumes.iter().any(|(_, path)| *path == log_dirs),
+        "KAFKA_LOG_DIRS {log_dirs} is a mounted volume: {volumes:?}"
+    );
 }
