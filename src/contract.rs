@@ -23,6 +23,25 @@ pub struct Contract {
     pub max_future_us: Option<i64>,
 }
 
+/// The first instant sluice stores: 0001-01-01T00:00:00Z, in microseconds since the epoch.
+pub const FIRST_INSTANT_US: i64 = -62_135_596_800_000_000;
+/// The last instant sluice stores: 9999-12-31T23:59:59.999999Z. Dates outside years 1 to 9999
+/// have no `YYYY-MM-DD` partition value, and delta-rs panics building one.
+pub const LAST_INSTANT_US: i64 = 253_402_300_799_999_999;
+/// How a value outside [`FIRST_INSTANT_US`]..=[`LAST_INSTANT_US`] is described.
+pub const INSTANT_RANGE: &str = "0001-01-01..9999-12-31";
+
+/// Whether an instant (microseconds since the epoch) lies in years 1 to 9999.
+pub fn instant_in_range(micros: i64) -> bool {
+    (FIRST_INSTANT_US..=LAST_INSTANT_US).contains(&micros)
+}
+
+/// A Kafka timestamp (milliseconds) in microseconds, or `None` outside years 1 to 9999 (a
+/// producer can set any 64-bit CreateTime; above ~9.2e15 ms the microseconds overflow).
+pub fn kafka_micros(ms: i64) -> Option<i64> {
+    ms.checked_mul(1_000).filter(|&us| instant_in_range(us))
+}
+
 /// Parses a timestamp the way upstreams really send it, to microseconds since the epoch (UTC).
 ///
 /// Accepted: RFC 3339 with `Z` or an offset (also with a space instead of `T`), the same without
@@ -299,6 +318,24 @@ fn truncate(text: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kafka_timestamps_beyond_year_9999_or_the_i64_microseconds_have_no_instant() {
+        use super::*;
+        assert_eq!(kafka_micros(1_740_823_200_000), Some(1_740_823_200_000_000));
+        assert_eq!(
+            kafka_micros(LAST_INSTANT_US / 1_000),
+            Some(LAST_INSTANT_US - 999)
+        );
+        assert_eq!(kafka_micros(8_300_000_000_000_000), None);
+        assert_eq!(
+            kafka_micros(9_300_000_000_000_000),
+            None,
+            "overflows i64 µs"
+        );
+        assert_eq!(kafka_micros(i64::MIN), None);
+        assert!(instant_in_range(FIRST_INSTANT_US) && !instant_in_range(FIRST_INSTANT_US - 1));
+    }
+
     use std::sync::Arc;
 
     use deltalake::arrow::array::{Float64Array, ListArray, StructArray};

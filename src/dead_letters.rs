@@ -246,7 +246,10 @@ pub fn batch(
     now_us: i64,
 ) -> Result<RecordBatch, ArrowError> {
     let event_date = |r: &Rejection| {
-        let micros = r.timestamp_ms.map_or(now_us, |t| t * 1000);
+        let micros = r
+            .timestamp_ms
+            .and_then(crate::contract::kafka_micros)
+            .unwrap_or(now_us);
         micros.div_euclid(MICROS_PER_DAY) as i32
     };
     let columns: Vec<ArrayRef> = vec![
@@ -263,7 +266,7 @@ pub fn batch(
             TimestampMicrosecondArray::from_iter(
                 letters
                     .iter()
-                    .map(|(_, r)| r.timestamp_ms.map(|t| t * 1000)),
+                    .map(|(_, r)| r.timestamp_ms.and_then(crate::contract::kafka_micros)),
             )
             .with_timezone(UTC),
         ),

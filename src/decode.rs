@@ -21,7 +21,7 @@ use deltalake::arrow::json::ReaderBuilder;
 use deltalake::arrow::json::reader::Decoder;
 use deltalake::arrow::record_batch::RecordBatch;
 
-use crate::contract::{Broken, Contract, violations};
+use crate::contract::{self, Broken, Contract, violations};
 use crate::labels::Outcome;
 use crate::mapping::Mapping;
 use crate::schema::{ColumnSource, TableSchema, UTC};
@@ -506,7 +506,9 @@ impl BodyDecoder {
                 }
                 Some(ColumnSource::KafkaTimestamp) => Arc::new(
                     TimestampMicrosecondArray::from_iter(
-                        metas.iter().map(|m| m.timestamp_ms.map(|t| t * 1000)),
+                        metas
+                            .iter()
+                            .map(|m| m.timestamp_ms.and_then(contract::kafka_micros)),
                     )
                     .with_timezone(UTC),
                 ),
@@ -524,6 +526,33 @@ impl BodyDecoder {
             columns.push(array);
         }
         self.canonicalize_labels(&mut columns);
+        // Instants outside years 1 to 9999 (a producer's CreateTime, an event time) have no date:
+        // such a row is a dead letter, and its day below is only a placeholder.
+        let mut no_date: Vec<(usize, String)> = Vec::new();
+        let kafka_time_stored = self
+            .table
+            .columns
+            .iter()
+            .any(|c| c.source == Some(ColumnSource::KafkaTimestamp));
+        let kafka_time = |r: usize, meta: &MessageMeta, no_date: &mut Vec<(usize, String)>| {
+            let ms = meta.timestamp_ms?;
+            let micros = contract::kafka_micros(ms);
+            if micros.is_none() {
+                no_date.push((
+                    r,
+                    format!(
+                        "Kafka timestamp {ms} ms is outside {}",
+                        contract::INSTANT_RANGE
+                    ),
+                ));
+            }
+            micros
+        };
+        if kafka_time_stored {
+            for (r, meta) in metas.iter().enumerate() {
+                kafka_time(r, meta, &mut no_date);
+            }
+        }
         for (pos, col) in self.table.columns.iter().enumerate() {
             if col.source != Some(ColumnSource::EventDate) {
                 continue;
@@ -534,20 +563,39 @@ impl BodyDecoder {
                     .as_any()
                     .downcast_ref::<TimestampMicrosecondArray>()
                     .cloned()
+                    .map(|a| (name, a))
             });
-            let days = (0..n).map(|r| {
-                let micros = event_time
+            let mut days = Vec::with_capacity(n);
+            for (r, meta) in metas.iter().enumerate() {
+                let event = event_time
                     .as_ref()
-                    .filter(|a| a.is_valid(r))
-                    .map(|a| a.value(r))
-                    .or(metas[r].timestamp_ms.map(|t| t * 1000))
-                    .unwrap_or(ingested_at_us);
-                Some(micros.div_euclid(MICROS_PER_DAY) as i32)
-            });
-            columns[pos] = Arc::new(Date32Array::from_iter(days));
+                    .filter(|(_, a)| a.is_valid(r))
+                    .map(|(name, a)| (name, a.value(r)));
+                let micros = match event {
+                    Some((_, micros)) if contract::instant_in_range(micros) => Some(micros),
+                    Some((name, micros)) => {
+                        no_date.push((
+                            r,
+                            format!(
+                                "`{name}` ({micros} µs since the epoch) is outside {}",
+                                contract::INSTANT_RANGE
+                            ),
+                        ));
+                        None
+                    }
+                    None if kafka_time_stored => meta.timestamp_ms.and_then(contract::kafka_micros),
+                    None => kafka_time(r, meta, &mut no_date),
+                };
+                let micros = micros.unwrap_or(ingested_at_us);
+                days.push(micros.div_euclid(MICROS_PER_DAY) as i32);
+            }
+            columns[pos] = Arc::new(Date32Array::from_iter_values(days));
         }
         let batch = RecordBatch::try_new(self.table_schema.clone(), columns)?;
         let mut problems: Vec<Option<(RejectReason, String)>> = vec![None; n];
+        for (row, detail) in no_date {
+            problems[row].get_or_insert((RejectReason::BadTimestamp, detail));
+        }
         for (row, detail) in projected.bad_timestamps {
             problems[row].get_or_insert((RejectReason::BadTimestamp, detail));
         }

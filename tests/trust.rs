@@ -499,3 +499,88 @@ async fn writers_starting_together_on_a_new_table_all_open_it() {
         }
     }
 }
+
+/// A Kafka CreateTime far in the future (a producer's clock bug, or a hostile client) is a
+/// dead letter that keeps the timestamp as received, never a panic: before, one above
+/// ~8.2e15 ms pushed `event_date` out of the date range and the writer died on every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_timestamp_beyond_every_date_is_a_dead_letter_not_a_crash() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 500),
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut generator = Generator::new(5, 8, now, 2);
+    // A good one; two beyond year 9999 (the second overflows i64 in microseconds); one beyond
+    // year 9999 without `created_at`, so that event_date falls back on the Kafka timestamp;
+    // a good one.
+    let messages = [
+        (now, true),
+        (8_300_000_000_000_000, true),
+        (9_300_000_000_000_000, true),
+        (8_300_000_000_000_000, false),
+        (now, true),
+    ];
+    let stamps: Vec<i64> = messages.iter().map(|(stamp, _)| *stamp).collect();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .create()
+        .expect("producer");
+    let mut last = 0;
+    for (stamp, with_event_time) in messages {
+        let mut payload = generator.next(Shape::Mastodon).1;
+        if !with_event_time {
+            let mut post: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            post.as_object_mut().unwrap().remove("created_at");
+            payload = serde_json::to_vec(&post).unwrap();
+        }
+        let record = FutureRecord::<str, [u8]>::to(topic)
+            .partition(0)
+            .payload(&payload)
+            .timestamp(stamp);
+        last = producer
+            .send(record, std::time::Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered")
+            .offset;
+    }
+    let targets = BTreeMap::from([((topic.to_string(), 0), last)]);
+    // Twice: a restart must not meet the messages again as a crash either.
+    for _ in 0..2 {
+        let mut writer = Writer::start(&config).await;
+        writer.wait_committed(&targets).await;
+        writer.stop().await;
+    }
+
+    let rows = query(dir.path(), "SELECT count(*) FROM enriched_posts").await;
+    assert_eq!(scalar_i64(&rows), 2, "the two good messages are rows");
+    let dead = query(
+        dir.path(),
+        "SELECT kafka_offset, reason, detail FROM enriched_posts_dead_letters ORDER BY kafka_offset",
+    )
+    .await;
+    let mut letters = Vec::new();
+    for b in &dead {
+        let offsets = b.column(0).as_primitive::<Int64Type>();
+        let reasons = strings(b.column(1));
+        let details = strings(b.column(2));
+        for i in 0..b.num_rows() {
+            letters.push((offsets.value(i), reasons[i].clone(), details[i].clone()));
+        }
+    }
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for ((offset, reason, detail), stamp) in letters.iter().zip(&stamps[1..4]) {
+        assert_eq!(reason, "bad_timestamp", "offset {offset}: {detail}");
+        assert!(
+            detail.contains(&stamp.to_string()),
+            "offset {offset}: the detail keeps the Kafka timestamp as received: {detail}"
+        );
+    }
+}
