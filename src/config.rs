@@ -483,6 +483,9 @@ impl Config {
                 "delta.checkpoint_interval must be at least 1".into(),
             ));
         }
+        if let Some(problem) = rebalancing_problem(&config.kafka.properties) {
+            return Err(invalid(problem));
+        }
         let base = file.parent().unwrap_or(Path::new("."));
         for table in &mut config.tables {
             table.schema = base.join(&table.schema);
@@ -531,6 +534,34 @@ impl Config {
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
     }
+}
+
+/// Why user properties would break the writer's partition ownership, if they do. The writer
+/// relies on eager rebalances (every partition is revoked before the next assignment, and
+/// each assignment is complete): a cooperative assignor or the KIP-848 consumer protocol hands
+/// partitions over incrementally, which its `assign()` would get wrong.
+fn rebalancing_problem(properties: &BTreeMap<String, String>) -> Option<String> {
+    if let Some(strategy) = properties.get("partition.assignment.strategy")
+        && strategy
+            .split(',')
+            .any(|s| s.trim().eq_ignore_ascii_case("cooperative-sticky"))
+    {
+        return Some(format!(
+            "kafka.properties: partition.assignment.strategy = \"{strategy}\" is incremental; \
+             sluice takes partitions in eager rebalances (a revoke precedes every assignment, \
+             which its exactly-once ownership relies on): remove the property (sluice sets \
+             `range`) or use `range` or `roundrobin`"
+        ));
+    }
+    if let Some(protocol) = properties.get("group.protocol")
+        && !protocol.trim().eq_ignore_ascii_case("classic")
+    {
+        return Some(format!(
+            "kafka.properties: group.protocol = \"{protocol}\" rebalances incrementally (KIP-848); \
+             sluice needs the classic protocol's eager rebalances: remove the property"
+        ));
+    }
+    None
 }
 
 /// The librdkafka properties that `SLUICE_KAFKA__PROPERTIES__*` variables of `env` set, for
@@ -679,6 +710,50 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         let printed = config.redacted();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn incremental_rebalancing_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        for (property, value, words) in [
+            (
+                "partition.assignment.strategy",
+                "cooperative-sticky",
+                "eager rebalances",
+            ),
+            (
+                "partition.assignment.strategy",
+                "range, cooperative-sticky",
+                "eager rebalances",
+            ),
+            ("group.protocol", "consumer", "KIP-848"),
+        ] {
+            let file = write(
+                dir.path(),
+                &MINIMAL.replace(
+                    "[storage]",
+                    &format!("[kafka.properties]\n\"{property}\" = \"{value}\"\n[storage]"),
+                ),
+            );
+            let error = Config::load(&file, vec![]).unwrap_err().to_string();
+            assert!(
+                error.contains(property) && error.contains(words),
+                "{property} = {value}: {error}"
+            );
+        }
+        for (property, value) in [
+            ("partition.assignment.strategy", "roundrobin"),
+            ("group.protocol", "classic"),
+        ] {
+            let file = write(
+                dir.path(),
+                &MINIMAL.replace(
+                    "[storage]",
+                    &format!("[kafka.properties]\n\"{property}\" = \"{value}\"\n[storage]"),
+                ),
+            );
+            assert!(Config::load(&file, vec![]).is_ok(), "{property} = {value}");
+        }
     }
 
     #[test]

@@ -228,9 +228,13 @@ impl LabelSet {
     fn closest(&self, folded: &str) -> Option<usize> {
         let mut best: Option<(usize, usize)> = None; // (distance, allowed index)
         let mut tied = false;
+        // Lengths first: a label far longer than every spelling (a model that returned a
+        // paragraph) is counted once, never copied per candidate.
+        let length = folded.chars().count();
         for (spelling, i) in &self.candidates {
-            let limit = self.max_edits.min(spelling.chars().count() / 4);
-            if limit == 0 {
+            let spelling_length = spelling.chars().count();
+            let limit = self.max_edits.min(spelling_length / 4);
+            if limit == 0 || length.abs_diff(spelling_length) > limit {
                 continue;
             }
             let Some(d) = edit_distance(folded, spelling, limit) else {
