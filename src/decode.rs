@@ -301,7 +301,8 @@ impl BodyDecoder {
         let mut decoder = self.json_decoder(chunk.len());
 
         for i in 0..chunk.len() {
-            let payload = match self.precheck(chunk.payload(i)) {
+            let key_bytes = chunk.key(&chunk.messages[i]).map_or(0, <[u8]>::len);
+            let payload = match self.precheck(key_bytes, chunk.payload(i)) {
                 Ok(p) => p,
                 Err((reason, detail)) => {
                     rejections.push(self.reject(chunk, i, reason, detail));
@@ -362,7 +363,24 @@ impl BodyDecoder {
     }
 
     /// Cheap checks before any parsing, so hostile input costs little.
-    fn precheck<'a>(&self, payload: Option<&'a [u8]>) -> Result<&'a [u8], (RejectReason, String)> {
+    /// The limit is on the whole message, key and value, as Kafka's own is: a key is copied
+    /// into the row (`kafka_key`) and counts toward memory like the value.
+    fn precheck<'a>(
+        &self,
+        key_bytes: usize,
+        payload: Option<&'a [u8]>,
+    ) -> Result<&'a [u8], (RejectReason, String)> {
+        let value_bytes = payload.map_or(0, <[u8]>::len);
+        if key_bytes > 0 && key_bytes + value_bytes > self.limits.max_message_bytes {
+            return Err((
+                RejectReason::TooLarge,
+                format!(
+                    "key of {key_bytes} bytes and value of {value_bytes} bytes, over the limit \
+                     of {} bytes",
+                    self.limits.max_message_bytes
+                ),
+            ));
+        }
         let Some(payload) = payload else {
             return Err((
                 RejectReason::MalformedJson,

@@ -586,7 +586,8 @@ impl TableWriter {
             }
         }
         let payload = message.payload;
-        let bytes = payload.map_or(0, <[u8]>::len);
+        // Keys are buffered and copied into rows too: they count toward batch.max_bytes.
+        let bytes = payload.map_or(0, <[u8]>::len) + message.key.map_or(0, <[u8]>::len);
         let timestamp = message.timestamp_ms;
         if let Some(t) = timestamp {
             state.newest_ms = Some(state.newest_ms.map_or(t, |n| n.max(t)));

@@ -584,3 +584,79 @@ async fn a_kafka_timestamp_beyond_every_date_is_a_dead_letter_not_a_crash() {
         );
     }
 }
+
+/// Keys are part of a message: they count toward `batch.max_bytes` (they are buffered and
+/// copied into `kafka_key`), and a key that makes the message larger than
+/// `ingest.max_message_bytes` is a `too_large` dead letter. Before, only values counted: keys of
+/// any size rode along, past the memory bound (and 4,096 keys of 600 KB overflowed an Arrow
+/// string array).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_keys_count_toward_the_memory_bound_and_an_oversized_key_is_a_dead_letter() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 60_000),
+    );
+    config.batch.max_bytes = 64 * 1024;
+    config.ingest.max_message_bytes = 256 * 1024;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("message.max.bytes", "20000000")
+        .create()
+        .expect("producer");
+    let mut generator = Generator::new(9, 8, chrono::Utc::now().timestamp_millis(), 2);
+    // 30 posts with 20 KB keys (600 KB of keys, 25 KB of values), then one with a 300 KB key.
+    let mut last = 0;
+    for i in 0..31 {
+        let key = if i < 30 {
+            format!("{i:0>20000}")
+        } else {
+            "k".repeat(300 * 1024)
+        };
+        let payload = generator.next(Shape::Mastodon).1;
+        last = producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&payload),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered")
+            .offset;
+    }
+    let mut writer = Writer::start(&config).await;
+    writer
+        .wait_committed(&BTreeMap::from([((topic.to_string(), 0), last)]))
+        .await;
+    let progress = writer.stop().await;
+
+    // 64 KiB of buffered bytes is three 20 KB keys: the batch flushes on bytes many times,
+    // long before the 60 s age limit.
+    assert!(
+        progress.commits >= 8,
+        "keys count toward batch.max_bytes: {} commits for 620 KB of keys",
+        progress.commits
+    );
+    assert_eq!(progress.rows, 30);
+    let dead = query(
+        dir.path(),
+        "SELECT reason, detail FROM enriched_posts_dead_letters",
+    )
+    .await;
+    let reasons: Vec<String> = dead.iter().flat_map(|b| strings(b.column(0))).collect();
+    let details: Vec<String> = dead.iter().flat_map(|b| strings(b.column(1))).collect();
+    assert_eq!(reasons, ["too_large"], "{details:?}");
+    assert!(
+        details[0].contains("key of 307200 bytes"),
+        "the detail names the key: {}",
+        details[0]
+    );
+}
