@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::{FutureExt, Shared};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -253,8 +254,19 @@ pub async fn run(
     health: Option<Arc<Health>>,
 ) -> Result<Vec<Progress>, AppError> {
     check(&config)?;
+    // A writer that fails stops the others too: the process then exits with the error, and
+    // its supervisor (systemd, Kubernetes) restarts it, instead of a service that looks alive
+    // while one table no longer moves.
+    let (failed, on_failure) = watch::channel(false);
+    let stop = async move {
+        let mut on_failure = on_failure;
+        tokio::select! {
+            () = shutdown => {}
+            _ = on_failure.wait_for(|failed| *failed) => {}
+        }
+    };
     // With maintenance on, its thread writes checkpoints, off the commit path.
-    let running = start_writers(&config, shutdown, !config.maintenance.enabled).await?;
+    let running = start_writers(&config, stop, !config.maintenance.enabled).await?;
     let mut maintained = Vec::new();
     let mut helpers = Vec::new();
     for table in &running {
@@ -279,23 +291,37 @@ pub async fn run(
         }
     }
     let maintenance = crate::background::Maintenance::start(&config, maintained);
-    let mut results = Vec::new();
+    let count = running.len();
+    let mut results: Vec<Option<Progress>> = vec![None; count];
     let mut first_error = None;
-    for table in running {
-        match table.task.await {
-            Ok(Ok(progress)) => results.push(progress),
+    // As they end, not in table order: a failure is logged the moment it happens.
+    let mut ending: futures::stream::FuturesUnordered<_> = running
+        .into_iter()
+        .enumerate()
+        .map(|(index, table)| async move { (index, table.name, table.task.await) })
+        .collect();
+    while let Some((index, name, ended)) = ending.next().await {
+        let error = match ended {
+            Ok(Ok(progress)) => {
+                results[index] = Some(progress);
+                continue;
+            }
             Ok(Err(e)) => {
-                tracing::error!(table = %table.name, error = %e, "writer failed");
-                first_error.get_or_insert(AppError::Pipeline(e));
+                tracing::error!(table = %name, error = %e, "writer failed; stopping the other writers so that the service exits with the error");
+                AppError::Pipeline(e)
             }
             Err(join) => {
-                first_error.get_or_insert(AppError::Panicked {
-                    table: table.name,
+                tracing::error!(table = %name, error = %join, "writer task panicked; stopping the other writers so that the service exits with the error");
+                AppError::Panicked {
+                    table: name,
                     message: join.to_string(),
-                });
+                }
             }
-        }
+        };
+        failed.send_replace(true);
+        first_error.get_or_insert(error);
     }
+    let results: Vec<Progress> = results.into_iter().flatten().collect();
     for helper in helpers {
         helper.abort();
     }

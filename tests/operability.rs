@@ -522,3 +522,114 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, ()>) {
         }
     }
 }
+
+/// A writer that fails ends the service at once, with its error, although the other table's
+/// writer is healthy: a supervisor then restarts the process. Before, writers were awaited in
+/// table order, so a failure of the second table was not even logged while the first ran, and
+/// the process stayed up with one table stuck. The failure here: another tool upgrades the
+/// second table to a writer feature sluice does not support.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_writer_ends_the_service_with_its_error_while_another_table_runs() {
+    let kafka = Kafka::new(
+        &[
+            Shape::Mastodon.default_topic(),
+            Shape::Bluesky.default_topic(),
+        ],
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 500),
+    );
+    // Tables of their own names: metrics are per process, shared with the other tests here.
+    let table = |name: &str, shape: Shape| {
+        let schema = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &schema,
+            std::fs::read_to_string(repo().join("schemas/enriched_posts.toml"))
+                .unwrap()
+                .replace("name = \"enriched_posts\"", &format!("name = \"{name}\"")),
+        )
+        .unwrap();
+        let mapping = dir
+            .path()
+            .join(format!("{name}-{}", shape.mapping_file().replace('/', "-")));
+        std::fs::write(
+            &mapping,
+            std::fs::read_to_string(repo().join("schemas").join(shape.mapping_file()))
+                .unwrap()
+                .replace("table = \"enriched_posts\"", &format!("table = \"{name}\"")),
+        )
+        .unwrap();
+        sluice::config::TableConfig {
+            schema,
+            sources: vec![sluice::config::SourceConfig {
+                topic: shape.default_topic().to_string(),
+                mapping,
+            }],
+            dead_letter_topic: None,
+        }
+    };
+    config.tables = vec![
+        table("healthy_posts", Shape::Mastodon),
+        table("other_posts", Shape::Bluesky),
+    ];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = tokio::spawn(sluice::app::run(
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+        None,
+    ));
+
+    // Both tables commit once; then the second one's protocol moves past sluice.
+    let other = dir.path().join("other_posts");
+    let produced = publish(&kafka.brokers(), &[Shape::Bluesky], 20, 0, 0).await;
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    let version = loop {
+        if let Ok(table) =
+            deltalake::open_table(url::Url::from_directory_path(&other).unwrap()).await
+            && table.version().unwrap_or(0) >= 1
+        {
+            break table.version().unwrap();
+        }
+        if service.is_finished() {
+            panic!("the service ended early: {:?}", service.await);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "other_posts never committed ({produced:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    std::fs::write(
+        other
+            .join("_delta_log")
+            .join(format!("{:020}.json", version + 1)),
+        concat!(
+            r#"{"protocol":{"minReaderVersion":1,"minWriterVersion":7,"#,
+            r#""writerFeatures":["aFeatureFromTheFuture"]}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    publish(&kafka.brokers(), &[Shape::Bluesky], 20, 1, 0).await;
+    publish(&kafka.brokers(), &[Shape::Mastodon], 20, 2, 0).await;
+
+    let ended = tokio::time::timeout(CATCH_UP, service).await;
+    let _ = stop.send(());
+    let result = ended
+        .expect("the service ends on its own once a writer fails")
+        .unwrap();
+    let error = result
+        .expect_err("the service ends with the writer's error")
+        .to_string();
+    assert!(
+        error.contains("other_posts") || error.contains("aFeatureFromTheFuture"),
+        "the error names the table or the cause: {error}"
+    );
+}
