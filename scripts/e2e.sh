@@ -56,15 +56,14 @@ finish() {
 }
 trap finish EXIT
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 # Waits for a TCP port to accept connections, or fails naming the process log.
 wait_port() {
   local port=$1 name=$2
   for _ in $(seq 1 150); do
-    if python3 -c "import socket, sys; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then
+    if port_open "$port"; then
       return 0
     fi
     sleep 0.2

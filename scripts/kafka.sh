@@ -29,13 +29,12 @@ SCRIPTS="$(cd "$(dirname "$0")" && pwd)"
 # Heap of the broker: small, the suites' topics hold a few hundred MB at most.
 HEAP="${SLUICE_KAFKA_HEAP:-768m}"
 
+# shellcheck source=scripts/lib.sh
+source "$SCRIPTS/lib.sh"
+
 die() {
   echo "kafka.sh: $*" >&2
   exit 1
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 install() {
@@ -268,20 +267,8 @@ stop() {
 }
 
 stop_broker() {
-  local dir=$1 signal=$2
-  [ -f "$dir/kafka.pid" ] || return 0
-  local pid
-  pid=$(cat "$dir/kafka.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "-$signal" "$pid" 2>/dev/null || true
-    # A clean stop flushes its log; after 30 s it is killed anyway.
-    for _ in $(seq 1 300); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$dir/kafka.pid"
+  # A clean stop flushes its log; after 30 s it is killed anyway.
+  stop_pid_file "$1/kafka.pid" 30 "$2"
 }
 
 case "${1:-}" in

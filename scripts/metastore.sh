@@ -28,13 +28,12 @@ OPENS=(java.base/java.lang java.base/java.lang.reflect java.base/java.io java.ba
   java.base/java.nio java.base/java.util java.base/java.util.concurrent
   java.base/java.util.concurrent.atomic java.base/java.util.regex java.base/sun.nio.ch)
 
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+
 die() {
   echo "metastore.sh: $*" >&2
   exit 1
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 install() {
@@ -185,7 +184,7 @@ EOF
       tail -n 40 "$log" >&2
       die "the metastore exited while starting; log $log"
     fi
-    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then
+    if port_open "$port"; then
       return 0
     fi
     sleep 0.1
@@ -195,19 +194,7 @@ EOF
 }
 
 stop() {
-  local dir=$1
-  [ -f "$dir/metastore.pid" ] || return 0
-  local pid
-  pid=$(cat "$dir/metastore.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$dir/metastore.pid"
+  stop_pid_file "$1/metastore.pid" 10
 }
 
 case "${1:-}" in

@@ -20,13 +20,12 @@ TRINO_JAVA_HOME="${TRINO_JAVA_HOME:-/usr/lib/jvm/temurin-25-jdk-amd64}"
 # Heap of the server: beside a writer, a broker and a metastore on 2 cores and 24 GiB.
 HEAP="${SLUICE_TRINO_HEAP:-2G}"
 
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
 die() {
   echo "trino.sh: $*" >&2
   exit 1
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 install() {
@@ -136,19 +135,7 @@ cli() {
 }
 
 stop() {
-  local dir=$1
-  [ -f "$dir/trino.pid" ] || return 0
-  local pid
-  pid=$(cat "$dir/trino.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 300); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$dir/trino.pid"
+  stop_pid_file "$1/trino.pid" 30
 }
 
 case "${1:-}" in

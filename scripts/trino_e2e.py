@@ -11,6 +11,7 @@ KAFKA_BROKERS, S3_ENDPOINT, SLUICE_TRINO_WORK (a scratch folder), SLUICE_REPO.
 """
 
 import base64
+import csv
 import datetime
 import json
 import math
@@ -142,8 +143,6 @@ def sluice_sql(config, *, command=None, file=None, version=None, as_of=None):
 
 
 def csv_rows(lines):
-    import csv
-
     return list(csv.reader(lines))
 
 
