@@ -545,31 +545,19 @@ impl BodyDecoder {
         }
         self.canonicalize_labels(&mut columns);
         // Instants outside years 1 to 9999 (a producer's CreateTime, an event time) have no date:
-        // such a row is a dead letter, and its day below is only a placeholder.
-        let mut no_date: Vec<(usize, String)> = Vec::new();
+        // such a row is a dead letter, and its day below is only a placeholder. A Kafka
+        // timestamp counts when the table stores it or a row's event_date falls back on it.
         let kafka_time_stored = self
             .table
             .columns
             .iter()
             .any(|c| c.source == Some(ColumnSource::KafkaTimestamp));
-        let kafka_time = |r: usize, meta: &MessageMeta, no_date: &mut Vec<(usize, String)>| {
-            let ms = meta.timestamp_ms?;
-            let micros = contract::kafka_micros(ms);
-            if micros.is_none() {
-                no_date.push((
-                    r,
-                    format!(
-                        "Kafka timestamp {ms} ms is outside {}",
-                        contract::INSTANT_RANGE
-                    ),
-                ));
-            }
-            micros
-        };
+        let mut no_date: Vec<(usize, String)> = Vec::new();
         if kafka_time_stored {
-            for (r, meta) in metas.iter().enumerate() {
-                kafka_time(r, meta, &mut no_date);
-            }
+            no_date.extend(
+                (metas.iter().enumerate())
+                    .filter_map(|(r, meta)| Some((r, kafka_time_problem(meta)?))),
+            );
         }
         for (pos, col) in self.table.columns.iter().enumerate() {
             if col.source != Some(ColumnSource::EventDate) {
@@ -601,8 +589,13 @@ impl BodyDecoder {
                         ));
                         None
                     }
-                    None if kafka_time_stored => meta.timestamp_ms.and_then(contract::kafka_micros),
-                    None => kafka_time(r, meta, &mut no_date),
+                    None => {
+                        let micros = meta.timestamp_ms.and_then(contract::kafka_micros);
+                        if !kafka_time_stored && let Some(problem) = kafka_time_problem(meta) {
+                            no_date.push((r, problem));
+                        }
+                        micros
+                    }
                 };
                 let micros = micros.unwrap_or(ingested_at_us);
                 days.push(micros.div_euclid(MICROS_PER_DAY) as i32);
@@ -722,6 +715,17 @@ impl BodyDecoder {
             }
         }
     }
+}
+
+/// Why a message's Kafka timestamp has no instant (outside years 1 to 9999), if it has none.
+fn kafka_time_problem(meta: &MessageMeta) -> Option<String> {
+    let ms = meta.timestamp_ms?;
+    contract::kafka_micros(ms).is_none().then(|| {
+        format!(
+            "Kafka timestamp {ms} ms is outside {}",
+            contract::INSTANT_RANGE
+        )
+    })
 }
 
 /// Where nesting first exceeds `max_depth`, scanning bytes outside strings.

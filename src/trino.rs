@@ -82,12 +82,11 @@ pub fn registration_sql(
     target: &Target,
     source: &str,
 ) -> Result<String, TrinoError> {
-    let root = &config.storage.root;
-    if !root.starts_with("s3://") && !root.starts_with("s3a://") {
-        return Err(TrinoError::LocalRoot(root.clone()));
-    }
-    let catalog = identifier(&target.catalog)?;
-    let schema = identifier(&target.schema)?;
+    let Plan {
+        catalog,
+        schema,
+        entries,
+    } = plan(config, tables, target)?;
     let s3 = &config.storage.s3;
     let mut sql = format!(
         "-- Registers the tables of {source} in Trino: catalog `{catalog}`, schema `{schema}`.\n\
@@ -106,18 +105,50 @@ pub fn registration_sql(
             "path-style"
         },
     );
-    for table in tables {
-        for name in [table.clone(), dead_letters::table_name(table)] {
-            let name = identifier(&name)?.to_string();
-            sql.push_str(&format!(
-                "\nCALL {catalog}.system.register_table(\n  schema_name => {},\n  table_name => {},\n  table_location => {});\n",
-                literal(schema),
-                literal(&name),
-                literal(&table_location(root, &name)),
-            ));
-        }
+    for (name, location) in &entries {
+        sql.push_str(&format!(
+            "\nCALL {catalog}.system.register_table(\n  schema_name => {},\n  table_name => {},\n  table_location => {});\n",
+            literal(schema),
+            literal(name),
+            literal(location),
+        ));
     }
     Ok(sql)
+}
+
+/// What both ways of registering register: the checked catalog and schema, and every table
+/// of the config and its dead letters with its location.
+struct Plan<'a> {
+    catalog: &'a str,
+    schema: &'a str,
+    /// (table name, location)
+    entries: Vec<(String, String)>,
+}
+
+fn plan<'a>(
+    config: &Config,
+    tables: &[String],
+    target: &'a Target,
+) -> Result<Plan<'a>, TrinoError> {
+    let root = &config.storage.root;
+    if !root.starts_with("s3://") && !root.starts_with("s3a://") {
+        return Err(TrinoError::LocalRoot(root.clone()));
+    }
+    let catalog = identifier(&target.catalog)?;
+    let schema = identifier(&target.schema)?;
+    let mut entries = Vec::new();
+    for table in tables {
+        for name in [table.clone(), dead_letters::table_name(table)] {
+            identifier(&name)?;
+            let location = table_location(root, &name);
+            entries.push((name, location));
+        }
+    }
+    Ok(Plan {
+        catalog,
+        schema,
+        entries,
+    })
 }
 
 /// How long one statement may take, from the first request to its last page.
@@ -267,12 +298,11 @@ pub async fn register(
     tables: &[String],
     target: &Target,
 ) -> Result<Vec<Registration>, TrinoError> {
-    let root = &config.storage.root;
-    if !root.starts_with("s3://") && !root.starts_with("s3a://") {
-        return Err(TrinoError::LocalRoot(root.clone()));
-    }
-    let catalog = identifier(&target.catalog)?;
-    let schema = identifier(&target.schema)?;
+    let Plan {
+        catalog,
+        schema,
+        entries,
+    } = plan(config, tables, target)?;
     client
         .execute(&format!("CREATE SCHEMA IF NOT EXISTS {catalog}.{schema}"))
         .await?;
@@ -286,50 +316,44 @@ pub async fn register(
         .filter_map(|row| row.first().and_then(|v| v.as_str()).map(str::to_string))
         .collect();
     let mut done = Vec::new();
-    for table in tables {
-        for name in [table.clone(), dead_letters::table_name(table)] {
-            let name = identifier(&name)?.to_string();
-            let location = table_location(root, &name);
-            let qualified = format!("{catalog}.{schema}.{name}");
-            let outcome = if existing.contains(&name) {
-                let rows = client
-                    .execute(&format!("SHOW CREATE TABLE {qualified}"))
-                    .await?;
-                let text = rows
-                    .first()
-                    .and_then(|row| row.first())
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default();
-                match create_table_location(text) {
-                    Some(registered) if same_location(&registered, &location) => {
-                        Outcome::AlreadyThere
-                    }
-                    registered => {
-                        return Err(TrinoError::Elsewhere {
-                            table: qualified,
-                            registered: registered.unwrap_or_else(|| "no location".into()),
-                            expected: location,
-                        });
-                    }
+    for (name, location) in entries {
+        let qualified = format!("{catalog}.{schema}.{name}");
+        let outcome = if existing.contains(&name) {
+            let rows = client
+                .execute(&format!("SHOW CREATE TABLE {qualified}"))
+                .await?;
+            let text = rows
+                .first()
+                .and_then(|row| row.first())
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            match create_table_location(text) {
+                Some(registered) if same_location(&registered, &location) => Outcome::AlreadyThere,
+                registered => {
+                    return Err(TrinoError::Elsewhere {
+                        table: qualified,
+                        registered: registered.unwrap_or_else(|| "no location".into()),
+                        expected: location,
+                    });
                 }
-            } else {
-                client
-                    .execute(&format!(
-                        "CALL {catalog}.system.register_table(schema_name => {}, \
-                         table_name => {}, table_location => {})",
-                        literal(schema),
-                        literal(&name),
-                        literal(&location),
-                    ))
-                    .await?;
-                Outcome::Registered
-            };
-            done.push(Registration {
-                name: qualified,
-                location,
-                outcome,
-            });
-        }
+            }
+        } else {
+            client
+                .execute(&format!(
+                    "CALL {catalog}.system.register_table(schema_name => {}, \
+                     table_name => {}, table_location => {})",
+                    literal(schema),
+                    literal(&name),
+                    literal(&location),
+                ))
+                .await?;
+            Outcome::Registered
+        };
+        done.push(Registration {
+            name: qualified,
+            location,
+            outcome,
+        });
     }
     Ok(done)
 }
