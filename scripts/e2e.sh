@@ -15,14 +15,13 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 export PATH="$HOME/.cargo/bin:$PATH"
-MOTO_VERSION=5.2.1
 
 logs="$(mktemp -d /tmp/sluice-e2e.XXXXXX)"
 pids=()
 
 finish() {
   local status=$?
-  for pid in "${pids[@]}"; do
+  for pid in "${pids[@]}" ${MOTO_PID:-}; do
     kill -9 "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
@@ -59,33 +58,14 @@ trap finish EXIT
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-# Waits for a TCP port to accept connections, or fails naming the process log.
-wait_port() {
-  local port=$1 name=$2
-  for _ in $(seq 1 150); do
-    if port_open "$port"; then
-      return 0
-    fi
-    sleep 0.2
-  done
-  echo "$name did not listen on 127.0.0.1:$port; see $logs/$name.log" >&2
-  return 1
-}
-
 bash scripts/kafka.sh install
-if ! python3 -c "import moto, flask, flask_cors; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
-  echo "== installing moto $MOTO_VERSION (pip)"
-  python3 -m pip install --quiet "moto[s3]==$MOTO_VERSION" flask flask-cors
-fi
+install_moto
 
 echo "== building the suite"
 cargo test --release --test e2e --no-run
 
-s3_port=$(free_port)
-python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$logs/moto.log" 2>&1 &
-pids+=($!)
-wait_port "$s3_port" moto
-curl -fsS -X PUT "http://127.0.0.1:$s3_port/lakehouse" >/dev/null
+# Stopped by finish() through MOTO_PID, also when it fails to start.
+start_moto "$logs/moto.log"
 
 # The shared broker; scenarios that restart a broker start their own with the same script.
 if ! bash scripts/kafka.sh start "$logs/kafka"; then
@@ -99,7 +79,7 @@ source "$logs/kafka/kafka.env"
 # moto does not check credentials, but the S3 client wants some.
 export AWS_ACCESS_KEY_ID=sluice-e2e AWS_SECRET_ACCESS_KEY=sluice-e2e AWS_REGION=us-east-1
 export SLUICE_E2E_KAFKA_ENV="$logs/kafka/kafka.env"
-export SLUICE_E2E_S3="http://127.0.0.1:$s3_port"
+export SLUICE_E2E_S3="$MOTO_ENDPOINT"
 export SLUICE_E2E_BUCKET=lakehouse
 export SLUICE_E2E_LOGS="$logs"
 echo "== end-to-end suite: broker $KAFKA_PLAINTEXT, S3 $SLUICE_E2E_S3, logs $logs"

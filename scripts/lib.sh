@@ -27,3 +27,33 @@ stop_pid_file() {
   fi
   rm -f "$file"
 }
+
+# moto's S3 server, standing in for S3/MinIO in the end-to-end suites.
+MOTO_VERSION=5.2.1
+
+# Installs moto (pip) when this version is missing.
+install_moto() {
+  if ! python3 -c "import moto, flask, flask_cors; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
+    echo "== installing moto $MOTO_VERSION (pip)"
+    python3 -m pip install --quiet "moto[s3]==$MOTO_VERSION" flask flask-cors
+  fi
+}
+
+# start_moto LOG: moto on a free loopback port, logging to LOG, with the bucket `lakehouse`.
+# Sets MOTO_PID and MOTO_ENDPOINT (http://127.0.0.1:port).
+start_moto() {
+  local log=$1 port
+  port=$(free_port)
+  python3 -m moto.server -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+  MOTO_PID=$!
+  for _ in $(seq 1 150); do
+    if port_open "$port"; then
+      curl -fsS -X PUT "http://127.0.0.1:$port/lakehouse" >/dev/null
+      MOTO_ENDPOINT="http://127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "moto did not listen on 127.0.0.1:$port; see $log" >&2
+  return 1
+}

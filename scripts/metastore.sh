@@ -53,6 +53,11 @@ install() {
   mv "$HOME_DIR/apache-hive-metastore-$HIVE_VERSION-bin" "$HOME_DIR/hive"
   # Hadoop is an optional dependency of the standalone metastore: its jars are not in the
   # archive, nor is the SLF4J API its log4j2 binding implements. Logging stays with log4j2.
+  local no_logging='      <exclusions>
+        <exclusion><groupId>org.slf4j</groupId><artifactId>*</artifactId></exclusion>
+        <exclusion><groupId>ch.qos.reload4j</groupId><artifactId>*</artifactId></exclusion>
+        <exclusion><groupId>log4j</groupId><artifactId>*</artifactId></exclusion>
+      </exclusions>'
   cat >"$HOME_DIR/pom.xml" <<EOF
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -70,11 +75,7 @@ install() {
       <groupId>org.apache.hadoop</groupId>
       <artifactId>hadoop-common</artifactId>
       <version>$HADOOP_VERSION</version>
-      <exclusions>
-        <exclusion><groupId>org.slf4j</groupId><artifactId>*</artifactId></exclusion>
-        <exclusion><groupId>ch.qos.reload4j</groupId><artifactId>*</artifactId></exclusion>
-        <exclusion><groupId>log4j</groupId><artifactId>*</artifactId></exclusion>
-      </exclusions>
+$no_logging
     </dependency>
     <dependency>
       <groupId>org.apache.hadoop</groupId>
@@ -92,11 +93,7 @@ install() {
       <groupId>org.apache.hadoop</groupId>
       <artifactId>hadoop-mapreduce-client-core</artifactId>
       <version>$HADOOP_VERSION</version>
-      <exclusions>
-        <exclusion><groupId>org.slf4j</groupId><artifactId>*</artifactId></exclusion>
-        <exclusion><groupId>ch.qos.reload4j</groupId><artifactId>*</artifactId></exclusion>
-        <exclusion><groupId>log4j</groupId><artifactId>*</artifactId></exclusion>
-      </exclusions>
+$no_logging
     </dependency>
     <dependency>
       <groupId>org.apache.hadoop</groupId>

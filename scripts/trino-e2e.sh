@@ -21,20 +21,18 @@ repo=$(pwd)
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 export PATH="$HOME/.cargo/bin:$PATH"
-MOTO_VERSION=5.2.1
 
 work="$(mktemp -d /tmp/sluice-trino.XXXXXX)"
-pids=()
 
 finish() {
   local status=$?
   bash scripts/trino.sh stop "$work/trino" 2>/dev/null || true
   bash scripts/metastore.sh stop "$work/metastore" 2>/dev/null || true
   bash scripts/kafka.sh stop "$work/kafka" 2>/dev/null || true
-  for pid in "${pids[@]}"; do
-    kill -9 "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
+  if [ -n "${MOTO_PID:-}" ]; then
+    kill -9 "$MOTO_PID" 2>/dev/null || true
+    wait "$MOTO_PID" 2>/dev/null || true
+  fi
   # Writers and producers the checks started, should the checks themselves have been killed.
   pkill -9 -f -- "--config $work/" 2>/dev/null || true
   if [ "$status" -ne 0 ]; then
@@ -60,26 +58,12 @@ trap finish EXIT
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-wait_port() {
-  local port=$1 name=$2
-  for _ in $(seq 1 150); do
-    if port_open "$port"; then
-      return 0
-    fi
-    sleep 0.2
-  done
-  echo "$name did not listen on 127.0.0.1:$port; see $work/$name.log" >&2
-  return 1
-}
 
 started=$(date +%s)
 bash scripts/kafka.sh install
 bash scripts/metastore.sh install
 bash scripts/trino.sh install
-if ! python3 -c "import moto, flask, flask_cors; assert moto.__version__ == '$MOTO_VERSION'" 2>/dev/null; then
-  echo "== installing moto $MOTO_VERSION (pip)"
-  python3 -m pip install --quiet "moto[s3]==$MOTO_VERSION" flask flask-cors
-fi
+install_moto
 echo "== building sluice"
 cargo build --release --bin sluice
 echo "== installed and built in $(($(date +%s) - started)) s"
@@ -87,12 +71,9 @@ echo "== installed and built in $(($(date +%s) - started)) s"
 # moto does not check credentials, but every S3 client wants some.
 export AWS_ACCESS_KEY_ID=sluice-trino AWS_SECRET_ACCESS_KEY=sluice-trino AWS_REGION=us-east-1
 
-s3_port=$(free_port)
-python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
-pids+=($!)
-wait_port "$s3_port" moto
-curl -fsS -X PUT "http://127.0.0.1:$s3_port/lakehouse" >/dev/null
-export S3_ENDPOINT="http://127.0.0.1:$s3_port"
+# Stopped by finish() through MOTO_PID, also when it fails to start.
+start_moto "$work/moto.log"
+export S3_ENDPOINT="$MOTO_ENDPOINT"
 
 bash scripts/kafka.sh start "$work/kafka" >/dev/null
 # shellcheck disable=SC1091
