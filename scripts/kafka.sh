@@ -219,11 +219,7 @@ start() {
   dir=$(cd "$dir" && pwd)
   make_certificates "$dir/tls"
   local plaintext ssl sasl controller oidc password
-  plaintext=$(free_port)
-  ssl=$(free_port)
-  sasl=$(free_port)
-  controller=$(free_port)
-  oidc=$(free_port)
+  read -r plaintext ssl sasl controller oidc < <(free_ports 5)
   password=$(openssl rand -hex 16)
   write_config "$dir" "$plaintext" "$ssl" "$sasl" "$controller" "$oidc"
   cat >"$dir/kafka.env" <<EOF

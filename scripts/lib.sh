@@ -5,6 +5,16 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# free_ports N: N distinct free TCP ports on loopback, bound together so that none repeats
+# (one free_port after another can get the port it was just given back).
+free_ports() {
+  python3 -c 'import socket, sys
+sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in sockets:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in sockets))' "$1"
+}
+
 # Succeeds when something accepts TCP connections on 127.0.0.1:PORT.
 port_open() {
   python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 1)" 2>/dev/null
