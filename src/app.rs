@@ -129,6 +129,38 @@ pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
     Ok(names)
 }
 
+/// Opens (creating them when absent) a table and its dead-letter table, both recording
+/// positions under the configured group's txn app ids.
+pub async fn open_sinks(
+    config: &Config,
+    schema: &Arc<TableSchema>,
+) -> Result<(DeltaSink, DeltaSink), AppError> {
+    let open = |location: String, schema: Arc<TableSchema>| async move {
+        DeltaSink::open_or_create(
+            &location,
+            config.storage_options(),
+            schema,
+            &config.kafka.group_id,
+            config.delta.checkpoint_interval,
+            config.delta.zstd_level,
+        )
+        .await
+        .map_err(|e| AppError::from(PipelineError::from(e)))
+    };
+    let table = open(
+        table_location(&config.storage.root, &schema.name),
+        schema.clone(),
+    )
+    .await?;
+    let dead_letter_schema = Arc::new(dead_letters::schema(&schema.name)?);
+    let dead_letters = open(
+        table_location(&config.storage.root, &dead_letter_schema.name),
+        dead_letter_schema,
+    )
+    .await?;
+    Ok((table, dead_letters))
+}
+
 /// Opens every table, subscribes its consumer and starts its writer task. Writers stop when
 /// `shutdown` resolves, after committing what they buffered. Commits write checkpoints.
 pub async fn start(
@@ -152,30 +184,7 @@ async fn start_writers(
     for (table, table_config) in loaded {
         let name = table.schema.name.clone();
         let location = table_location(&config.storage.root, &name);
-        let opening = async {
-            let sink = DeltaSink::open_or_create(
-                &location,
-                config.storage_options(),
-                table.schema.clone(),
-                &config.kafka.group_id,
-                config.delta.checkpoint_interval,
-                config.delta.zstd_level,
-            )
-            .await
-            .map_err(PipelineError::from)?;
-            let dead_letter_schema = Arc::new(dead_letters::schema(&name)?);
-            let dead_letter_sink = DeltaSink::open_or_create(
-                &table_location(&config.storage.root, &dead_letter_schema.name),
-                config.storage_options(),
-                dead_letter_schema,
-                &config.kafka.group_id,
-                config.delta.checkpoint_interval,
-                config.delta.zstd_level,
-            )
-            .await
-            .map_err(PipelineError::from)?;
-            Ok::<_, AppError>((sink, dead_letter_sink))
-        };
+        let opening = open_sinks(config, &table.schema);
         // Opening a table on an unreachable store retries for minutes; a shutdown then stops
         // the service at once, before anything was consumed.
         let opened = tokio::select! {

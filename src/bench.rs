@@ -31,15 +31,12 @@ use deltalake::parquet::arrow::ArrowWriter;
 use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
 
-use crate::app::{self, AppError, load_table};
+use crate::app::{self, AppError, load_table, open_sinks};
 use crate::batch::BatchLimits;
 use crate::compact::{CompactOptions, compact};
 use crate::config::{Config, KAFKA_PROPERTIES_ENV};
-use crate::dead_letters;
 use crate::decode::{BodyDecoder, Chunk};
-use crate::delta::{
-    DeltaSink, PartitionKey, open_table, parquet_properties, register_table, table_location,
-};
+use crate::delta::{PartitionKey, open_table, parquet_properties, register_table, table_location};
 use crate::generator::{Generator, Shape};
 use crate::kafka::Connection;
 use crate::pipeline::{Destination, Progress, Record, TableWriter};
@@ -695,30 +692,9 @@ fn limit_row(
 
 async fn open_destination(config: &Config) -> Result<Destination, BenchError> {
     let loaded = load_table(config, &config.tables[0])?;
-    let name = loaded.schema.name.clone();
-    let open = |location: String, schema| async move {
-        DeltaSink::open_or_create(
-            &location,
-            config.storage_options(),
-            schema,
-            &config.kafka.group_id,
-            config.delta.checkpoint_interval,
-            config.delta.zstd_level,
-        )
+    let (table, dead_letters) = open_sinks(config, &loaded.schema)
         .await
-        .map_err(|e| BenchError::Setup(e.to_string()))
-    };
-    let table = open(
-        table_location(&config.storage.root, &name),
-        loaded.schema.clone(),
-    )
-    .await?;
-    let dead_letter_schema = Arc::new(dead_letters::schema(&name).map_err(AppError::from)?);
-    let dead_letters = open(
-        table_location(&config.storage.root, &dead_letter_schema.name),
-        dead_letter_schema,
-    )
-    .await?;
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(Destination {
         table,
         dead_letters,

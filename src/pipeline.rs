@@ -1014,12 +1014,10 @@ impl TableWriter {
             // Nobody committed since our positions were last confirmed.
             return Ok(Vec::new());
         }
-        let keys: Vec<PartitionKey> = self
-            .partitions
-            .iter()
-            .filter(|(_, s)| s.ledger.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
+        // Every owned partition, buffered or not: the version is marked verified below, and a
+        // partition another writer moved while this one had nothing of it buffered would
+        // otherwise be committed later from its old position.
+        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
         let mut landed = Vec::new();
         for key in keys {
             let actual = self.sink.txn_version(&key).await?;
@@ -1031,17 +1029,16 @@ impl TableWriter {
                 continue;
             }
             let ours = in_flight.get(&key).copied();
-            if actual.is_some() && actual == ours {
+            if let Some(ledger) = &state.ledger
+                && actual.is_some()
+                && actual == ours
+            {
                 // An earlier attempt of this very flush landed before its error surfaced.
-                let ledger = state
-                    .ledger
-                    .clone()
-                    .expect("only buffered partitions are checked");
-                landed.push((key, ledger));
+                landed.push((key, ledger.clone()));
                 continue;
             }
             tracing::warn!(table = %self.sink.name(), partition = %key, believed = ?state.committed, actual = ?actual,
-                "the table holds another position for this partition; dropping its buffer and re-reading");
+                dropped = state.messages, "the table holds another position for this partition; dropping its buffer and re-reading from there");
             metrics::counter!("sluice_position_resets_total", "table" => self.sink.name().to_string(),
                 "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                 .increment(1);

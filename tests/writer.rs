@@ -11,10 +11,11 @@ use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
 use common::*;
-use sluice::app::load_table;
+use sluice::app::{load_table, open_sinks};
 use sluice::decode::Chunk;
-use sluice::delta::{open_table, table_location};
+use sluice::delta::{PartitionKey, open_table, table_location};
 use sluice::generator::{Generator, Shape};
+use sluice::pipeline::{Destination, Record, TableWriter};
 
 const ALL: [Shape; 3] = Shape::ALL;
 
@@ -367,4 +368,99 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     assert_eq!(again.table_rows, 1485);
     let dead: i64 = again.dead_letters.iter().map(|(_, n)| n).sum();
     assert_eq!(dead, 15);
+}
+
+/// A writer fed directly (no broker) that owns `partitions` of the Mastodon topic, starting
+/// from the table's positions as an assignment would.
+async fn fed_writer(config: &sluice::config::Config, partitions: &[i32]) -> TableWriter {
+    let loaded = load_table(config, &config.tables[0]).unwrap();
+    let (table, dead_letters) = open_sinks(config, &loaded.schema).await.unwrap();
+    let owned = partitions
+        .iter()
+        .map(|&partition| PartitionKey {
+            topic: Arc::from(Shape::Mastodon.default_topic()),
+            partition,
+        })
+        .collect();
+    let destination = Destination {
+        table,
+        dead_letters,
+        forwarder: None,
+    };
+    let decoding = config.ingest.decoding();
+    TableWriter::without_broker(destination, loaded.decoders, config.batch, decoding, owned)
+        .await
+        .unwrap()
+        .0
+}
+
+/// Feeds `offsets` of `partition` to `writer`, post `offset` of `posts` at each.
+async fn feed(
+    writer: &mut TableWriter,
+    posts: &[(String, Vec<u8>)],
+    partition: i32,
+    offsets: std::ops::Range<i64>,
+) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for offset in offsets {
+        let (key, payload) = &posts[offset as usize];
+        let record = Record {
+            topic: Shape::Mastodon.default_topic(),
+            partition,
+            offset,
+            timestamp_ms: Some(now),
+            key: Some(key.as_bytes()),
+            payload: Some(payload),
+        };
+        writer.ingest(record).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_missed_a_takeover_of_an_idle_partition_rereads_it_instead_of_committing_it_again()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        "127.0.0.1:1",
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(5, 600_000),
+    );
+    let mut generator = Generator::new(31, 16, 1_780_000_000_000, 3);
+    let posts: Vec<_> = (0..10).map(|_| generator.next(Shape::Mastodon)).collect();
+
+    // A owns partitions 0 and 1 and has read nothing of 1 yet.
+    let mut a = fed_writer(&config, &[0, 1]).await;
+    // B has taken partition 1 over (A has not been told) and commits offsets 0..10 of it.
+    let mut b = fed_writer(&config, &[1]).await;
+    feed(&mut b, &posts, 1, 0..10).await;
+    b.finish().await.unwrap();
+    // A commits a batch of partition 0: the table moved since A last looked, so this is when
+    // A must learn where partition 1 stands.
+    feed(&mut a, &posts, 0, 0..5).await;
+    // Then A receives partition 1 from its old position, with nothing buffered in between.
+    feed(&mut a, &posts, 1, 0..5).await;
+    a.finish().await.unwrap();
+
+    let rows = table_offsets(dir.path()).await;
+    let expected = BTreeMap::from([
+        ((Shape::Mastodon.default_topic().to_string(), 0), 4),
+        ((Shape::Mastodon.default_topic().to_string(), 1), 9),
+    ]);
+    assert_exactly_once(&rows, &expected, &BTreeSet::new());
+    assert_eq!(rows.len(), 15);
+    let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let position =
+        sluice::delta::committed_offset(&table, "sluice-test", Shape::Mastodon.default_topic(), 1)
+            .await
+            .unwrap();
+    assert_eq!(
+        position,
+        Some(9),
+        "partition 1's position never moves backwards"
+    );
 }
