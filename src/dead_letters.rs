@@ -4,9 +4,10 @@
 //! Exactly-once across the two tables: a flush commits its dead letters first, with one txn per
 //! Kafka partition (version = last offset the flush covers), then its rows. A crash in between
 //! leaves dead letters whose rows never landed; the restarted writer re-reads those messages
-//! from the main table's position and skips every dead letter at or below the dead-letter
-//! table's txn version, because those are already stored. Every consumed offset therefore ends
-//! up exactly once in one of the two tables.
+//! from the main table's position and reads which offsets up to the dead-letter table's txn
+//! version are stored: those stay dead letters (never decoded into rows again, whatever the
+//! contract or the clock says now), the others are decoded and stored as usual. Every consumed
+//! offset therefore ends up exactly once in one of the two tables.
 
 use std::collections::HashSet;
 use std::path::Path;

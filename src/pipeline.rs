@@ -8,7 +8,7 @@
 //!    rows and positions land atomically; a failed commit whose txn versions turn out to be in
 //!    the table is recognised as landed, never written twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -192,6 +192,19 @@ struct PartitionState {
     /// Renewed whenever the buffer is dropped (unique within the writer), so a decode started
     /// before is discarded.
     generation: u64,
+    /// Dead letters an interrupted flush stored past `committed`, until the table passes them.
+    interrupted: Option<Interrupted>,
+}
+
+/// What a flush that stored its dead letters but never its rows (a crash in between) decided
+/// for its partition, read back from the dead-letter table. Those offsets stay dead letters
+/// whatever decoding them again would say now (a contract, a limit or the clock may have
+/// changed), so every offset of the range has exactly one outcome.
+struct Interrupted {
+    /// The dead-letter table's position for the partition: the end of the interrupted flush.
+    through: i64,
+    /// Offsets stored as dead letters past the table's position.
+    stored: HashSet<i64>,
 }
 
 /// Counters labelled with a table, topic and partition.
@@ -234,11 +247,30 @@ impl PartitionState {
             newest_ms: None,
             counters,
             generation,
+            interrupted: None,
         }
     }
 
+    /// Drops the buffer; the position and what an interrupted flush decided stay.
     fn clear(&mut self, key: &PartitionKey, generation: u64) {
+        let interrupted = self.interrupted.take();
         *self = PartitionState::new(key, self.committed, self.counters.clone(), generation);
+        self.interrupted = interrupted.filter(|i| self.committed.is_none_or(|c| i.through > c));
+    }
+
+    /// Takes `offset` into the buffer's ledger.
+    fn cover(&mut self, offset: i64) {
+        match &mut self.ledger {
+            Some(l) => l.last_offset = offset,
+            None => {
+                self.ledger = Some(PartitionLedger {
+                    first_offset: offset,
+                    last_offset: offset,
+                    rows: 0,
+                    rejected: 0,
+                })
+            }
+        }
     }
 }
 
@@ -535,10 +567,9 @@ impl TableWriter {
                     }
                     let counters = PartitionCounters::new(self.sink.name(), &key);
                     let generation = advance(&mut self.generation);
-                    self.partitions.insert(
-                        key.clone(),
-                        PartitionState::new(&key, committed, counters, generation),
-                    );
+                    let mut state = PartitionState::new(&key, committed, counters, generation);
+                    state.interrupted = self.interrupted_flush(&key, committed).await?;
+                    self.partitions.insert(key.clone(), state);
                 }
                 self.recount_undecoded();
                 self.progress.assigned_once = true;
@@ -585,6 +616,19 @@ impl TableWriter {
                     .increment((offset - next) as u64);
             }
         }
+        if state
+            .interrupted
+            .as_ref()
+            .is_some_and(|i| i.stored.contains(&offset))
+        {
+            // Already a dead letter: an interrupted flush decided it and stored it.
+            state.cover(offset);
+            if let Some(l) = &mut state.ledger {
+                l.rejected += 1;
+            }
+            state.messages += 1;
+            return self.count_buffered(0);
+        }
         let payload = message.payload;
         // Keys are buffered and copied into rows too: they count toward batch.max_bytes.
         let bytes = payload.map_or(0, <[u8]>::len) + message.key.map_or(0, <[u8]>::len);
@@ -595,17 +639,7 @@ impl TableWriter {
         state.pending.push(offset, timestamp, message.key, payload);
         state.bytes += bytes;
         state.messages += 1;
-        match &mut state.ledger {
-            Some(l) => l.last_offset = offset,
-            None => {
-                state.ledger = Some(PartitionLedger {
-                    first_offset: offset,
-                    last_offset: offset,
-                    rows: 0,
-                    rejected: 0,
-                })
-            }
-        }
+        state.cover(offset);
         self.undecoded += 1;
         if state.pending.len() >= self.decoding.chunk {
             self.due.push(key);
@@ -617,6 +651,11 @@ impl TableWriter {
                 self.due.push(fullest.clone());
             }
         }
+        self.count_buffered(bytes)
+    }
+
+    /// Counts one more buffered message of `bytes` toward the batch limits.
+    fn count_buffered(&mut self, bytes: usize) -> Option<FlushReason> {
         let first = self.batcher.rows() == 0;
         let reason = self.batcher.add(1, bytes, Instant::now());
         if first {
@@ -1045,6 +1084,14 @@ impl TableWriter {
             self.batcher.remove(state.messages, state.bytes);
             state.committed = actual;
             state.clear(&key, advance(&mut self.generation));
+            // The writer that moved it may have been interrupted in turn.
+            self.dead_letters.refresh().await?;
+            let interrupted = self.interrupted_flush(&key, actual).await?;
+            let state = self
+                .partitions
+                .get_mut(&key)
+                .expect("key taken from the map");
+            state.interrupted = interrupted;
             if let Some(source) = &self.source {
                 let offset = source.start_offset(actual);
                 if let Err(e) = source.seek(&key, offset) {
@@ -1155,10 +1202,15 @@ impl TableWriter {
         let _ = self.progress_tx.send(self.progress.clone());
     }
 
+    /// Catches up with both tables, retrying while the store fails transiently.
     async fn refresh_with_retry(&mut self) -> Result<(), DeltaError> {
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.sink.refresh().await {
+            let refreshed = match self.sink.refresh().await {
+                Ok(()) => self.dead_letters.refresh().await,
+                Err(e) => Err(e),
+            };
+            match refreshed {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(table = %self.sink.name(), error = %e, "cannot read the table; retrying");
@@ -1169,6 +1221,32 @@ impl TableWriter {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The dead letters a flush stored past `committed` before it was interrupted, read from
+    /// the dead-letter table as last refreshed.
+    async fn interrupted_flush(
+        &self,
+        key: &PartitionKey,
+        committed: Option<i64>,
+    ) -> Result<Option<Interrupted>, DeltaError> {
+        let Some(through) = self.dead_letters.txn_version(key).await? else {
+            return Ok(None);
+        };
+        if committed.is_some_and(|c| through <= c) {
+            return Ok(None);
+        }
+        let stored =
+            dead_letters::stored_offsets(self.dead_letters.table(), key, committed, through)
+                .await
+                .map_err(|source| DeltaError::Delta {
+                    table: self.dead_letters.name().to_string(),
+                    operation: "read stored dead letters",
+                    source: Box::new(source),
+                })?;
+        tracing::info!(table = %self.sink.name(), partition = %key, position = ?committed, through, dead_letters = stored.len(),
+            "an interrupted flush stored dead letters past the table's position; they stay dead letters");
+        Ok(Some(Interrupted { through, stored }))
     }
 }
 

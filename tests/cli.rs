@@ -357,19 +357,12 @@ async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_to
 
     // Restart with a stricter contract: posts with more than 250 likes are now out of range,
     // including posts of the interrupted flush that were rows the first time.
-    let repo = env!("CARGO_MANIFEST_DIR");
-    let schema = std::fs::read_to_string(format!("{repo}/schemas/enriched_posts.toml"))
-        .unwrap()
-        .replacen(
-            "name = \"like_count\"\ntype = \"long\"\nrange = [0, inf]",
-            "name = \"like_count\"\ntype = \"long\"\nrange = [0, 250]",
-            1,
-        );
-    assert!(schema.contains("range = [0, 250]"));
-    let strict = dir.path().join("strict.toml");
-    std::fs::write(&strict, schema).unwrap();
-    let config_file =
-        write_config_with(dir.path(), &kafka.brokers(), 100, &strict.to_string_lossy());
+    let config_file = write_config_with(
+        dir.path(),
+        &kafka.brokers(),
+        100,
+        &strict_schema(dir.path()),
+    );
     let lake = dir.path().join("lake");
     let caught_up = run_until(&config_file, async || {
         let rows = rows_if_created(&lake).await as i64;
@@ -389,6 +382,59 @@ async fn a_contract_tightened_across_such_a_crash_stores_the_new_dead_letters_to
     )
     .await;
     assert!(scalar_i64(&early_out_of_range) > 0, "{report}");
+}
+
+/// `schemas/enriched_posts.toml` with `like_count` limited to `[0, 250]`, written into `dir`.
+fn strict_schema(dir: &std::path::Path) -> String {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let schema = std::fs::read_to_string(format!("{repo}/schemas/enriched_posts.toml"))
+        .unwrap()
+        .replacen(
+            "name = \"like_count\"\ntype = \"long\"\nrange = [0, inf]",
+            "name = \"like_count\"\ntype = \"long\"\nrange = [0, 250]",
+            1,
+        );
+    assert!(schema.contains("range = [0, 250]"));
+    let strict = dir.join("strict.toml");
+    std::fs::write(&strict, schema).unwrap();
+    strict.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_loosened_across_such_a_crash_keeps_the_stored_dead_letters_as_the_outcome() {
+    let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+    let dir = tempfile::tempdir().unwrap();
+    // First with a strict contract: posts with more than 250 likes are dead letters.
+    let strict = write_config_with(
+        dir.path(),
+        &kafka.brokers(),
+        100,
+        &strict_schema(dir.path()),
+    );
+    publish(&kafka.brokers(), &[Shape::Mastodon], 300, 24, 0).await;
+    crash_after_dead_letter_commit(&strict);
+    let lake = dir.path().join("lake");
+    let stored =
+        scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+    assert!(stored > 0, "the interrupted flush stored dead letters");
+
+    // Restart with the contract as shipped: those posts would be rows now, but the interrupted
+    // flush already decided them, and each offset has one outcome.
+    let loose = write_config(dir.path(), &kafka.brokers(), 100);
+    let caught_up = run_until(&loose, async || {
+        let rows = rows_if_created(&lake).await as i64;
+        let dead =
+            scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+        rows + dead >= 300
+    })
+    .await;
+    assert!(caught_up, "every message landed somewhere");
+    let audit = sluice("audit", &loose, &[]);
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{report}");
+    assert!(report.contains(", 0 missing, 0 duplicated"), "{report}");
+    let dead = scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+    assert_eq!(dead, stored, "no new dead letters under the loose contract");
 }
 
 /// `sluice config check FILE ARGS` with extra environment.
