@@ -214,7 +214,7 @@ async fn start_writers(
             .collect();
         let store = sink.table().object_store();
         let (source, events) =
-            KafkaSource::subscribe(&config.kafka, &topics).map_err(PipelineError::from)?;
+            KafkaSource::subscribe(&config.kafka, &name, &topics).map_err(PipelineError::from)?;
         let consumer = source.receiver();
         let forwarder = match &table_config.dead_letter_topic {
             None => None,

@@ -100,8 +100,9 @@ pub struct Config {
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
     pub brokers: String,
-    /// Consumer group; also part of the Delta txn app id, so changing it restarts from the
-    /// beginning of every topic.
+    /// Names the writers: each table's consumer group is `<group_id>.<table>` (so tables fed
+    /// by one topic each read all of it), and it is part of the Delta txn app id, so changing
+    /// it restarts from the beginning of every topic.
     #[serde(default = "default_group_id")]
     pub group_id: String,
     /// Where to start a partition the table has never seen: `earliest` or `latest`.
@@ -117,6 +118,12 @@ fn default_group_id() -> String {
 }
 
 impl KafkaConfig {
+    /// The consumer group of one table's writers: instances writing the same table split its
+    /// partitions, and every table reads all of its topics, whichever other tables read them.
+    pub fn consumer_group(&self, table: &str) -> String {
+        format!("{}.{table}", self.group_id)
+    }
+
     /// The brokers and properties every client of this cluster is created with.
     pub fn connection(&self) -> Connection {
         Connection {

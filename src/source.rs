@@ -156,16 +156,18 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Creates a consumer in the configured group subscribed to `topics`; partition events
-    /// arrive on the returned channel.
+    /// Creates a consumer in `table`'s group ([`KafkaConfig::consumer_group`]) subscribed to
+    /// `topics`; partition events arrive on the returned channel.
     pub fn subscribe(
         config: &KafkaConfig,
+        table: &str,
         topics: &[String],
     ) -> Result<(Self, mpsc::UnboundedReceiver<PartitionEvent>), SourceError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let connection = config.connection();
+        let group = config.consumer_group(table);
         let client = connection.client_config(&[
-            ("group.id", &config.group_id),
+            ("group.id", &group),
             // Positions come from the Delta table; Kafka's committed offsets are informational.
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
@@ -190,7 +192,7 @@ impl KafkaSource {
         let consumer: StreamConsumer<RebalanceContext> = client
             .create_with_context(context)
             .map_err(|e| SourceError::Create {
-                group: config.group_id.clone(),
+                group: group.clone(),
                 source: connection.config_error(&e),
             })?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -464,3 +464,86 @@ async fn a_writer_that_missed_a_takeover_of_an_idle_partition_rereads_it_instead
         "partition 1's position never moves backwards"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tables_fed_by_one_topic_each_get_all_of_it() {
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 4);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(300, 500),
+    );
+    // A second table, `posts_archive`, reads the same topic with the same group_id.
+    let schema = std::fs::read_to_string(repo().join("schemas/enriched_posts.toml"))
+        .unwrap()
+        .replacen("name = \"enriched_posts\"", "name = \"posts_archive\"", 1);
+    assert!(schema.contains("name = \"posts_archive\""));
+    let archive = dir.path().join("posts_archive.toml");
+    std::fs::write(&archive, schema).unwrap();
+    let mapping = std::fs::read_to_string(repo().join("schemas/mappings/mastodon.toml"))
+        .unwrap()
+        .replacen("table = \"enriched_posts\"", "table = \"posts_archive\"", 1);
+    let archive_mapping = dir.path().join("posts_archive_mastodon.toml");
+    std::fs::write(&archive_mapping, mapping).unwrap();
+    let mut second = config.tables[0].clone();
+    second.schema = archive;
+    second.sources[0].mapping = archive_mapping;
+    config.tables.push(second);
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = sluice::app::start(&config, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 1000, 33, 0).await;
+    assert_eq!(
+        produced.last_offsets.len(),
+        4,
+        "all four partitions have posts"
+    );
+    for table in &running {
+        let mut progress = table.progress.clone();
+        let covered = tokio::time::timeout(
+            CATCH_UP,
+            progress.wait_for(|p| p.covers(&produced.last_offsets)),
+        )
+        .await
+        .is_ok();
+        assert!(
+            covered,
+            "{} wrote only {:?} of {:?}",
+            table.name,
+            progress.borrow().committed,
+            produced.last_offsets
+        );
+    }
+    let _ = stop.send(());
+    for table in running {
+        table.task.await.unwrap().unwrap();
+    }
+    for name in ["enriched_posts", "posts_archive"] {
+        let location = table_location(&dir.path().to_string_lossy(), name);
+        let table = open_table(&location, Default::default()).await.unwrap();
+        let ctx = deltalake::datafusion::prelude::SessionContext::new();
+        sluice::delta::register_table(&ctx, "t", &table)
+            .await
+            .unwrap();
+        let counts = ctx
+            .sql("SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let column = |i: usize| counts[0].column(i).as_primitive::<Int64Type>().value(0);
+        assert_eq!(
+            (column(0), column(1)),
+            (1000, 1000),
+            "{name} holds every post once"
+        );
+    }
+}
