@@ -22,9 +22,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Config, TableConfig};
+use crate::config::{Config, StartFrom, TableConfig};
 use crate::dead_letters;
-use crate::delta::{committed_offset, open_table, register_table, table_location};
+use crate::decode::RejectReason;
+use crate::delta::{committed_offset, log_accepted_at, open_table, register_table, table_location};
 use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
 use crate::progress::Meter;
 use crate::schema::{ColumnSource, TableSchema};
@@ -108,12 +109,35 @@ pub struct PartitionAudit {
     pub pending: u64,
     /// The first missing offsets, to look up.
     pub first_missing: Vec<i64>,
+    /// The broker has messages of this partition and the table none of them, while it holds
+    /// other partitions of the topic (with `start_from = earliest`): another consumer takes
+    /// them, or the writer has not reached them yet.
+    pub never_written: bool,
+    /// Offsets after the table's position that the broker no longer has (retention got there
+    /// first): lost, and not recorded yet.
+    pub gone: Option<(i64, i64)>,
+    /// The table's position lies past the broker's end: the log went backwards (recreated
+    /// topic, failover, unclean leader election).
+    pub ahead_of_broker: bool,
+    /// Ranges the writer found removed by the broker before it read them, as recorded in the
+    /// dead-letter table (`lost`): first offset and what was lost.
+    pub lost: Vec<(i64, String)>,
+    /// When an operator accepted the partition's current log (`sluice accept-log`), in µs.
+    pub log_accepted_at_us: Option<i64>,
+    /// Rows and dead letters of the log it replaced, which are not audited.
+    pub previous_log: u64,
 }
 
 impl PartitionAudit {
     /// Whether this partition is complete and free of duplicates.
     pub fn is_clean(&self) -> bool {
-        self.missing == 0 && self.duplicated == 0 && self.unexpected == 0
+        self.missing == 0
+            && self.duplicated == 0
+            && self.unexpected == 0
+            && !self.never_written
+            && self.gone.is_none()
+            && !self.ahead_of_broker
+            && self.lost.is_empty()
     }
 }
 
@@ -186,6 +210,41 @@ impl TableAudit {
                     "    {} offsets in the tables are not messages in Kafka",
                     p.unexpected
                 );
+            }
+            if p.never_written {
+                let _ = writeln!(
+                    out,
+                    "    never written: the table holds other partitions of {} but none of this \
+                     one's {} messages (another consumer in the table's group takes them, or the \
+                     writer has not reached them yet)",
+                    p.topic,
+                    p.kafka_high - p.kafka_low
+                );
+            }
+            if let Some((from, to)) = p.gone {
+                let _ = writeln!(
+                    out,
+                    "    lost: offsets {from}..={to} were never written and the broker no longer has them"
+                );
+            }
+            if p.ahead_of_broker {
+                let _ = writeln!(
+                    out,
+                    "    the table's position is past the broker's end: the log went backwards \
+                     (recreated topic, failover, unclean leader election); see `sluice accept-log`"
+                );
+            }
+            if let Some(at) = p.log_accepted_at_us {
+                let when = chrono::DateTime::from_timestamp_micros(at)
+                    .map_or(at.to_string(), |t| t.to_rfc3339());
+                let _ = writeln!(
+                    out,
+                    "    new log accepted at {when}: {} rows and dead letters of the previous log are not audited",
+                    p.previous_log
+                );
+            }
+            for (offset, detail) in &p.lost {
+                let _ = writeln!(out, "    lost (recorded at offset {offset}): {detail}");
             }
         }
         let totals = self.partitions.iter().fold((0, 0, 0, 0, 0), |t, p| {
@@ -263,11 +322,52 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
             for (key, found) in offsets_in(&dl, &dl_name, &dl_columns).await? {
                 tables.entry(key).or_default().dead_letters = found.rows;
             }
+            for (key, lost) in lost_in(&dl, &dl_name).await? {
+                tables.entry(key).or_default().lost = lost;
+            }
             dl.version()
         }
         Err(DeltaTableError::NotATable(_)) => None,
         Err(e) => return Err(err("open dead-letter table")(e)),
     };
+    // Partitions whose log was replaced (`sluice accept-log`): the rows of the old log stay in
+    // the tables; only what was ingested since the new log was accepted is checked against it.
+    let keys: Vec<(String, i32)> = tables.keys().cloned().collect();
+    for (topic, partition) in keys {
+        let Some(at) = log_accepted_at(&main, &config.kafka.group_id, &topic, partition)
+            .await
+            .map_err(err("read txn version"))?
+        else {
+            continue;
+        };
+        let ingested = provenance(ColumnSource::IngestedAt, "ingested_at")?;
+        let filter = |time_column: &str| {
+            format!(
+                "\"{}\" = '{}' AND \"{}\" = {partition} AND CAST(\"{time_column}\" AS BIGINT) >= {at}",
+                columns[0],
+                topic.replace('\'', "''"),
+                columns[1],
+            )
+        };
+        let rows = offsets_where(&main, &name, &columns[2], &filter(&ingested)).await?;
+        let found = tables.entry((topic.clone(), partition)).or_default();
+        found.previous_log = (found.rows.len() - rows.len()) as u64;
+        found.rows = rows;
+        found.accepted_at_us = Some(at);
+        if dead_letter_version.is_some() {
+            let dl = open_table(&dl_location, config.storage_options())
+                .await
+                .map_err(err("open dead-letter table"))?;
+            let dl_filter = format!(
+                "kafka_topic = '{}' AND kafka_partition = {partition} AND CAST(dead_lettered_at AS BIGINT) >= {at}",
+                topic.replace('\'', "''")
+            );
+            let letters = offsets_where(&dl, &dl_name, "kafka_offset", &dl_filter).await?;
+            found.previous_log += (found.dead_letters.len() - letters.len()) as u64;
+            found.lost.retain(|(o, _)| letters.contains(o));
+            found.dead_letters = letters;
+        }
+    }
 
     config
         .kafka
@@ -301,6 +401,7 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
             })
             .collect();
         let mut read = kafka.read_offsets(wanted).await?;
+        let topic_written = plan.iter().any(|&(_, _, _, c)| c.is_some());
         for (partition, low, listed_high, committed) in plan {
             let found = tables
                 .remove(&(topic.clone(), partition))
@@ -309,9 +410,12 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
             let high = in_kafka
                 .last()
                 .map_or(listed_high, |&o| listed_high.max(o + 1));
-            partitions.push(judge(
-                &topic, partition, low, high, committed, &in_kafka, &found,
-            ));
+            let mut verdict = judge(&topic, partition, low, high, committed, &in_kafka, &found);
+            verdict.never_written = committed.is_none()
+                && high > low
+                && topic_written
+                && config.kafka.start_from == StartFrom::Earliest;
+            partitions.push(verdict);
         }
     }
     Ok(TableAudit {
@@ -327,6 +431,12 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
 struct Found {
     rows: Vec<i64>,
     dead_letters: Vec<i64>,
+    /// `lost` dead letters: offset and detail.
+    lost: Vec<(i64, String)>,
+    /// When the partition's current log was accepted, if it replaced another.
+    accepted_at_us: Option<i64>,
+    /// Rows and dead letters of the log it replaced, not audited.
+    previous_log: u64,
 }
 
 fn judge(
@@ -373,6 +483,7 @@ fn judge(
             .count() as u64
     });
     let next = committed.map_or(low, |c| (c + 1).max(low));
+    let position = committed.map(|c| c + 1);
     PartitionAudit {
         topic: topic.to_string(),
         partition,
@@ -387,6 +498,12 @@ fn judge(
         unexpected,
         pending: (high - next).max(0) as u64,
         first_missing,
+        never_written: false,
+        gone: position.filter(|&p| p < low).map(|p| (p, low - 1)),
+        ahead_of_broker: position.is_some_and(|p| p > high),
+        lost: found.lost.clone(),
+        log_accepted_at_us: found.accepted_at_us,
+        previous_log: found.previous_log,
     }
 }
 
@@ -433,6 +550,80 @@ async fn offsets_in(
                 .or_default()
                 .rows
                 .push(offsets.value(row));
+        }
+    }
+    Ok(out)
+}
+
+/// The offsets in `offset_column` of the rows of `table` matching `filter` (SQL).
+async fn offsets_where(
+    table: &DeltaTable,
+    name: &str,
+    offset_column: &str,
+    filter: &str,
+) -> Result<Vec<i64>, AuditError> {
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+        table: name.to_string(),
+        operation: "query the new log's rows",
+        source: e,
+    };
+    let ctx = SessionContext::new();
+    register_table(&ctx, "t", table)
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    let batches = ctx
+        .sql(&format!("SELECT \"{offset_column}\" FROM t WHERE {filter}"))
+        .await
+        .map_err(|e| fail(Box::new(e)))?
+        .collect()
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    Ok(batches
+        .iter()
+        .flat_map(|b| {
+            let offsets = b.column(0).as_primitive::<Int64Type>();
+            offsets.iter().flatten().collect::<Vec<_>>()
+        })
+        .collect())
+}
+
+/// The `lost` dead letters of a dead-letter table per (topic, partition): offset and detail.
+async fn lost_in(
+    table: &DeltaTable,
+    name: &str,
+) -> Result<BTreeMap<(String, i32), Vec<(i64, String)>>, AuditError> {
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+        table: name.to_string(),
+        operation: "query lost ranges",
+        source: e,
+    };
+    let ctx = SessionContext::new();
+    register_table(&ctx, "t", table)
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    let sql = format!(
+        "SELECT kafka_topic, kafka_partition, kafka_offset, detail \
+         FROM t WHERE reason = '{}' ORDER BY kafka_offset",
+        RejectReason::Lost.code()
+    );
+    let batches = ctx
+        .sql(&sql)
+        .await
+        .map_err(|e| fail(Box::new(e)))?
+        .collect()
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    let mut out: BTreeMap<(String, i32), Vec<(i64, String)>> = BTreeMap::new();
+    for batch in batches {
+        let text = |i: usize| cast(batch.column(i), &DataType::Utf8).map_err(|e| fail(Box::new(e)));
+        let (topics, details) = (text(0)?, text(3)?);
+        let (topics, details) = (topics.as_string::<i32>(), details.as_string::<i32>());
+        let partitions = batch.column(1).as_primitive::<Int32Type>();
+        let offsets = batch.column(2).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            out.entry((topics.value(row).to_string(), partitions.value(row)))
+                .or_default()
+                .push((offsets.value(row), details.value(row).to_string()));
         }
     }
     Ok(out)
@@ -578,6 +769,7 @@ mod tests {
         let found = Found {
             rows: vec![0, 1, 3, 3, 7],
             dead_letters: vec![2, 7, 9],
+            ..Found::default()
         };
         let kafka: Vec<i64> = (0..8).collect();
         let a = judge("posts", 0, 0, 12, Some(7), &kafka, &found);
@@ -593,10 +785,29 @@ mod tests {
         let clean = Found {
             rows: vec![5, 6, 8],
             dead_letters: vec![7, 10], // 10 is past the position: a dead letter whose rows are pending
+            ..Found::default()
         };
         let kafka: Vec<i64> = vec![5, 6, 7, 8];
         let a = judge("posts", 1, 5, 11, Some(8), &kafka, &clean);
         assert!(a.is_clean(), "{a:?}");
         assert_eq!((a.rows, a.dead_letters, a.pending), (3, 1, 2));
+    }
+
+    #[test]
+    fn a_position_outside_the_brokers_range_is_never_clean() {
+        let found = Found {
+            rows: vec![0, 1, 2, 3],
+            ..Found::default()
+        };
+        // Retention removed 4..=9 before the writer got there.
+        let behind = judge("posts", 0, 10, 15, Some(3), &[], &found);
+        assert_eq!(behind.gone, Some((4, 9)));
+        assert!(!behind.is_clean());
+        // The broker's log ends at 2 although the table wrote up to 3: it went backwards.
+        let ahead = judge("posts", 0, 0, 2, Some(3), &[0, 1], &found);
+        assert!(ahead.ahead_of_broker);
+        assert!(!ahead.is_clean());
+        let caught_up = judge("posts", 0, 0, 4, Some(3), &[0, 1, 2, 3], &found);
+        assert!(caught_up.is_clean(), "{caught_up:?}");
     }
 }

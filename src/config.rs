@@ -490,7 +490,9 @@ impl Config {
                 "delta.checkpoint_interval must be at least 1".into(),
             ));
         }
-        if let Some(problem) = rebalancing_problem(&config.kafka.properties) {
+        if let Some(problem) = rebalancing_problem(&config.kafka.properties)
+            .or_else(|| positioning_problem(&config.kafka.properties))
+        {
             return Err(invalid(problem));
         }
         let base = file.parent().unwrap_or(Path::new("."));
@@ -569,6 +571,22 @@ fn rebalancing_problem(properties: &BTreeMap<String, String>) -> Option<String> 
         ));
     }
     None
+}
+
+/// Why `properties` would let the consumer move a partition's position behind sluice's back:
+/// sluice sets `auto.offset.reset = error` so a position the broker no longer has (retention)
+/// or never had (a recreated topic, a failover) is reported and handled, never silently
+/// replaced by the log's start or end.
+fn positioning_problem(properties: &BTreeMap<String, String>) -> Option<String> {
+    let reset = properties.get("auto.offset.reset")?;
+    (!reset.trim().eq_ignore_ascii_case("error")).then(|| {
+        format!(
+            "kafka.properties: auto.offset.reset = \"{reset}\" would jump over messages the table \
+             never wrote when its position is out of the broker's range; remove it (sluice reports \
+             such positions and records what was lost) and use kafka.start_from for partitions \
+             the table has never seen"
+        )
+    })
 }
 
 /// The librdkafka properties that `SLUICE_KAFKA__PROPERTIES__*` variables of `env` set, for
@@ -720,7 +738,7 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
     }
 
     #[test]
-    fn incremental_rebalancing_is_refused_with_the_reason() {
+    fn incremental_rebalancing_and_silent_offset_resets_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         for (property, value, words) in [
             (
@@ -734,6 +752,8 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
                 "eager rebalances",
             ),
             ("group.protocol", "consumer", "KIP-848"),
+            ("auto.offset.reset", "earliest", "never wrote"),
+            ("auto.offset.reset", "latest", "never wrote"),
         ] {
             let file = write(
                 dir.path(),
@@ -751,6 +771,7 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
         for (property, value) in [
             ("partition.assignment.strategy", "roundrobin"),
             ("group.protocol", "classic"),
+            ("auto.offset.reset", "error"),
         ] {
             let file = write(
                 dir.path(),

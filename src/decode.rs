@@ -53,6 +53,9 @@ pub enum RejectReason {
     BadTimestamp,
     /// A list has another length than its column's dimension (embeddings).
     WrongDimension,
+    /// Messages the broker removed (retention) before sluice read them: one dead letter per
+    /// lost range, at its first offset, with the range in its detail and no payload.
+    Lost,
 }
 
 impl RejectReason {
@@ -70,11 +73,12 @@ impl RejectReason {
             RejectReason::OutOfRange => "out_of_range",
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::WrongDimension => "wrong_dimension",
+            RejectReason::Lost => "lost",
         }
     }
 
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::MalformedJson,
         RejectReason::NotAnObject,
         RejectReason::MultipleValues,
@@ -86,6 +90,7 @@ impl RejectReason {
         RejectReason::OutOfRange,
         RejectReason::BadTimestamp,
         RejectReason::WrongDimension,
+        RejectReason::Lost,
     ];
 }
 

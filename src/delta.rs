@@ -405,12 +405,51 @@ impl DeltaSink {
                 )
             })
             .collect();
+        let committed = self
+            .commit_actions(
+                actions,
+                txns,
+                serde_json::json!({ "ledger": ledger_json }),
+                epoch,
+            )
+            .await?;
+        Ok(Committed {
+            version: committed,
+            files,
+            bytes,
+        })
+    }
+
+    /// Moves `key`'s position to `position` (`new start - 1`) and records when its new log was
+    /// accepted (`at_us`, µs since the epoch), after the broker's log of the partition went
+    /// backwards (see `sluice accept-log`). Returns the new table version.
+    pub async fn accept_log(
+        &mut self,
+        key: &PartitionKey,
+        position: i64,
+        at_us: i64,
+    ) -> Result<i64, DeltaError> {
+        let now = Some(chrono::Utc::now().timestamp_millis());
+        let txns = vec![
+            Transaction::new_with_last_update(self.app_id(key), position, now),
+            Transaction::new_with_last_update(log_app_id(&self.group_id, key), at_us, now),
+        ];
+        let info = serde_json::json!({ "accept_log": {
+            "partition": key.to_string(), "position": position, "accepted_at_us": at_us } });
+        self.commit_actions(Vec::new(), txns, info, 0).await
+    }
+
+    /// Commits `actions` with `txns`, `sluice` commit info and the streaming operation.
+    async fn commit_actions(
+        &mut self,
+        actions: Vec<Action>,
+        txns: Vec<Transaction>,
+        info: serde_json::Value,
+        epoch: i64,
+    ) -> Result<i64, DeltaError> {
         let properties = CommitProperties::default()
             .with_application_transactions(txns)
-            .with_metadata([(
-                "sluice".to_string(),
-                serde_json::json!({ "ledger": ledger_json }),
-            )])
+            .with_metadata([("sluice".to_string(), info)])
             .with_create_checkpoint(self.checkpoints_on_commit)
             .with_cleanup_expired_logs(Some(false));
         let operation = DeltaOperation::StreamingUpdate {
@@ -428,11 +467,7 @@ impl DeltaSink {
                 let version = finalized.version() as i64;
                 tracing::Span::current().record("version", version);
                 self.table.state = Some(finalized.snapshot());
-                Ok(Committed {
-                    version,
-                    files,
-                    bytes,
-                })
+                Ok(version)
             }
             Err(DeltaTableError::Transaction {
                 source: TransactionError::CommitConflict(_),
@@ -540,6 +575,30 @@ fn with_added_columns(
 /// table keep separate positions.
 pub fn app_id(group_id: &str, key: &PartitionKey) -> String {
     format!("sluice-{group_id}-{}-{}", key.topic, key.partition)
+}
+
+/// The txn app id recording when a new log of a partition was accepted (`sluice accept-log`);
+/// its version is that moment in µs since the epoch. Rows of the partition ingested before it
+/// belong to the log that went away.
+pub fn log_app_id(group_id: &str, key: &PartitionKey) -> String {
+    format!("{}.log", app_id(group_id, key))
+}
+
+/// When a new log of `topic`/`partition` was accepted for `group_id` in `table` (µs), if ever.
+pub async fn log_accepted_at(
+    table: &DeltaTable,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, DeltaTableError> {
+    let key = PartitionKey {
+        topic: Arc::from(topic),
+        partition,
+    };
+    table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), log_app_id(group_id, &key))
+        .await
 }
 
 /// The last offset of `topic`/`partition` that `group_id` committed to `table` (its txn

@@ -204,6 +204,23 @@ impl Health {
                     "waiting for the consumer group to assign partitions".into(),
                 )
             });
+            checks.push(if p.partition_problems.is_empty() {
+                check(
+                    "positions",
+                    true,
+                    "every partition is read from the table's position".into(),
+                )
+            } else {
+                check(
+                    "positions",
+                    false,
+                    p.partition_problems
+                        .iter()
+                        .map(|(k, problem)| format!("{k}: {problem}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            });
             let waited = p
                 .buffered_since
                 .and_then(|t| now.duration_since(t).ok())

@@ -37,6 +37,7 @@
 //! - [`telemetry`]: logs, the metric catalogue, and the `/metrics` `/healthz` `/readyz` endpoint.
 //! - [`trino`]: the SQL that registers the tables in Trino (`sluice trino-sql`).
 
+pub mod accept;
 pub mod app;
 pub mod audit;
 pub mod background;

@@ -63,6 +63,27 @@ enum Command {
         #[arg(long)]
         brokers: Option<String>,
     },
+    /// Read a partition from the broker's new log after its log went backwards (a recreated
+    /// topic, a failover, an unclean leader election): the writer stops such a partition and
+    /// says so; this moves the table's position to the broker's first offset and records when,
+    /// so the audit tells the old log's rows from the new one's. Restart the writers after.
+    AcceptLog {
+        /// Config file.
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// The table whose partition stopped.
+        #[arg(long)]
+        table: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// The partition.
+        #[arg(long)]
+        partition: i32,
+        /// Override kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
     /// Compact small files into files near a target size (one-shot, for cron or a CronJob).
     ///
     /// Exit codes: 0 done (or nothing to do), 3 another compactor holds the table's lease,
@@ -654,6 +675,34 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             if !clean {
                 return Ok(ExitCode::from(EXIT_AUDIT_FAILED));
             }
+        }
+        Command::AcceptLog {
+            config,
+            table,
+            topic,
+            partition,
+            brokers,
+        } => {
+            let cfg = load_config(&config, brokers)?;
+            let mut table_config = None;
+            for candidate in &cfg.tables {
+                if sluice::schema::TableSchema::load(&candidate.schema)?.name == table {
+                    table_config = Some(candidate);
+                }
+            }
+            let Some(table_config) = table_config else {
+                anyhow::bail!("no table named {table} in {}", config.display());
+            };
+            if !table_config.sources.iter().any(|s| s.topic == topic) {
+                anyhow::bail!("table {table} does not read topic {topic}");
+            }
+            let accepted =
+                sluice::accept::accept_log(&cfg, table_config, &topic, partition).await?;
+            println!(
+                "{}: {} now reads the broker's log from offset {} (was at {} in the old log); \
+                 restart the writers of the table",
+                accepted.table, accepted.partition, accepted.new_start, accepted.old_position
+            );
         }
         Command::Sql(args) => return sql(args).await,
         Command::Compact(args) => return compact(args).await,

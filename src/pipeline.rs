@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::batch::{BatchLimits, Batcher, FlushReason};
 use crate::dead_letters;
-use crate::decode::{BodyDecoder, Chunk, DecodeError, Decoded, Rejection};
+use crate::decode::{BodyDecoder, Chunk, DecodeError, Decoded, RejectReason, Rejection};
 use crate::delta::{DeltaError, DeltaSink, Encoding, PartitionKey, PartitionLedger};
 use crate::source::{KafkaSource, PartitionEvent, SourceError};
 
@@ -99,6 +99,10 @@ pub struct Progress {
     pub buffered_since: Option<SystemTime>,
     /// The error of the last commit attempt while it is being retried.
     pub store_error: Option<String>,
+    /// Partitions whose position the broker could not serve: a range lost to retention (for as
+    /// long as this writer owns the partition) or a log that went backwards (the partition is
+    /// stopped until an operator accepts the new log).
+    pub partition_problems: BTreeMap<PartitionKey, String>,
 }
 
 impl Progress {
@@ -194,6 +198,10 @@ struct PartitionState {
     generation: u64,
     /// Dead letters an interrupted flush stored past `committed`, until the table passes them.
     interrupted: Option<Interrupted>,
+    /// What went wrong with the partition's position at the broker, shown by readiness.
+    problem: Option<String>,
+    /// The broker's log is behind the table's position: nothing is consumed.
+    stopped: bool,
 }
 
 /// What a flush that stored its dead letters but never its rows (a crash in between) decided
@@ -248,14 +256,27 @@ impl PartitionState {
             counters,
             generation,
             interrupted: None,
+            problem: None,
+            stopped: false,
         }
     }
 
     /// Drops the buffer; the position and what an interrupted flush decided stay.
     fn clear(&mut self, key: &PartitionKey, generation: u64) {
         let interrupted = self.interrupted.take();
+        let (problem, stopped) = (self.problem.take(), self.stopped);
         *self = PartitionState::new(key, self.committed, self.counters.clone(), generation);
         self.interrupted = interrupted.filter(|i| self.committed.is_none_or(|c| i.through > c));
+        (self.problem, self.stopped) = (problem, stopped);
+    }
+
+    /// The offset the partition's next message must have: after what is buffered, else after
+    /// the table's position.
+    fn next_offset(&self) -> Option<i64> {
+        self.ledger
+            .as_ref()
+            .map(|l| l.last_offset + 1)
+            .or(self.committed.map(|c| c + 1))
     }
 
     /// Takes `offset` into the buffer's ledger.
@@ -329,6 +350,9 @@ pub struct TableWriter {
     /// Table version at which every owned partition's txn version was last known to match our
     /// own; while the table stays there, re-reading them (a log replay each) is unnecessary.
     verified_version: i64,
+    /// Partitions whose buffer was dropped for the table's newer position, to be re-read from
+    /// there.
+    repositions: Vec<(PartitionKey, Option<i64>)>,
 }
 
 impl TableWriter {
@@ -443,6 +467,7 @@ impl TableWriter {
                 progress_tx,
                 epoch: 0,
                 verified_version: -1,
+                repositions: Vec::new(),
             },
             progress_rx,
         )
@@ -501,6 +526,12 @@ impl TableWriter {
                                 if let Some(reason) = reason {
                                     self.flush(reason).await?;
                                 }
+                            }
+                            Err(rdkafka::error::KafkaError::MessageConsumption(
+                                rdkafka::types::RDKafkaErrorCode::AutoOffsetReset,
+                            )) => {
+                                self.on_out_of_range().await?;
+                                break;
                             }
                             Err(e) => {
                                 // A connection failure is logged once, by the consumer's watch;
@@ -598,19 +629,16 @@ impl TableWriter {
             return None;
         };
         state.counters.consumed.increment(1);
-        let next = state
-            .ledger
-            .as_ref()
-            .map(|l| l.last_offset + 1)
-            .or(state.committed.map(|c| c + 1));
-        if let Some(next) = next {
+        if let Some(next) = state.next_offset() {
             if offset < next {
                 // Already buffered or already in the table (a fetch from before a seek).
                 return None;
             }
             if offset > next {
+                // Not retention: a position below the log start is an out-of-range error
+                // (`on_out_of_range`), never a jump.
                 tracing::warn!(table = %self.sink.name(), partition = %key, expected = next, got = offset,
-                    "offsets skipped: Kafka no longer has them (retention) or they are transaction markers");
+                    "offsets skipped by the broker: transaction markers, aborted transactions or a compacted topic");
                 metrics::counter!("sluice_offsets_skipped_total", "table" => self.sink.name().to_string(),
                     "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                     .increment((offset - next) as u64);
@@ -835,6 +863,7 @@ impl TableWriter {
                 }
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {
+                    self.reposition()?;
                     tracing::warn!(table = %self.sink.name(), error = %e, backoff_ms = backoff.as_millis() as u64, "cannot read the table; retrying");
                     self.store_failed("refresh", &e);
                     tokio::time::sleep(backoff).await;
@@ -843,6 +872,7 @@ impl TableWriter {
                 }
                 Err(e) => return Err(e.into()),
             }
+            self.reposition()?;
             match self.store_dead_letters().await {
                 Ok(()) => {}
                 Err(StoreError::Forward(e)) => {
@@ -1055,8 +1085,14 @@ impl TableWriter {
         }
         // Every owned partition, buffered or not: the version is marked verified below, and a
         // partition another writer moved while this one had nothing of it buffered would
-        // otherwise be committed later from its old position.
-        let keys: Vec<PartitionKey> = self.partitions.keys().cloned().collect();
+        // otherwise be committed later from its old position. Stopped partitions are neither
+        // consumed nor committed; a restart takes them up again.
+        let keys: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut landed = Vec::new();
         for key in keys {
             let actual = self.sink.txn_version(&key).await?;
@@ -1092,16 +1128,124 @@ impl TableWriter {
                 .get_mut(&key)
                 .expect("key taken from the map");
             state.interrupted = interrupted;
-            if let Some(source) = &self.source {
-                let offset = source.start_offset(actual);
-                if let Err(e) = source.seek(&key, offset) {
-                    tracing::warn!(partition = %key, error = %e, "seek failed; the partition will be reassigned");
-                }
-            }
+            self.repositions.push((key, actual));
         }
         self.recount_undecoded();
         self.verified_version = self.sink.version();
         Ok(landed)
+    }
+
+    /// Moves the consumer to the table's position of every partition whose buffer was dropped
+    /// for it. A seek that fails ends the writer with the error: consuming on from where the
+    /// dropped buffer ended would take the offsets in between as skipped.
+    fn reposition(&mut self) -> Result<(), SourceError> {
+        for (key, position) in std::mem::take(&mut self.repositions) {
+            if let Some(source) = &self.source
+                && self.partitions.get(&key).is_some_and(|s| !s.stopped)
+            {
+                source.seek(&key, source.start_offset(position))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker cannot serve a partition's position (librdkafka says so without saying
+    /// which): each owned partition's position is compared with the broker's offsets. Below
+    /// the log start, the messages in between are lost: recorded as a `lost` dead letter,
+    /// loudly, and the partition goes on from the log start. Past the log end, the log went
+    /// backwards (recreated topic, failover, unclean leader election): the partition stops.
+    async fn on_out_of_range(&mut self) -> Result<(), PipelineError> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let table = self.sink.name().to_string();
+        let keys: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut lost_ranges = 0;
+        for key in keys {
+            let Some(next) = self.partitions[&key].next_offset() else {
+                continue;
+            };
+            let (low, high) = match source.watermarks(&key).await {
+                Ok(marks) => marks,
+                Err(e) => {
+                    // Assigned again below, the partition fails again and this is retried.
+                    tracing::warn!(table = %table, partition = %key, error = %e, "cannot read the broker's offsets for an out-of-range position; retrying");
+                    continue;
+                }
+            };
+            let labels = [
+                ("table", table.clone()),
+                ("topic", key.topic.to_string()),
+                ("partition", key.partition.to_string()),
+            ];
+            let state = self
+                .partitions
+                .get_mut(&key)
+                .expect("key taken from the map");
+            if next < low {
+                let last = low - 1;
+                tracing::error!(table = %table, partition = %key, from = next, to = last, lost = low - next,
+                    "messages the table never wrote are gone from the broker (retention removed them before sluice read them); recording the range as a `lost` dead letter and going on from the broker's first offset");
+                metrics::counter!("sluice_offsets_lost_total", &labels)
+                    .increment((low - next) as u64);
+                state.problem = Some(format!(
+                    "offsets {next}..={last} were removed by the broker before sluice read them (lost; recorded as a dead letter)"
+                ));
+                state.cover(next);
+                state.cover(last);
+                if let Some(l) = &mut state.ledger {
+                    l.rejected += 1;
+                }
+                state.rejections.push(Rejection {
+                    offset: next,
+                    timestamp_ms: None,
+                    key: None,
+                    payload: None,
+                    reason: RejectReason::Lost,
+                    detail: format!(
+                        "offsets {next}..={last} were removed by the broker (retention) before sluice read them"
+                    ),
+                });
+                state.messages += 1;
+                lost_ranges += 1;
+            } else if next > high {
+                tracing::error!(table = %table, partition = %key, position = next - 1, broker_end = high,
+                    "the table's position is past the broker's end of this partition: the topic was recreated, the cluster failed over, or an unclean leader election dropped messages; the partition is stopped until an operator accepts the new log (sluice accept-log)");
+                state.problem = Some(format!(
+                    "stopped: the table's position {} is past the broker's end {high} (recreated topic, failover or unclean leader election); see `sluice accept-log`",
+                    next - 1
+                ));
+                state.stopped = true;
+            }
+            // Otherwise in range again (the log moved meanwhile): fetched from the position.
+        }
+        // librdkafka stopped fetching the partition, and a seek cannot restart it: the
+        // assignment is made again, every partition at the offset its next message must have
+        // (a lost range's end, for one that lost some), the stopped ones left out.
+        let positions = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(k, s)| {
+                let offset = match s.next_offset() {
+                    Some(next) => rdkafka::Offset::Offset(next),
+                    None => source.start_offset(None),
+                };
+                (k.clone(), offset)
+            })
+            .collect();
+        source.assign(&positions)?;
+        // Each lost range is a dead letter waiting for the next commit (the batch age bounds it).
+        for _ in 0..lost_ranges {
+            self.count_buffered(0);
+        }
+        self.publish();
+        Ok(())
     }
 
     fn on_committed(
@@ -1199,6 +1343,14 @@ impl TableWriter {
             .iter()
             .filter_map(|(k, s)| s.committed.map(|c| (k.clone(), c)))
             .collect();
+        self.progress.partition_problems = self
+            .partitions
+            .iter()
+            .filter_map(|(k, s)| s.problem.clone().map(|p| (k.clone(), p)))
+            .collect();
+        let stopped = self.partitions.values().filter(|s| s.stopped).count();
+        metrics::gauge!("sluice_partitions_stopped", "table" => self.sink.name().to_string())
+            .set(stopped as f64);
         let _ = self.progress_tx.send(self.progress.clone());
     }
 

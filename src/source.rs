@@ -171,13 +171,10 @@ impl KafkaSource {
             // Positions come from the Delta table; Kafka's committed offsets are informational.
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
-            (
-                "auto.offset.reset",
-                match config.start_from {
-                    StartFrom::Earliest => "earliest",
-                    StartFrom::Latest => "latest",
-                },
-            ),
+            // A position out of the broker's range is an error the writer handles (a lost
+            // range, or a log that went backwards), never a silent jump; partitions the table
+            // has never seen start at `start_from`, given explicitly in `assign`.
+            ("auto.offset.reset", "error"),
             // Eager rebalancing: every assignment is complete, every revoke precedes the next
             // assignment, which keeps the ownership rules simple.
             ("partition.assignment.strategy", "range"),
@@ -263,6 +260,24 @@ impl KafkaSource {
                 offset,
                 source,
             })
+    }
+
+    /// The first offset the broker still has for a partition and the one its next message
+    /// will get.
+    pub async fn watermarks(&self, key: &PartitionKey) -> Result<(i64, i64), SourceError> {
+        let consumer = self.consumer.clone();
+        let topic = key.topic.clone();
+        let partition = key.partition;
+        tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+        .map_err(|source| SourceError::Position {
+            partition: key.clone(),
+            offset: Offset::Invalid,
+            source,
+        })
     }
 
     /// Tells Kafka how far the table has got, for lag dashboards. Best effort: positions are

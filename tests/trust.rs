@@ -660,3 +660,160 @@ async fn large_keys_count_toward_the_memory_bound_and_an_oversized_key_is_a_dead
         details[0]
     );
 }
+
+/// The broker's first and next offset of partition 0 of `topic`.
+fn watermarks(brokers: &str, topic: &str) -> (i64, i64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, 0, std::time::Duration::from_secs(10))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_retention_removed_before_the_writer_read_them_are_a_loud_recorded_loss() {
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(500, 500),
+    );
+    let mut writer = Writer::start(&config).await;
+    let first = publish(&kafka.brokers(), &[Shape::Mastodon], 200, 41, 0).await;
+    writer.wait_committed(&first.last_offsets).await;
+    writer.stop().await;
+
+    // While the writer is down, 6 MiB arrive; the broker keeps 5 MiB of the partition, so
+    // retention removes the oldest messages, some of them never written.
+    let filler: Vec<Option<Vec<u8>>> = (0..60).map(|_| Some(vec![b'x'; 100 * 1024])).collect();
+    send_raw(&kafka.brokers(), topic, &filler).await;
+    let (low, _) = watermarks(&kafka.brokers(), topic);
+    assert!(
+        low > 201,
+        "retention removed unwritten messages (log starts at {low})"
+    );
+    let last = publish(&kafka.brokers(), &[Shape::Mastodon], 100, 42, 0).await;
+
+    let mut writer = Writer::start(&config).await;
+    writer.wait_committed(&last.last_offsets).await;
+    let problems = writer.table.progress.borrow().partition_problems.clone();
+    writer.stop().await;
+    let range = format!("offsets 200..={}", low - 1);
+    // Readiness shows it for as long as this writer owns the partition.
+    let problem = problems
+        .values()
+        .next()
+        .expect("readiness names the partition");
+    assert!(problem.contains(&range), "{problem}");
+
+    // Recorded where the audit and users see it: one `lost` dead letter naming the range.
+    let lost = query(
+        dir.path(),
+        "SELECT kafka_offset, detail FROM enriched_posts_dead_letters WHERE reason = 'lost'",
+    )
+    .await;
+    assert_eq!(lost.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    assert_eq!(lost[0].column(0).as_primitive::<Int64Type>().value(0), 200);
+    assert!(strings(lost[0].column(1))[0].contains(&range));
+
+    let audit = audit_table(&config, &config.tables[0]).await.unwrap();
+    let report = audit.render();
+    assert!(!audit.is_clean(), "{report}");
+    assert!(report.contains(&range), "{report}");
+    // Everything the broker still has was written once.
+    assert!(report.contains("0 missing, 0 duplicated"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_went_backwards_stops_its_partition_instead_of_dropping_messages() {
+    let topic = Shape::Mastodon.default_topic();
+    let old = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config_old = config(
+        &old.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(500, 500),
+    );
+    let mut writer = Writer::start(&config_old).await;
+    let written = publish(&old.brokers(), &[Shape::Mastodon], 300, 43, 0).await;
+    writer.wait_committed(&written.last_offsets).await;
+    writer.stop().await;
+
+    // A failover to a cluster whose log of the topic is shorter: offsets 0..100 are other
+    // messages than the table's.
+    let new = Kafka::new(&[topic], 1);
+    publish(&new.brokers(), &[Shape::Mastodon], 100, 44, 0).await;
+    let config = config(
+        &new.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(500, 500),
+    );
+    let mut writer = Writer::start(&config).await;
+    let stopped = tokio::time::timeout(
+        CATCH_UP,
+        writer
+            .table
+            .progress
+            .wait_for(|p| !p.partition_problems.is_empty()),
+    )
+    .await
+    .expect("the writer reports the partition")
+    .unwrap()
+    .partition_problems
+    .clone();
+    let problem = stopped.values().next().unwrap();
+    assert!(problem.contains("stopped"), "{problem}");
+    assert!(problem.contains("past the broker's end 100"), "{problem}");
+    let progress = writer.stop().await;
+    assert_eq!(
+        progress.rows, 0,
+        "nothing of the new log was taken for the old one"
+    );
+    assert_eq!(table_offsets(dir.path()).await.len(), 300);
+
+    let audit = audit_table(&config, &config.tables[0]).await.unwrap();
+    let report = audit.render();
+    assert!(!audit.is_clean(), "{report}");
+    assert!(report.contains("past the broker's end"), "{report}");
+
+    // The operator accepts the new log; restarted, the writer reads it from its start.
+    let accepted = sluice::accept::accept_log(&config, &config.tables[0], topic, 0)
+        .await
+        .unwrap();
+    assert_eq!((accepted.old_position, accepted.new_start), (299, 0));
+    let mut writer = Writer::start(&config).await;
+    let new_log = BTreeMap::from([((topic.to_string(), 0), 99)]);
+    writer.wait_committed(&new_log).await;
+    assert!(writer.table.progress.borrow().partition_problems.is_empty());
+    writer.stop().await;
+    assert_eq!(
+        table_offsets(dir.path()).await.len(),
+        400,
+        "the old log's rows stay"
+    );
+    let audit = audit_table(&config, &config.tables[0]).await.unwrap();
+    let report = audit.render();
+    assert!(audit.is_clean(), "{report}");
+    assert!(
+        report.contains("300 rows and dead letters of the previous log are not audited"),
+        "{report}"
+    );
+    assert!(
+        report.contains("CLEAN: 100 messages checked, 100 rows"),
+        "{report}"
+    );
+    // Accepting a log that did not go backwards is refused.
+    let again = sluice::accept::accept_log(&config, &config.tables[0], topic, 0).await;
+    assert!(
+        matches!(again, Err(sluice::accept::AcceptError::NotBehind { .. })),
+        "{again:?}"
+    );
+}
