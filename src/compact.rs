@@ -2,12 +2,18 @@
 //! partition, most fragmented first, under the table's compaction [`lease`](crate::lease).
 //!
 //! Streaming appends leave one small file per flush and partition; every query pays for each
-//! one. Compaction commits are `dataChange=false` (delta-rs optimize), so readers see the same
-//! rows and appends keep committing while it runs. The lease is renewed before each
-//! partition's rewrite, so a compactor that lost it (paused past expiry, or another took it
-//! over) stops before committing anything further. The rewritten files are stored as the
-//! writer stores them (`delta.zstd_level`, vectors plain), and a checkpoint at the compacted
-//! version follows, so readers open the table without replaying the rewrite.
+//! one. Compaction commits are `dataChange=false`, so readers see the same rows and appends
+//! keep committing while it runs. The lease is renewed before each partition's rewrite, so a
+//! compactor that lost it (paused past expiry, or another took it over) stops before the next.
+//! The lease cannot cover the commit itself (a rewrite may outlast it), so every compaction
+//! commit also carries a txn action with one app id, [`COMPACTION_APP_ID`]: Delta's conflict
+//! checker rejects a commit when a commit made since its snapshot used one of its app ids, so
+//! of two compactions of the same files only the first lands. (delta-rs optimize can neither
+//! carry a txn nor conflict on `dataChange=false` removes, so plain bin-packing is sluice's own
+//! rewrite; Z-order still goes through optimize and relies on the lease alone.) The rewritten
+//! files are stored as the writer stores them (`delta.zstd_level`, vectors plain), and a
+//! checkpoint at the compacted version follows, so readers open the table without replaying the
+//! rewrite.
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
@@ -15,8 +21,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{NaiveDate, Utc};
+use deltalake::arrow::array::new_null_array;
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::datafile::DataFileReader;
+use deltalake::datafile::reader::ParquetFileReader;
+use deltalake::datafusion::scalar::ScalarValue;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
+use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::operations::optimize::OptimizeType;
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
 
 use crate::config::DEFAULT_ZSTD_LEVEL;
 use crate::delta::{arrow_schema_of, open_table, parquet_properties};
@@ -51,6 +71,17 @@ pub enum CompactError {
         /// What went wrong.
         source: LeaseError,
     },
+    /// Another compaction committed since this one read the table: nothing of this one landed.
+    #[error(
+        "compacting {table}: another compaction committed a rewrite while partition {partition} \
+         was being rewritten (its lease had expired); nothing of this rewrite was committed"
+    )]
+    Concurrent {
+        /// Table location.
+        table: String,
+        /// The partition being rewritten.
+        partition: String,
+    },
     /// A requested partition value or column does not fit the table.
     #[error("compacting {table}: {reason}")]
     Invalid {
@@ -60,6 +91,10 @@ pub enum CompactError {
         reason: String,
     },
 }
+
+/// The txn app id every bin-packing commit carries, so two of them from the same snapshot
+/// conflict instead of both landing (each would add the rows of the files both remove).
+pub const COMPACTION_APP_ID: &str = "sluice-compaction";
 
 /// What to compact and how.
 #[derive(Debug, Clone)]
@@ -197,12 +232,8 @@ pub fn partitions(table: &DeltaTable, target_size: u64) -> Result<Vec<PartitionF
     let snapshot = table.snapshot().map_err(|e| e.to_string())?;
     let mut by_partition: BTreeMap<String, PartitionFiles> = BTreeMap::new();
     for file in snapshot.log_data().iter() {
-        let path = file.path();
         // sluice writes Hive-style paths: `event_date=2026-11-20/part-....parquet`.
-        let partition = path
-            .split('/')
-            .find_map(|segment| segment.split_once('=').map(|(_, v)| v.to_string()))
-            .unwrap_or_default();
+        let partition = partition_of(&file.path());
         let size = file.size().max(0) as u64;
         let rows = file
             .stats()
@@ -344,11 +375,26 @@ pub async fn compact_with_progress(
             .update_state()
             .await
             .map_err(delta_error(location, "refresh"))?;
-        let optimize_type = if options.zorder.is_empty() {
-            OptimizeType::Compact
-        } else {
-            OptimizeType::ZOrder(options.zorder.clone())
-        };
+        if options.zorder.is_empty() {
+            let rewrite = rewrite_partition(
+                &table,
+                location,
+                &part.partition,
+                options.target_size.max(1),
+                properties.clone(),
+            )
+            .await?;
+            let Some(rewrite) = rewrite else {
+                continue;
+            };
+            let (updated, result) = commit_rewrite(rewrite).await?;
+            table = updated;
+            log_compacted(location, &result);
+            progress(&result, done.len() + 1, planned.len());
+            done.push(result);
+            continue;
+        }
+        let optimize_type = OptimizeType::ZOrder(options.zorder.clone());
         let filters = column.as_deref().map(|c| {
             vec![(
                 c,
@@ -384,16 +430,7 @@ pub async fn compact_with_progress(
             bytes_added: metrics.files_added.total_size.max(0) as u64,
             version,
         };
-        tracing::info!(
-            table = location,
-            partition = %result.partition,
-            files_removed = result.files_removed,
-            files_added = result.files_added,
-            bytes_removed = result.bytes_removed,
-            bytes_added = result.bytes_added,
-            version,
-            "compacted partition"
-        );
+        log_compacted(location, &result);
         progress(&result, done.len() + 1, planned.len());
         done.push(result);
     }
@@ -408,6 +445,215 @@ pub async fn compact_with_progress(
     lease.release().await.map_err(lease_error)?;
     Ok(CompactOutcome::Compacted(done))
 }
+
+fn log_compacted(location: &str, result: &CompactedPartition) {
+    tracing::info!(
+        table = location,
+        partition = %result.partition,
+        files_removed = result.files_removed,
+        files_added = result.files_added,
+        bytes_removed = result.bytes_removed,
+        bytes_added = result.bytes_added,
+        version = result.version,
+        "compacted partition"
+    );
+}
+
+/// A partition's small files rewritten into files near the target size: uploaded, not yet
+/// committed (see [`commit_rewrite`]).
+pub struct Rewrite {
+    /// The table as read: the commit is checked against everything committed since.
+    table: DeltaTable,
+    location: String,
+    partition: String,
+    removes: Vec<Remove>,
+    adds: Vec<Add>,
+    target_size: u64,
+}
+
+impl Rewrite {
+    /// Files the rewrite replaces.
+    pub fn files_in(&self) -> usize {
+        self.removes.len()
+    }
+}
+
+/// The partition value in a Hive-style data file path (`event_date=2026-11-20/part-...`);
+/// `""` for an unpartitioned table.
+fn partition_of(path: &str) -> String {
+    path.split('/')
+        .find_map(|segment| segment.split_once('=').map(|(_, v)| v.to_string()))
+        .unwrap_or_default()
+}
+
+/// Reads the small files of `partition` (below `target_size`) and writes their rows into new
+/// files near `target_size`, as `properties` say. `None` when fewer than two files are small.
+pub async fn rewrite_partition(
+    table: &DeltaTable,
+    location: &str,
+    partition: &str,
+    target_size: u64,
+    properties: WriterProperties,
+) -> Result<Option<Rewrite>, CompactError> {
+    let snapshot = table
+        .snapshot()
+        .map_err(delta_error(location, "snapshot"))?;
+    let files: Vec<_> = snapshot
+        .log_data()
+        .iter()
+        .filter(|f| partition_of(&f.path()) == partition && (f.size().max(0) as u64) < target_size)
+        .collect();
+    if files.len() < 2 {
+        return Ok(None);
+    }
+    let column = partition_column(table, location)?;
+    let schema = arrow_schema_of(table).map_err(delta_error(location, "snapshot"))?;
+    let invalid = |reason: String| CompactError::Invalid {
+        table: location.to_string(),
+        reason,
+    };
+    let mut writer = RecordBatchWriter::for_table(table)
+        .map_err(delta_error(location, "open writer"))?
+        .with_writer_properties(properties)
+        .with_target_file_size(target_size);
+    let reader = ParquetFileReader::new(table.object_store());
+    for file in &files {
+        let path = file.path().to_string();
+        let mut batches = reader
+            .read_file(ObjectPath::from(path.as_str()))
+            .await
+            .map_err(delta_error(location, &format!("read {path}")))?;
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(delta_error(location, &format!("read {path}")))?;
+            let batch = conform(&batch, &schema, column.as_deref(), partition).map_err(invalid)?;
+            writer
+                .write(batch)
+                .await
+                .map_err(delta_error(location, "write parquet"))?;
+        }
+    }
+    let mut adds = writer
+        .flush()
+        .await
+        .map_err(delta_error(location, "upload parquet"))?;
+    for add in &mut adds {
+        add.data_change = false;
+    }
+    Ok(Some(Rewrite {
+        table: table.clone(),
+        location: location.to_string(),
+        partition: partition.to_string(),
+        removes: files.iter().map(|f| f.remove_action(false)).collect(),
+        adds,
+        target_size,
+    }))
+}
+
+/// Commits a rewrite: its files replace the small ones, `dataChange=false`, with a txn of
+/// [`COMPACTION_APP_ID`]. [`CompactError::Concurrent`] when another compaction committed since
+/// the rewrite read the table; its files then stay unreferenced (vacuum removes them).
+pub async fn commit_rewrite(
+    rewrite: Rewrite,
+) -> Result<(DeltaTable, CompactedPartition), CompactError> {
+    let Rewrite {
+        mut table,
+        location,
+        partition,
+        removes,
+        adds,
+        target_size,
+    } = rewrite;
+    let result = CompactedPartition {
+        partition: partition.clone(),
+        files_removed: removes.len() as u64,
+        files_added: adds.len() as u64,
+        bytes_removed: removes
+            .iter()
+            .map(|r| r.size.unwrap_or(0).max(0) as u64)
+            .sum(),
+        bytes_added: adds.iter().map(|a| a.size.max(0) as u64).sum(),
+        version: 0,
+    };
+    let now = Utc::now().timestamp_millis();
+    let properties = CommitProperties::default()
+        .with_application_transactions(vec![Transaction::new_with_last_update(
+            COMPACTION_APP_ID,
+            now,
+            Some(now),
+        )])
+        .with_create_checkpoint(false)
+        .with_cleanup_expired_logs(Some(false));
+    let actions: Vec<Action> = removes
+        .into_iter()
+        .map(Action::Remove)
+        .chain(adds.into_iter().map(Action::Add))
+        .collect();
+    let operation = DeltaOperation::Optimize {
+        predicate: Some(format!("partition = '{partition}'")),
+        target_size: target_size.min(i64::MAX as u64) as i64,
+    };
+    let snapshot = table
+        .snapshot()
+        .map_err(delta_error(&location, "snapshot"))?;
+    let committed = CommitBuilder::from(properties)
+        .with_actions(actions)
+        .build(Some(snapshot), table.log_store(), operation)
+        .await;
+    match committed {
+        Ok(finalized) => {
+            let version = finalized.version() as i64;
+            table.state = Some(finalized.snapshot());
+            Ok((table, CompactedPartition { version, ..result }))
+        }
+        Err(DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(_),
+        }) => Err(CompactError::Concurrent {
+            table: location,
+            partition,
+        }),
+        Err(e) => Err(delta_error(
+            &location,
+            &format!("commit partition {partition}"),
+        )(e)),
+    }
+}
+
+/// `batch`, read from a data file, in the table's current schema: the partition column (not
+/// stored in the files) holds `partition`, columns added since the file was written are null.
+fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    column: Option<&str>,
+    partition: &str,
+) -> Result<RecordBatch, String> {
+    let rows = batch.num_rows();
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let array = if column == Some(field.name().as_str()) {
+            let value = if partition == NULL_PARTITION {
+                ScalarValue::try_from(field.data_type())
+            } else {
+                ScalarValue::try_from_string(partition.to_string(), field.data_type())
+            }
+            .map_err(|e| format!("partition value {partition}: {e}"))?;
+            value
+                .to_array_of_size(rows)
+                .map_err(|e| format!("partition value {partition}: {e}"))?
+        } else {
+            match batch.column_by_name(field.name()) {
+                Some(a) if a.data_type() == field.data_type() => a.clone(),
+                Some(a) => cast(a, field.data_type())
+                    .map_err(|e| format!("column {}: {e}", field.name()))?,
+                None => new_null_array(field.data_type(), rows),
+            }
+        };
+        columns.push(array);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+/// How Hive-style paths spell a null partition value.
+const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
 #[cfg(test)]
 mod tests {

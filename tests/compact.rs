@@ -480,3 +480,50 @@ async fn z_order_rewrites_within_a_memory_budget_and_keeps_every_row() {
     let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
     assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 400).await;
+    let location = main_table(dir.path());
+    let rows_before = table_offsets(dir.path()).await;
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let partition = sluice::compact::partitions(&table, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .max_by_key(|p| p.files)
+        .unwrap()
+        .partition;
+    let properties = deltalake::parquet::file::properties::WriterProperties::default();
+
+    // Two compactors read the same version: one whose lease ran out while it rewrote (a long
+    // rewrite, a slow store, a paused process) and the one that took the lease over.
+    let rewrite = |table| {
+        let (location, partition, properties) =
+            (location.clone(), partition.clone(), properties.clone());
+        async move {
+            sluice::compact::rewrite_partition(&table, &location, &partition, 1 << 30, properties)
+                .await
+                .unwrap()
+                .expect("the partition has small files")
+        }
+    };
+    let stale = rewrite(table.clone()).await;
+    let current = rewrite(table.clone()).await;
+    assert!(stale.files_in() >= 2);
+    let (_, landed) = sluice::compact::commit_rewrite(current).await.unwrap();
+    assert_eq!(landed.files_added, 1);
+    let refused = sluice::compact::commit_rewrite(stale).await;
+    assert!(
+        matches!(
+            refused,
+            Err(sluice::compact::CompactError::Concurrent { .. })
+        ),
+        "{:?}",
+        refused.map(|(_, p)| p)
+    );
+
+    let rows_after = table_offsets(dir.path()).await;
+    assert_eq!(rows_after, rows_before, "every row once");
+    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
+}
