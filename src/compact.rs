@@ -465,6 +465,8 @@ pub struct Rewrite {
     /// The table as read: the commit is checked against everything committed since.
     table: DeltaTable,
     location: String,
+    /// The partition column, `None` for an unpartitioned table.
+    column: Option<String>,
     partition: String,
     removes: Vec<Remove>,
     adds: Vec<Add>,
@@ -542,6 +544,7 @@ pub async fn rewrite_partition(
     Ok(Some(Rewrite {
         table: table.clone(),
         location: location.to_string(),
+        column,
         partition: partition.to_string(),
         removes: files.iter().map(|f| f.remove_action(false)).collect(),
         adds,
@@ -558,6 +561,7 @@ pub async fn commit_rewrite(
     let Rewrite {
         mut table,
         location,
+        column,
         partition,
         removes,
         adds,
@@ -589,7 +593,7 @@ pub async fn commit_rewrite(
         .chain(adds.into_iter().map(Action::Add))
         .collect();
     let operation = DeltaOperation::Optimize {
-        predicate: Some(format!("partition = '{partition}'")),
+        predicate: column.map(|c| format!("{c} = '{partition}'")),
         target_size: target_size.min(i64::MAX as u64) as i64,
     };
     let snapshot = table

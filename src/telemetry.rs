@@ -186,7 +186,19 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
         "sluice_offsets_skipped_total",
         Kind::Counter,
         "table, topic, partition",
-        "Offsets Kafka no longer had (retention) or transaction markers.",
+        "Offsets the broker skipped in a continuous read: transaction markers, aborted transactions, a compacted topic.",
+    ),
+    (
+        "sluice_offsets_lost_total",
+        Kind::Counter,
+        "table, topic, partition",
+        "Offsets retention removed before sluice read them (each range is also a `lost` dead letter).",
+    ),
+    (
+        "sluice_partitions_stopped",
+        Kind::Gauge,
+        "table",
+        "Partitions stopped because the broker's log is behind the table's position (see `sluice accept-log`).",
     ),
     (
         "sluice_position_resets_total",
