@@ -387,6 +387,10 @@ pub async fn compact_with_progress(
             let Some(rewrite) = rewrite else {
                 continue;
             };
+            crate::failpoint::reached(
+                crate::failpoint::armed().as_deref(),
+                "after_compaction_rewrite",
+            );
             let (updated, result) = commit_rewrite(rewrite).await?;
             table = updated;
             log_compacted(location, &result);

@@ -50,6 +50,7 @@ pub mod dead_letters;
 pub mod decode;
 pub mod delta;
 pub mod demo;
+pub mod failpoint;
 pub mod generator;
 pub mod health;
 pub mod kafka;

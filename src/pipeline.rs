@@ -24,6 +24,7 @@ use crate::batch::{BatchLimits, Batcher, FlushReason};
 use crate::dead_letters;
 use crate::decode::{BodyDecoder, Chunk, DecodeError, Decoded, RejectReason, Rejection};
 use crate::delta::{DeltaError, DeltaSink, Encoding, PartitionKey, PartitionLedger};
+use crate::failpoint;
 use crate::source::{KafkaSource, PartitionEvent, SourceError};
 
 /// Longest wait between retries of a failing commit.
@@ -36,10 +37,6 @@ const MAX_LOGGED_REJECTIONS: usize = 20;
 /// Messages already fetched that one turn of the run loop takes before it looks at shutdown,
 /// the batch age and partition events again.
 const TAKEN_PER_TURN: usize = 64;
-
-/// Environment variable naming a point where the writer aborts the process, so tests can crash
-/// it exactly there: `after_dead_letter_commit` (dead letters landed, rows not yet).
-pub const FAILPOINT_ENV: &str = "SLUICE_FAILPOINT";
 
 /// How a writer decodes: messages are buffered per partition in chunks, and full chunks are
 /// decoded on `threads` blocking threads while the writer keeps consuming.
@@ -321,7 +318,7 @@ pub struct TableWriter {
     dead_letters: DeltaSink,
     /// Publishes dead letters to a Kafka topic too, when configured.
     forwarder: Option<dead_letters::Forwarder>,
-    /// Test aid: abort the process at a named point (see [`FAILPOINT_ENV`]).
+    /// Test aid: abort the process at a named point (see [`crate::failpoint`]).
     failpoint: Option<String>,
     /// The consumer; `None` when the caller feeds records ([`TableWriter::without_broker`]).
     source: Option<KafkaSource>,
@@ -447,7 +444,7 @@ impl TableWriter {
                 sink,
                 dead_letters,
                 forwarder,
-                failpoint: std::env::var(FAILPOINT_ENV).ok(),
+                failpoint: failpoint::armed(),
                 source,
                 events,
                 topics,
@@ -919,11 +916,15 @@ impl TableWriter {
             self.epoch += 1;
             let started = Instant::now();
             let result = match self.encoded_files(&batches).await {
-                Ok(files) => self.sink.commit_files(files, &ledger, self.epoch).await,
+                Ok(files) => {
+                    failpoint::reached(self.failpoint.as_deref(), "after_upload");
+                    self.sink.commit_files(files, &ledger, self.epoch).await
+                }
                 Err(e) => Err(e),
             };
             match result {
                 Ok(committed) => {
+                    failpoint::reached(self.failpoint.as_deref(), "after_row_commit");
                     let elapsed = started.elapsed();
                     // Only our commit landed since the last check: positions are still known.
                     if committed.version == self.verified_version + 1 {
@@ -1059,10 +1060,7 @@ impl TableWriter {
             );
             tracing::info!(table = %self.dead_letters.name(), version = committed.version, dead_letters = stored, "committed dead letters");
             self.progress.dead_letters += stored;
-            if self.failpoint.as_deref() == Some("after_dead_letter_commit") {
-                tracing::error!("failpoint after_dead_letter_commit: aborting");
-                std::process::abort();
-            }
+            failpoint::reached(self.failpoint.as_deref(), "after_dead_letter_commit");
         }
         for key in &pending {
             if let Some(state) = self.partitions.get_mut(key) {

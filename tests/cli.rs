@@ -319,6 +319,96 @@ async fn a_crash_between_the_dead_letter_commit_and_the_row_commit_loses_and_dup
     assert_eq!(produced.last_offsets.values().next(), Some(&299));
 }
 
+/// Every `commitInfo.sluice.ledger` entry of a table's log: (partition, first, last, rows,
+/// rejected), in commit order.
+fn ledgers(table_dir: &std::path::Path) -> Vec<(String, i64, i64, u64, u64)> {
+    let mut commits: Vec<_> = std::fs::read_dir(table_dir.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    commits.sort();
+    let mut out = Vec::new();
+    for commit in commits {
+        for line in std::fs::read_to_string(&commit).unwrap().lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(ledger) = action["commitInfo"]["sluice"]["ledger"].as_object() else {
+                continue;
+            };
+            for (partition, l) in ledger {
+                let n = |k: &str| l[k].as_i64().unwrap();
+                out.push((
+                    partition.clone(),
+                    n("first_offset"),
+                    n("last_offset"),
+                    n("rows") as u64,
+                    n("rejected") as u64,
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_at_any_step_of_a_flush_restarts_losing_and_duplicating_nothing() {
+    for point in [
+        "after_upload",
+        "after_dead_letter_commit",
+        "after_row_commit",
+    ] {
+        let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let config_file = write_config(dir.path(), &kafka.brokers(), 100);
+        // 300 posts, every 10th hostile: 30 dead letters, 270 rows.
+        publish(&kafka.brokers(), &[Shape::Mastodon], 300, 25, 10).await;
+        let crashed = sluice("run", &config_file, &[("SLUICE_FAILPOINT", point)]);
+        let log = String::from_utf8_lossy(&crashed.stderr);
+        assert!(!crashed.status.success(), "{point}: the process dies there");
+        assert!(log.contains(point), "{point}: {log}");
+
+        let lake = dir.path().join("lake");
+        let caught_up = run_until(&config_file, async || rows_if_created(&lake).await >= 270).await;
+        assert!(
+            caught_up,
+            "{point}: the restarted writer wrote every good post"
+        );
+        let audit = sluice("audit", &config_file, &[]);
+        let report = String::from_utf8_lossy(&audit.stdout);
+        assert!(
+            report.contains(
+                "CLEAN: 300 messages checked, 270 rows, 30 dead letters, 0 missing, 0 duplicated"
+            ),
+            "{point}: {report}"
+        );
+        assert!(audit.status.success(), "{point}: {report}");
+        let dead =
+            scalar_i64(&query(&lake, "SELECT count(*) FROM enriched_posts_dead_letters").await);
+        assert_eq!(dead, 30, "{point}: no dead letter stored twice");
+
+        // The ledger read back from the log: ranges contiguous from 0 to 299, each accounting
+        // for every offset it covers as a row or a dead letter.
+        let entries = ledgers(&lake.join("enriched_posts"));
+        let mut next = 0;
+        for (partition, first, last, rows, rejected) in &entries {
+            assert_eq!(partition, "posts.mastodon/0");
+            assert_eq!(
+                *first, next,
+                "{point}: ledger ranges contiguous: {entries:?}"
+            );
+            assert_eq!(
+                rows + rejected,
+                (last - first + 1) as u64,
+                "{point}: {entries:?}"
+            );
+            next = last + 1;
+        }
+        assert_eq!(next, 300, "{point}: {entries:?}");
+        let (rows, rejected) = entries.iter().fold((0, 0), |t, e| (t.0 + e.3, t.1 + e.4));
+        assert_eq!((rows, rejected), (270, 30), "{point}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
     let kafka = Kafka::new(&[Shape::Mastodon.default_topic()], 1);

@@ -527,3 +527,58 @@ async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
     assert_eq!(rows_after, rows_before, "every row once");
     assert_exactly_once(&rows_after, &last, &BTreeSet::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compactor_killed_between_its_rewrite_and_its_commit_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 400).await;
+    let location = main_table(dir.path());
+    let rows_before = table_offsets(dir.path()).await;
+    let (files_before, bytes_before) = files_and_bytes(&location).await;
+    let version_before = open_table(&location, Default::default())
+        .await
+        .unwrap()
+        .version();
+
+    let config = write_lake_config(dir.path());
+    let killed = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["compact", "--table", "enriched_posts", "--config"])
+        .arg(&config)
+        .env("SLUICE_FAILPOINT", "after_compaction_rewrite")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&killed.stderr);
+    assert!(!killed.status.success(), "{log}");
+    assert!(log.contains("after_compaction_rewrite"), "{log}");
+
+    // Its files were uploaded but no version references them: readers see the table as it was.
+    let table = open_table(&location, Default::default()).await.unwrap();
+    assert_eq!(table.version(), version_before);
+    assert_eq!(
+        files_and_bytes(&location).await,
+        (files_before, bytes_before)
+    );
+    let on_disk = walk_parquet(&dir.path().join("enriched_posts"));
+    assert!(
+        on_disk > files_before,
+        "the rewrite uploaded its files ({on_disk} on disk)"
+    );
+    let rows_after = table_offsets(dir.path()).await;
+    assert_eq!(rows_after, rows_before);
+    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
+}
+
+/// Parquet files under `dir`, referenced or not.
+fn walk_parquet(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                walk_parquet(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|e| e == "parquet"))
+            }
+        })
+        .sum()
+}
