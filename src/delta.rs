@@ -591,14 +591,7 @@ pub async fn log_accepted_at(
     topic: &str,
     partition: i32,
 ) -> Result<Option<i64>, DeltaTableError> {
-    let key = PartitionKey {
-        topic: Arc::from(topic),
-        partition,
-    };
-    table
-        .snapshot()?
-        .transaction_version(table.log_store().as_ref(), log_app_id(group_id, &key))
-        .await
+    txn_version(table, &log_app_id(group_id, &key_of(topic, partition))).await
 }
 
 /// The last offset of `topic`/`partition` that `group_id` committed to `table` (its txn
@@ -609,13 +602,21 @@ pub async fn committed_offset(
     topic: &str,
     partition: i32,
 ) -> Result<Option<i64>, DeltaTableError> {
-    let key = PartitionKey {
+    txn_version(table, &app_id(group_id, &key_of(topic, partition))).await
+}
+
+fn key_of(topic: &str, partition: i32) -> PartitionKey {
+    PartitionKey {
         topic: Arc::from(topic),
         partition,
-    };
+    }
+}
+
+/// The version of txn `app_id` in `table`'s loaded snapshot.
+async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
     table
         .snapshot()?
-        .transaction_version(table.log_store().as_ref(), app_id(group_id, &key))
+        .transaction_version(table.log_store().as_ref(), app_id)
         .await
 }
 

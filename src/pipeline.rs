@@ -1085,12 +1085,7 @@ impl TableWriter {
         // partition another writer moved while this one had nothing of it buffered would
         // otherwise be committed later from its old position. Stopped partitions are neither
         // consumed nor committed; a restart takes them up again.
-        let keys: Vec<PartitionKey> = self
-            .partitions
-            .iter()
-            .filter(|(_, s)| !s.stopped)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys = self.consumed_partitions();
         let mut landed = Vec::new();
         for key in keys {
             let actual = self.sink.txn_version(&key).await?;
@@ -1133,6 +1128,15 @@ impl TableWriter {
         Ok(landed)
     }
 
+    /// The owned partitions that are consumed (all but the stopped ones).
+    fn consumed_partitions(&self) -> Vec<PartitionKey> {
+        self.partitions
+            .iter()
+            .filter(|(_, s)| !s.stopped)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Moves the consumer to the table's position of every partition whose buffer was dropped
     /// for it. A seek that fails ends the writer with the error: consuming on from where the
     /// dropped buffer ended would take the offsets in between as skipped.
@@ -1157,12 +1161,7 @@ impl TableWriter {
             return Ok(());
         };
         let table = self.sink.name().to_string();
-        let keys: Vec<PartitionKey> = self
-            .partitions
-            .iter()
-            .filter(|(_, s)| !s.stopped)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys = self.consumed_partitions();
         let mut lost_ranges = 0;
         for key in keys {
             let Some(next) = self.partitions[&key].next_offset() else {
