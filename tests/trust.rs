@@ -673,21 +673,28 @@ fn watermarks(brokers: &str, topic: &str) -> (i64, i64) {
         .unwrap()
 }
 
+/// Publishes `count` Mastodon posts to `kafka`, has a writer commit all of them to a table
+/// under `root` and stops it; returns the writer's config.
+async fn write_posts(
+    kafka: &Kafka,
+    root: &std::path::Path,
+    count: u64,
+    seed: u64,
+) -> sluice::config::Config {
+    let config = config(&kafka.brokers(), root, &[Shape::Mastodon], limits(500, 500));
+    let mut writer = Writer::start(&config).await;
+    let written = publish(&kafka.brokers(), &[Shape::Mastodon], count, seed, 0).await;
+    writer.wait_committed(&written.last_offsets).await;
+    writer.stop().await;
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_retention_removed_before_the_writer_read_them_are_a_loud_recorded_loss() {
     let topic = Shape::Mastodon.default_topic();
     let kafka = Kafka::new(&[topic], 1);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &kafka.brokers(),
-        dir.path(),
-        &[Shape::Mastodon],
-        limits(500, 500),
-    );
-    let mut writer = Writer::start(&config).await;
-    let first = publish(&kafka.brokers(), &[Shape::Mastodon], 200, 41, 0).await;
-    writer.wait_committed(&first.last_offsets).await;
-    writer.stop().await;
+    let config = write_posts(&kafka, dir.path(), 200, 41).await;
 
     // While the writer is down, 6 MiB arrive; the broker keeps 5 MiB of the partition, so
     // retention removes the oldest messages, some of them never written.
@@ -735,16 +742,7 @@ async fn a_log_that_went_backwards_stops_its_partition_instead_of_dropping_messa
     let topic = Shape::Mastodon.default_topic();
     let old = Kafka::new(&[topic], 1);
     let dir = tempfile::tempdir().unwrap();
-    let config_old = config(
-        &old.brokers(),
-        dir.path(),
-        &[Shape::Mastodon],
-        limits(500, 500),
-    );
-    let mut writer = Writer::start(&config_old).await;
-    let written = publish(&old.brokers(), &[Shape::Mastodon], 300, 43, 0).await;
-    writer.wait_committed(&written.last_offsets).await;
-    writer.stop().await;
+    write_posts(&old, dir.path(), 300, 43).await;
 
     // A failover to a cluster whose log of the topic is shorter: offsets 0..100 are other
     // messages than the table's.
