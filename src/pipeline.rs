@@ -344,6 +344,9 @@ pub struct TableWriter {
     progress: Progress,
     progress_tx: watch::Sender<Progress>,
     epoch: i64,
+    /// The dead-letter table positions an attempt of the current flush tried to commit; an
+    /// attempt whose error surfaced after it landed is recognised by them on the retry.
+    dead_letters_attempted: BTreeMap<PartitionKey, i64>,
     /// Table version at which every owned partition's txn version was last known to match our
     /// own; while the table stays there, re-reading them (a log replay each) is unnecessary.
     verified_version: i64,
@@ -463,6 +466,7 @@ impl TableWriter {
                 progress,
                 progress_tx,
                 epoch: 0,
+                dead_letters_attempted: BTreeMap::new(),
                 verified_version: -1,
                 repositions: Vec::new(),
             },
@@ -973,6 +977,7 @@ impl TableWriter {
         let mut letters: Vec<(&PartitionKey, &Rejection)> = Vec::new();
         let mut ledger = Vec::new();
         let mut already_stored = 0usize;
+        let mut landed_earlier = 0u64;
         for key in &pending {
             let stored = self.dead_letters.txn_version(key).await?;
             let state = &self.partitions[key];
@@ -999,9 +1004,12 @@ impl TableWriter {
                 _ => None,
             };
             let before = letters.len();
+            // Our own earlier attempt of this flush landed before its error surfaced.
+            let ours = ahead.is_some() && ahead == self.dead_letters_attempted.get(key).copied();
             for r in &state.rejections {
                 if recovered.as_ref().is_some_and(|s| s.contains(&r.offset)) {
                     already_stored += 1;
+                    landed_earlier += u64::from(ours);
                 } else {
                     letters.push((key, r));
                 }
@@ -1021,8 +1029,14 @@ impl TableWriter {
                 ));
             }
         }
-        if already_stored > 0 {
-            tracing::info!(table = %self.dead_letters.name(), already_stored,
+        if landed_earlier > 0 {
+            tracing::info!(table = %self.dead_letters.name(), dead_letters = landed_earlier,
+                "a retried dead-letter commit had already landed");
+            self.progress.dead_letters += landed_earlier;
+        }
+        self.dead_letters_attempted.clear();
+        if already_stored as u64 > landed_earlier {
+            tracing::info!(table = %self.dead_letters.name(), already_stored = already_stored as u64 - landed_earlier,
                 "skipping dead letters an interrupted earlier flush already stored");
         }
         if !letters.is_empty() {
@@ -1048,10 +1062,15 @@ impl TableWriter {
             }
             self.epoch += 1;
             let started = Instant::now();
+            self.dead_letters_attempted = ledger
+                .iter()
+                .map(|(k, l)| (k.clone(), l.last_offset))
+                .collect();
             let committed = self
                 .dead_letters
                 .commit(&[batch], &ledger, self.epoch)
                 .await?;
+            self.dead_letters_attempted.clear();
             record_commit(
                 self.dead_letters.name(),
                 committed.files,

@@ -1,0 +1,582 @@
+//! What sluice promises about its object store, checked against a store that misbehaves on
+//! purpose: a local folder behind the `faulty://` scheme, registered with delta-rs like S3 is.
+//! Each test names its own host (`faulty://<host>/<folder>`) and arms that host's faults: a
+//! commit that lands and then reports an error, a store ignoring `If-None-Match: *`, a store
+//! that accepts requests and never answers. Every log listing is counted.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use async_trait::async_trait;
+use deltalake::DeltaResult;
+use deltalake::logstore::object_store::{
+    self, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    local::LocalFileSystem, path::Path,
+};
+use deltalake::logstore::{
+    LogStore, LogStoreFactory, ObjectStoreFactory, ObjectStoreRef, StorageConfig, default_logstore,
+    logstore_factories, object_store_factories,
+};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use tokio::sync::watch;
+use url::Url;
+
+use common::*;
+use sluice::delta::{DeltaError, DeltaSink};
+use sluice::generator::Shape;
+use sluice::health::Health;
+
+/// The faults armed on one host of the `faulty://` scheme.
+struct Faults {
+    /// Table folders (`<table>/_delta_log/`) whose next commit lands and then reports an
+    /// error, once per entry.
+    land_then_fail: Mutex<Vec<String>>,
+    /// How many commits landed and then failed.
+    landed_then_failed: Mutex<Vec<String>>,
+    /// Writes with `If-None-Match: *` overwrite instead of failing on an existing object.
+    ignore_if_none_match: bool,
+    /// While false, every request waits (a store that accepts and never answers).
+    answering: watch::Sender<bool>,
+    /// Every listing of a `_delta_log` folder while recording.
+    log_listings: Mutex<Vec<Listing>>,
+    /// Whether listings are recorded (off while the test itself writes a checkpoint).
+    recording: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    fn new(ignore_if_none_match: bool) -> Faults {
+        Faults {
+            land_then_fail: Mutex::default(),
+            landed_then_failed: Mutex::default(),
+            ignore_if_none_match,
+            answering: watch::channel(true).0,
+            log_listings: Mutex::default(),
+            recording: true.into(),
+        }
+    }
+
+    async fn answer(&self) {
+        let mut answering = self.answering.subscribe();
+        let _ = answering.wait_for(|a| *a).await;
+    }
+
+    /// Records a listing of a table's log: from which version it starts (`None`: the whole
+    /// folder) and the table's last checkpoint at that moment.
+    fn listed(&self, prefix: Option<&Path>, offset: Option<&Path>) {
+        if !self.recording.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(path) = offset.or(prefix).map(|p| p.to_string()) else {
+            return;
+        };
+        let Some((table, rest)) = path.split_once("/_delta_log") else {
+            return;
+        };
+        let from = offset.and_then(|_| rest.trim_start_matches('/').get(..20)?.parse().ok());
+        let checkpoint = std::fs::read(format!("/{table}/_delta_log/_last_checkpoint"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["version"].as_i64());
+        self.log_listings
+            .lock()
+            .unwrap()
+            .push(Listing { from, checkpoint });
+    }
+}
+
+/// One listing of a `_delta_log` folder.
+#[derive(Debug, Clone, Copy)]
+struct Listing {
+    /// The version the listing starts from; `None` lists the whole folder.
+    from: Option<i64>,
+    /// The table's last checkpoint when it was listed.
+    checkpoint: Option<i64>,
+}
+
+fn hosts() -> &'static Mutex<HashMap<String, Arc<Faults>>> {
+    static HOSTS: OnceLock<Mutex<HashMap<String, Arc<Faults>>>> = OnceLock::new();
+    HOSTS.get_or_init(Default::default)
+}
+
+/// Registers the `faulty://` scheme (once per process) and a host with its faults; returns
+/// the storage root for a folder of `dir`.
+fn faulty_root(host: &str, dir: &std::path::Path, faults: Faults) -> (String, Arc<Faults>) {
+    static REGISTERED: OnceLock<()> = OnceLock::new();
+    REGISTERED.get_or_init(|| {
+        let scheme = Url::parse("faulty://").unwrap();
+        object_store_factories().insert(scheme.clone(), Arc::new(FaultyFactory));
+        logstore_factories().insert(scheme, Arc::new(FaultyFactory));
+    });
+    let faults = Arc::new(faults);
+    hosts()
+        .lock()
+        .unwrap()
+        .insert(host.to_string(), faults.clone());
+    (format!("faulty://{host}{}", dir.display()), faults)
+}
+
+struct FaultyFactory;
+
+impl ObjectStoreFactory for FaultyFactory {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        _config: &StorageConfig,
+    ) -> DeltaResult<(ObjectStoreRef, Path)> {
+        let host = url.host_str().unwrap_or_default();
+        let faults = hosts()
+            .lock()
+            .unwrap()
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| panic!("no faults registered for host {host}"));
+        let store = FaultyStore {
+            inner: LocalFileSystem::new(),
+            faults,
+        };
+        Ok((Arc::new(store), Path::from_url_path(url.path())?))
+    }
+}
+
+impl LogStoreFactory for FaultyFactory {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
+    }
+}
+
+#[derive(Debug)]
+struct FaultyStore {
+    inner: LocalFileSystem,
+    faults: Arc<Faults>,
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Faults")
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+impl FaultyStore {
+    /// Lists in key order, as S3 does (delta-rs relies on it for every scheme but `file://`).
+    fn sorted(
+        &self,
+        listing: BoxStream<'static, object_store::Result<ObjectMeta>>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let faults = self.faults.clone();
+        futures::stream::once(async move {
+            faults.answer().await;
+            let mut all: Vec<ObjectMeta> = listing.try_collect().await?;
+            all.sort_by(|a, b| a.location.cmp(&b.location));
+            Ok::<_, object_store::Error>(futures::stream::iter(all.into_iter().map(Ok)))
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
+
+fn is_commit(location: &Path) -> bool {
+    let s = location.as_ref();
+    s.ends_with(".json")
+        && s.rsplit('/')
+            .next()
+            .is_some_and(|name| name.len() == 25 && name[..20].bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.faults.answer().await;
+        if self.faults.ignore_if_none_match && opts.mode == PutMode::Create {
+            opts.mode = PutMode::Overwrite;
+        }
+        let armed = is_commit(location) && {
+            let mut armed = self.faults.land_then_fail.lock().unwrap();
+            let path = location.as_ref();
+            match armed
+                .iter()
+                .position(|table| path.contains(&format!("/{table}/_delta_log/")))
+            {
+                Some(i) => {
+                    armed.remove(i);
+                    true
+                }
+                None => false,
+            }
+        };
+        let result = self.inner.put_opts(location, payload, opts).await?;
+        if armed {
+            self.faults
+                .landed_then_failed
+                .lock()
+                .unwrap()
+                .push(location.to_string());
+            return Err(object_store::Error::Generic {
+                store: "faulty",
+                source: "the response timed out after the object was stored".into(),
+            });
+        }
+        Ok(result)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.faults.answer().await;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.faults.answer().await;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.faults.listed(prefix, None);
+        self.sorted(self.inner.list(prefix))
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.faults.listed(prefix, Some(offset));
+        self.sorted(self.inner.list_with_offset(prefix, offset))
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.faults.listed(prefix, None);
+        self.faults.answer().await;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.faults.answer().await;
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        self.faults.answer().await;
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+/// (partition, offset) of every row of `table` under `root`.
+async fn offsets_of(root: &std::path::Path, table: &str) -> Vec<(i32, i64)> {
+    let batches = query(
+        root,
+        &format!("SELECT kafka_partition, kafka_offset FROM {table} ORDER BY 1, 2"),
+    )
+    .await;
+    let mut out = Vec::new();
+    for b in &batches {
+        use deltalake::arrow::array::AsArray;
+        use deltalake::arrow::datatypes::{Int32Type, Int64Type};
+        let p = b.column(0).as_primitive::<Int32Type>();
+        let o = b.column(1).as_primitive::<Int64Type>();
+        out.extend((0..b.num_rows()).map(|i| (p.value(i), o.value(i))));
+    }
+    out
+}
+
+fn log_files(table_dir: &std::path::Path) -> BTreeSet<String> {
+    match std::fs::read_dir(table_dir.join("_delta_log")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_error_surfaced_after_it_landed_is_counted_once_and_never_rewritten() {
+    let topic = Shape::Bluesky.default_topic();
+    let kafka = Kafka::new(&[topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, faults) = faulty_root("landed", dir.path(), Faults::new(false));
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Bluesky],
+        limits(250, 300),
+    );
+    config.storage.root = root;
+    let mut writer = Writer::start(&config).await;
+    // The first commit of each table after the start lands, and its caller hears a timeout.
+    faults.land_then_fail.lock().unwrap().extend([
+        "enriched_posts".to_string(),
+        "enriched_posts_dead_letters".into(),
+    ]);
+    let junk: Vec<Option<Vec<u8>>> = (0..20)
+        .map(|i| Some(format!("{{not json {i}").into_bytes()))
+        .collect();
+    let junk_offsets = send_raw(&kafka.brokers(), topic, &junk).await;
+    let produced = publish(&kafka.brokers(), &[Shape::Bluesky], 1000, 3, 0).await;
+    writer.wait_committed(&produced.last_offsets).await;
+    let progress = writer.stop().await;
+
+    let failed = faults.landed_then_failed.lock().unwrap().clone();
+    assert_eq!(
+        failed.len(),
+        2,
+        "both commits landed and reported an error: {failed:?}"
+    );
+    assert!(faults.land_then_fail.lock().unwrap().is_empty());
+
+    let rows = offsets_of(dir.path(), "enriched_posts").await;
+    let dead = offsets_of(dir.path(), "enriched_posts_dead_letters").await;
+    let junk: BTreeSet<i64> = junk_offsets.into_iter().collect();
+    let expected_rows: Vec<(i32, i64)> = (0..=produced.last_offsets[&(topic.to_string(), 0)])
+        .filter(|o| !junk.contains(o))
+        .map(|o| (0, o))
+        .collect();
+    assert_eq!(rows, expected_rows, "every post once, none twice");
+    assert_eq!(
+        dead,
+        junk.iter().map(|o| (0, *o)).collect::<Vec<_>>(),
+        "every junk message once in the dead letters"
+    );
+    // The writer recognised its own landed commits: it counted them as committed (not as a
+    // position another writer moved, which would drop and re-read the buffer uncounted).
+    assert_eq!(progress.rows, 1000);
+    assert_eq!(progress.dead_letters, 20);
+    assert_eq!(progress.rejected, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_ignores_if_none_match_is_refused_before_any_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, _) = faulty_root("overwrites", dir.path(), Faults::new(true));
+    let schema =
+        sluice::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml")).unwrap();
+    let location = sluice::delta::table_location(&root, "enriched_posts");
+    let err = match DeltaSink::open_or_create(
+        &location,
+        Default::default(),
+        Arc::new(schema),
+        "sluice-test",
+        5,
+        1,
+    )
+    .await
+    {
+        Ok(_) => panic!("a store that overwrites on If-None-Match must be refused"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, DeltaError::UnsafeStore { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does not honour conditional writes (If-None-Match: *); refusing to commit"),
+        "{err}"
+    );
+    // Nothing of a table was written, and the probe cleaned up after itself.
+    assert_eq!(
+        log_files(&dir.path().join("enriched_posts")),
+        BTreeSet::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_fails_readiness_and_the_writer_resumes_when_it_answers() {
+    let topic = Shape::Mastodon.default_topic();
+    let kafka = Kafka::new(&[topic], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, faults) = faulty_root("silent", dir.path(), Faults::new(false));
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(10_000, 200),
+    );
+    config.storage.root = root;
+    config.health.probe_interval_s = 1;
+    let max_wait =
+        config.batch.max_age() + std::time::Duration::from_secs(config.health.commit_stall_s);
+    let health = Health::new(1, max_wait);
+    let addr = sluice::telemetry::serve("127.0.0.1:0", health.clone())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(sluice::app::run(
+        config.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+        Some(health),
+    ));
+    let readyz = move || async move {
+        tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+            .await
+            .unwrap()
+    };
+    let wait_for = async |what: &str, ok: &dyn Fn(u16, &str) -> bool| -> String {
+        let seen = tokio::time::timeout(CATCH_UP, async {
+            loop {
+                if let Some((status, body)) = readyz().await
+                    && ok(status, &body)
+                {
+                    return body;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        match seen {
+            Ok(body) => body,
+            Err(_) => panic!("/readyz never showed {what}: {:?}", readyz().await),
+        }
+    };
+
+    let first = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 4, 0).await;
+    wait_for("ready", &|status, _| status == 200).await;
+
+    faults.answering.send_replace(false);
+    let second = publish(&kafka.brokers(), &[Shape::Mastodon], 300, 5, 0).await;
+    let body = wait_for("the silent store", &|status, body| {
+        status == 503 && body.contains("no answer within 10s")
+    })
+    .await;
+    assert!(body.contains("object store"), "{body}");
+
+    faults.answering.send_replace(true);
+    wait_for("ready again", &|status, _| status == 200).await;
+    let targets = latest_offsets(&[&first, &second]);
+    let rows_now = async || offsets_of(dir.path(), "enriched_posts").await.len() as u64;
+    let all: u64 = targets.values().map(|last| (last + 1) as u64).sum();
+    tokio::time::timeout(CATCH_UP, async {
+        while rows_now().await < all {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the writer lands what arrived while the store was silent");
+    let _ = stop.send(());
+    let progress = service.await.unwrap().expect("the service stops cleanly");
+    assert_eq!(progress[0].rows, 600);
+    let rows = table_offsets(dir.path()).await;
+    assert_exactly_once(&rows, &targets, &BTreeSet::new());
+}
+
+/// LIST requests per commit on the commit path: the writer's check for other writers' commits
+/// and delta-rs' two snapshot updates around its commit (one of them the conflict check).
+const LISTINGS_PER_COMMIT: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_commits_list_only_the_log_since_the_last_checkpoint() {
+    let topic = Shape::Tweets.default_topic();
+    let kafka = Kafka::new(&[topic], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, faults) = faulty_root("listings", dir.path(), Faults::new(false));
+    let mut config = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Tweets],
+        limits(10_000, 100),
+    );
+    config.storage.root = root.clone();
+    // As in the service: checkpoints are written off the commit path (here by the test, every
+    // fourth round, as the maintenance thread would).
+    config.delta.checkpoint_interval = 1_000_000;
+    let location = sluice::delta::table_location(&root, "enriched_posts");
+    let mut writer = Writer::start(&config).await;
+    let warm = publish(&kafka.brokers(), &[Shape::Tweets], 100, 6, 0).await;
+    writer.wait_committed(&warm.last_offsets).await;
+    let at_start = writer.table.progress.borrow().commits;
+    faults.log_listings.lock().unwrap().clear();
+    for round in 0..12 {
+        let report = publish(&kafka.brokers(), &[Shape::Tweets], 100, 10 + round, 0).await;
+        writer.wait_committed(&report.last_offsets).await;
+        if round % 4 == 3 {
+            faults
+                .recording
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            sluice::maintain::checkpoint(&location, Default::default())
+                .await
+                .unwrap();
+            faults
+                .recording
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let commits = (writer.table.progress.borrow().commits - at_start) as usize;
+    let listings = faults.log_listings.lock().unwrap().clone();
+    writer.stop().await;
+
+    assert!(commits >= 12, "each round committed: {commits}");
+    let checkpoints: BTreeSet<i64> = listings.iter().filter_map(|l| l.checkpoint).collect();
+    assert!(checkpoints.len() >= 2, "{listings:?}");
+    // Plus one when the writer's snapshot first meets a new checkpoint.
+    assert!(
+        listings.len() <= LISTINGS_PER_COMMIT * commits + checkpoints.len(),
+        "{commits} commits listed the log {} times: {listings:?}",
+        listings.len()
+    );
+    // Each listing starts at the checkpoint the writer's snapshot last read (kernel
+    // snapshots pick up a newer checkpoint at their next update): never the table's history.
+    let mut since_checkpoint = BTreeMap::new();
+    for listing in &listings {
+        let from = listing
+            .from
+            .unwrap_or_else(|| panic!("a commit listed the whole log: {listings:?}"));
+        let previous = checkpoints
+            .range(..listing.checkpoint.unwrap_or(0))
+            .next_back()
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            from >= previous,
+            "a listing reached behind the checkpoint before the last: {listing:?} in {listings:?}"
+        );
+        *since_checkpoint.entry(listing.checkpoint).or_insert(0usize) += 1;
+    }
+    assert!(since_checkpoint.len() >= 2, "{since_checkpoint:?}");
+}
