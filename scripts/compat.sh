@@ -9,16 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
-DELTALAKE2DB_VERSION=1.2.2
-DUCKDB_VERSION=1.4.1
 
-if ! python3 -c "
-import deltalake2db, duckdb, pytz
-from importlib.metadata import version
-assert version('deltalake2db') == '$DELTALAKE2DB_VERSION' and duckdb.__version__ == '$DUCKDB_VERSION'
-" 2>/dev/null; then
-  echo "== installing deltalake2db $DELTALAKE2DB_VERSION and duckdb $DUCKDB_VERSION (pip)"
-  python3 -m pip install --quiet "deltalake2db==$DELTALAKE2DB_VERSION" "duckdb==$DUCKDB_VERSION" pytz
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+install_independent_reader
 
 cargo test --release --test trino -- --ignored --nocapture

@@ -7,7 +7,8 @@
 #   SLUICE_E2E_SEED=123 bash scripts/e2e.sh # replay the random pauses of a failed run
 #   SLUICE_E2E_KEEP_LOGS=1 bash scripts/e2e.sh kill_9   # one scenario, logs kept
 #
-# Installs when missing: Apache Kafka's jars (Maven Central, under $HOME/.cache/) and moto (pip).
+# Installs when missing: Apache Kafka's jars (Maven Central, under $HOME/.cache/), moto and the
+# independent Delta reader every fault scenario's tables are checked with (pip).
 # Everything it starts is stopped by PID when it exits, also on failure; a failure prints the
 # tail of every process log (the folder is kept and named at the end).
 set -euo pipefail
@@ -60,6 +61,7 @@ source scripts/lib.sh
 
 bash scripts/kafka.sh install
 install_moto
+install_independent_reader
 
 echo "== building the suite"
 cargo test --release --test e2e --no-run

@@ -2,6 +2,13 @@
 """Reads sluice's tables with a Delta reader that is not delta-rs, and prints what it sees.
 
     python3 scripts/independent_read.py LAKE_ROOT
+    python3 scripts/independent_read.py --ledger [--s3-endpoint URL] LAKE_ROOT
+
+--ledger runs the LEDGER queries instead: per Kafka partition, the offsets each table holds,
+and the offsets held by both (there must be none). With --s3-endpoint, LAKE_ROOT is an
+s3://bucket/prefix URL: the two tables' objects are copied to a temporary folder first (boto3,
+credentials from the environment) and read there, because DuckDB reads S3 only through an
+extension it downloads at run time.
 
 deltalake2db replays the Delta log and reads checkpoints itself, then hands DuckDB the live
 Parquet files. The queries below run on `enriched_posts` and `enriched_posts_dead_letters`
@@ -11,10 +18,13 @@ column -> value. tests/trino.rs runs the same SQL through `sluice sql` and compa
 Needs: pip install deltalake2db==1.2.2 duckdb==1.4.1 pytz (scripts/compat.sh installs them).
 """
 
+import argparse
 import datetime
 import decimal
 import json
+import os
 import sys
+import tempfile
 
 import duckdb
 import deltalake2db
@@ -53,6 +63,45 @@ QUERIES = {
 }
 
 
+LEDGER = {
+    "rows": """
+        SELECT kafka_topic, kafka_partition, COUNT(*) AS messages,
+               COUNT(DISTINCT kafka_offset) AS distinct_offsets,
+               MIN(kafka_offset) AS first_offset, MAX(kafka_offset) AS last_offset
+        FROM enriched_posts GROUP BY kafka_topic, kafka_partition
+        ORDER BY kafka_topic, kafka_partition""",
+    "dead letters": """
+        SELECT kafka_topic, kafka_partition, COUNT(*) AS messages,
+               COUNT(DISTINCT kafka_offset) AS distinct_offsets,
+               MIN(kafka_offset) AS first_offset, MAX(kafka_offset) AS last_offset
+        FROM enriched_posts_dead_letters GROUP BY kafka_topic, kafka_partition
+        ORDER BY kafka_topic, kafka_partition""",
+    "in both": """
+        SELECT COUNT(*) AS offsets
+        FROM enriched_posts p JOIN enriched_posts_dead_letters d
+          ON p.kafka_topic = d.kafka_topic AND p.kafka_partition = d.kafka_partition
+         AND p.kafka_offset = d.kafka_offset""",
+}
+
+TABLES = ("enriched_posts", "enriched_posts_dead_letters")
+
+
+def copy_from_s3(endpoint, root, dest):
+    """Copies every object of the tables under the s3:// root into dest."""
+    import boto3
+
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for table in TABLES:
+        table_prefix = f"{prefix}/{table}/" if prefix else f"{table}/"
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=table_prefix):
+            for obj in page.get("Contents", []):
+                target = os.path.join(dest, table, obj["Key"][len(table_prefix):])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                s3.download_file(bucket, obj["Key"], target)
+
+
 def plain(value):
     """A JSON value for what DuckDB returned."""
     if isinstance(value, decimal.Decimal):
@@ -62,13 +111,13 @@ def plain(value):
     return value
 
 
-def main(root):
+def main(root, queries):
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    for table in ("enriched_posts", "enriched_posts_dead_letters"):
+    for table in TABLES:
         deltalake2db.duckdb_create_view_for_delta(con, f"{root}/{table}", table)
     results = []
-    for name, sql in QUERIES.items():
+    for name, sql in queries.items():
         sql = " ".join(sql.split())
         cursor = con.execute(sql)
         columns = [d[0] for d in cursor.description]
@@ -78,6 +127,15 @@ def main(root):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(usage=__doc__)
+    parser.add_argument("--ledger", action="store_true")
+    parser.add_argument("--s3-endpoint")
+    parser.add_argument("root")
+    args = parser.parse_args()
+    queries = LEDGER if args.ledger else QUERIES
+    if args.s3_endpoint:
+        with tempfile.TemporaryDirectory() as local:
+            copy_from_s3(args.s3_endpoint, args.root, local)
+            main(local, queries)
+    else:
+        main(args.root, queries)

@@ -38,6 +38,22 @@ stop_pid_file() {
   rm -f "$file"
 }
 
+# The independent Delta reader (scripts/independent_read.py): deltalake2db + DuckDB.
+DELTALAKE2DB_VERSION=1.2.2
+DUCKDB_VERSION=1.4.1
+
+# Installs the independent reader's packages (pip) when these versions are missing.
+install_independent_reader() {
+  if ! python3 -c "
+import deltalake2db, duckdb, pytz
+from importlib.metadata import version
+assert version('deltalake2db') == '$DELTALAKE2DB_VERSION' and duckdb.__version__ == '$DUCKDB_VERSION'
+" 2>/dev/null; then
+    echo "== installing deltalake2db $DELTALAKE2DB_VERSION and duckdb $DUCKDB_VERSION (pip)"
+    python3 -m pip install --quiet "deltalake2db==$DELTALAKE2DB_VERSION" "duckdb==$DUCKDB_VERSION" pytz
+  fi
+}
+
 # moto's S3 server, standing in for S3/MinIO in the end-to-end suites.
 MOTO_VERSION=5.2.1
 

@@ -303,7 +303,9 @@ const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sets `sluice_consumer_lag_messages` for every partition the writer owns, every `interval`:
 /// the broker's high watermark minus the position committed to the table (everything from the
-/// low watermark when the table has nothing of the partition yet). Runs until aborted.
+/// low watermark when the table has nothing of the partition yet); and
+/// `sluice_consumer_unread_messages`: the high watermark minus the consumer's position (what
+/// the writer has not even read yet). Runs until aborted.
 pub async fn lag_loop(
     table: String,
     consumer: Arc<StreamConsumer<RebalanceContext>>,
@@ -316,6 +318,19 @@ pub async fn lag_loop(
             let p = progress.borrow();
             (p.owned.clone(), p.committed.clone())
         };
+        // Where the consumer will read next, per partition (a local call, no request).
+        let positions: BTreeMap<(String, i32), i64> = consumer
+            .position()
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         for key in owned {
             let reader = consumer.clone();
             let topic = key.topic.clone();
@@ -331,6 +346,14 @@ pub async fn lag_loop(
                     metrics::gauge!("sluice_consumer_lag_messages", "table" => table.clone(),
                         "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                     .set((high - next).max(0) as f64);
+                    // Nothing read since the assignment: the position is the table's.
+                    let read_next = positions
+                        .get(&(key.topic.to_string(), key.partition))
+                        .copied()
+                        .unwrap_or(next);
+                    metrics::gauge!("sluice_consumer_unread_messages", "table" => table.clone(),
+                        "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
+                    .set((high - read_next).max(0) as f64);
                 }
                 Ok(Err(e)) => {
                     // While the connection fails, the watch has said why once already.

@@ -147,6 +147,12 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
         "Messages in Kafka past the position committed to the table.",
     ),
     (
+        "sluice_consumer_unread_messages",
+        Kind::Gauge,
+        "table, topic, partition",
+        "Messages in Kafka the writer has not read yet (high watermark minus the consumer's position); lag minus this is what it holds buffered.",
+    ),
+    (
         "sluice_freshness_seconds",
         Kind::Gauge,
         "table",

@@ -11,9 +11,6 @@ use common::*;
 use sluice::generator::Shape;
 
 /// Sum of a counter across its label sets.
-fn scrape_counter(port: u16, name: &str) -> Option<f64> {
-    Scrape::fetch(([127, 0, 0, 1], port).into()).map(|s| s.sum(name, &[]))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_commits_the_buffered_tail_and_exits_zero() {
@@ -33,6 +30,8 @@ root = "lake"
 [batch]
 max_rows = 100
 max_age_ms = 600000
+[metrics]
+lag_interval_s = 1
 [[tables]]
 schema = "{repo}/schemas/enriched_posts.toml"
 sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
@@ -51,18 +50,30 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         .spawn()
         .unwrap();
 
-    // 550 messages with max_rows = 100: 5 commits by size, 50 left buffered.
+    // 550 messages with max_rows = 100: 5 commits by size, 50 left buffered once the writer
+    // has read everything (nothing unread in either partition).
     let produced = publish(&kafka.brokers(), &[Shape::Mastodon], 550, 12, 0).await;
-    let consumed = tokio::time::timeout(CATCH_UP, async {
+    let all_read_50_buffered = tokio::time::timeout(CATCH_UP, async {
         loop {
-            if scrape_counter(port, "sluice_messages_consumed_total") == Some(550.0) {
-                return;
+            if let Some(scrape) = Scrape::fetch(([127, 0, 0, 1], port).into()) {
+                let unread: Vec<_> = scrape
+                    .matching("sluice_consumer_unread_messages", &[])
+                    .collect();
+                if scrape.sum("sluice_rows_written_total", &[]) == 500.0
+                    && unread.len() == 2
+                    && unread.iter().all(|s| s.value == 0.0)
+                {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
-    assert!(consumed.is_ok(), "the service consumed every message");
+    assert!(
+        all_read_50_buffered.is_ok(),
+        "the service read every message and committed 500"
+    );
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

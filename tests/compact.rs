@@ -6,7 +6,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
@@ -17,6 +16,7 @@ use sluice::lease::{self, Acquired};
 use sluice::sql::format::logictest;
 use sluice::sql::{Session, TimeTravel};
 
+use common::faulty::{Faults, faulty_root};
 use common::*;
 
 fn main_table(root: &Path) -> String {
@@ -126,6 +126,7 @@ async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
         "compaction: {files_before} files ({bytes_before} bytes) -> {files_after} files ({bytes_after} bytes)"
     );
     assert_eq!(files_after, parts.len(), "one file per day partition");
+    assert_eq!(rewrites_change_no_data(&location), parts.len());
     assert!(files_after < files_before / 5);
     assert_eq!(
         parts
@@ -184,7 +185,7 @@ async fn fragmented_table(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_held_lease_turns_a_second_compactor_away_and_only_one_of_two_rewrites() {
+async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let last = fragmented_table(dir.path(), 400).await;
     let location = main_table(dir.path());
@@ -222,30 +223,59 @@ async fn a_held_lease_turns_a_second_compactor_away_and_only_one_of_two_rewrites
     assert_eq!(files_and_bytes(&location).await.0, files_before);
     job.release().await.unwrap();
 
-    // Two compactors started together: each partition is rewritten by exactly one of them.
-    let (options_a, options_b) = (options("a"), options("b"));
-    let (a, b) = tokio::join!(
-        compact(&location, Default::default(), &options_a),
-        compact(&location, Default::default(), &options_b)
-    );
-    let mut rewritten = Vec::new();
-    let mut busy = 0;
-    for outcome in [a.unwrap(), b.unwrap()] {
-        match outcome {
-            CompactOutcome::Compacted(parts) => {
-                rewritten.extend(parts.into_iter().map(|p| p.partition))
-            }
-            CompactOutcome::Busy { .. } => busy += 1,
-            CompactOutcome::Planned(_) => unreachable!(),
-        }
-    }
-    let distinct: BTreeSet<_> = rewritten.iter().collect();
+    // Released: the same command compacts.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["compact", "--table", "enriched_posts", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(
-        distinct.len(),
-        rewritten.len(),
-        "no partition rewritten twice"
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!rewritten.is_empty() && busy <= 1);
+    let rows_after = table_offsets(dir.path()).await;
+    assert_eq!(rows_after, rows_before, "rows unchanged");
+    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
+    assert!(files_and_bytes(&location).await.0 < files_before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compactor_started_while_another_rewrites_is_turned_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = fragmented_table(dir.path(), 400).await;
+    let location = main_table(dir.path());
+    let rows_before = table_offsets(dir.path()).await;
+    let (files_before, _) = files_and_bytes(&location).await;
+
+    // Compactor A reads the table through a store that holds its reads of data files until
+    // compactor B has run: the two runs overlap for certain, A in the middle of a rewrite.
+    let (root, faults) = faulty_root("overlap", dir.path(), Faults::new(false));
+    faults.data_reads.send_replace(false);
+    let slow = main_table(Path::new(&root));
+    let a = tokio::spawn(async move { compact(&slow, Default::default(), &options("a")).await });
+    tokio::time::timeout(
+        CATCH_UP,
+        faults.data_reads_held.subscribe().wait_for(|n| *n > 0),
+    )
+    .await
+    .expect("compactor A starts rewriting")
+    .unwrap();
+
+    match compact(&location, Default::default(), &options("b")).await {
+        Ok(CompactOutcome::Busy { owner, .. }) => assert_eq!(owner, "a"),
+        other => panic!("compactor B must find the lease held by A: {other:?}"),
+    }
+    assert_eq!(
+        files_and_bytes(&location).await.0,
+        files_before,
+        "B changed nothing"
+    );
+
+    faults.data_reads.send_replace(true);
+    let rewritten = compacted(a.await.unwrap().unwrap());
+    assert!(!rewritten.is_empty());
     let rows_after = table_offsets(dir.path()).await;
     assert_eq!(rows_after, rows_before, "rows unchanged");
     assert_exactly_once(&rows_after, &last, &BTreeSet::new());
@@ -262,35 +292,30 @@ async fn appends_and_compaction_interleave_without_loss_or_duplicates() {
     let mut writer = Writer::start(&cfg).await;
     let location = main_table(&root);
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The compactor runs after every commit of the writer, while the writer goes on.
     let compactor = {
-        let (stop, location) = (stop.clone(), location.clone());
+        let (mut commits, location) = (writer.table.progress.clone(), location.clone());
         tokio::spawn(async move {
             let mut runs = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(table) = open_table(&location, Default::default()).await
-                    && table.version().unwrap_or(0) > 1
-                {
-                    let outcome = compact(&location, Default::default(), &options("background"))
-                        .await
-                        .expect("compaction beside the writer succeeds");
-                    runs.push(compacted(outcome).len());
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // Ends when the writer stops.
+            while commits.changed().await.is_ok() {
+                let outcome = compact(&location, Default::default(), &options("background"))
+                    .await
+                    .expect("compaction beside the writer succeeds");
+                runs.push(compacted(outcome).len());
             }
             runs
         })
     };
     let mut reports = Vec::new();
     for round in 0..8 {
-        reports.push(publish(&kafka.brokers(), &shapes, 300, 100 + round, 0).await);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        let report = publish(&kafka.brokers(), &shapes, 300, 100 + round, 0).await;
+        writer.wait_committed(&report.last_offsets).await;
+        reports.push(report);
     }
     let last = latest_offsets(&reports.iter().collect::<Vec<_>>());
-    writer.wait_committed(&last).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let runs = compactor.await.unwrap();
     writer.stop().await;
+    let runs = compactor.await.unwrap();
     let rewrites: usize = runs.iter().sum();
     assert!(
         rewrites > 0,
@@ -451,6 +476,7 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         run_until(&config, compacted_and_complete).await,
         "the service wrote every message, compacted each day to one file and checkpointed"
     );
+    assert!(rewrites_change_no_data(&main_table(&root)) >= 1);
     assert_exactly_once(
         &table_offsets(&root).await,
         &report.last_offsets,
@@ -480,6 +506,7 @@ async fn z_order_rewrites_within_a_memory_budget_and_keeps_every_row() {
     let table = open_table(&location, Default::default()).await.unwrap();
     let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
     assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
+    assert!(rewrites_change_no_data(&location) >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,6 +597,48 @@ async fn a_compactor_killed_between_its_rewrite_and_its_commit_changes_nothing()
 }
 
 /// Parquet files under `dir`, referenced or not.
+/// Checks every commit of the table at `location` that removed files: each is a rewrite
+/// (`OPTIMIZE`) whose adds and removes all say `dataChange: false`, so streaming readers and
+/// change feeds skip it. Returns how many there are.
+fn rewrites_change_no_data(location: &str) -> usize {
+    let mut commits: Vec<PathBuf> = std::fs::read_dir(Path::new(location).join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    commits.sort();
+    let mut rewrites = 0;
+    for commit in commits {
+        let actions: Vec<serde_json::Value> = std::fs::read_to_string(&commit)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if !actions.iter().any(|a| a.get("remove").is_some()) {
+            continue;
+        }
+        rewrites += 1;
+        let operation = actions
+            .iter()
+            .find_map(|a| a.get("commitInfo"))
+            .and_then(|c| c["operation"].as_str());
+        assert_eq!(operation, Some("OPTIMIZE"), "{}", commit.display());
+        for action in &actions {
+            for kind in ["add", "remove"] {
+                if let Some(file) = action.get(kind) {
+                    assert_eq!(
+                        file["dataChange"],
+                        serde_json::Value::Bool(false),
+                        "{kind} in {}",
+                        commit.display()
+                    );
+                }
+            }
+        }
+    }
+    rewrites
+}
+
 fn walk_parquet(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()

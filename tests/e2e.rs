@@ -595,7 +595,81 @@ sources = [{sources}]
             "scenario {}: the audit checked {checked} messages, {produced} were produced\n{report}",
             self.name
         );
+        self.read_independently(produced);
         report
+    }
+
+    /// An oracle that is not sluice: a Delta reader of its own (deltalake2db + DuckDB,
+    /// `scripts/independent_read.py --ledger`) reads both tables from S3. Per partition, rows
+    /// and dead letters together must hold every offset from 0 on exactly once, and at least
+    /// the `produced` messages the producer had acknowledged.
+    fn read_independently(&self, produced: u64) {
+        let root = format!("s3://{}/{}", self.servers.bucket, self.name);
+        let output = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/independent_read.py"))
+            .args(["--ledger", "--s3-endpoint", &self.servers.s3, &root])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "scenario {}: independent_read.py: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let results: Vec<(String, String, Vec<serde_json::Value>)> =
+            serde_json::from_slice(&output.stdout).unwrap();
+        let rows_of = |name: &str| {
+            results
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, _, rows)| rows.clone())
+                .unwrap_or_else(|| panic!("no {name} in the independent reader's output"))
+        };
+        let int = |row: &serde_json::Value, column: &str| row[column].as_i64().unwrap();
+        assert_eq!(
+            int(&rows_of("in both")[0], "offsets"),
+            0,
+            "scenario {}: offsets both a row and a dead letter",
+            self.name
+        );
+        // (topic, partition) -> (messages, last offset), over both tables.
+        let mut partitions: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+        for table in ["rows", "dead letters"] {
+            for row in rows_of(table) {
+                let (messages, distinct) = (int(&row, "messages"), int(&row, "distinct_offsets"));
+                assert_eq!(
+                    messages, distinct,
+                    "scenario {}: {table} hold an offset twice: {row}",
+                    self.name
+                );
+                let key = (
+                    row["kafka_topic"].as_str().unwrap().to_string(),
+                    int(&row, "kafka_partition"),
+                );
+                let entry = partitions.entry(key).or_insert((0, -1));
+                entry.0 += messages;
+                entry.1 = entry.1.max(int(&row, "last_offset"));
+            }
+        }
+        for ((topic, partition), (messages, last)) in &partitions {
+            assert_eq!(
+                *messages,
+                last + 1,
+                "scenario {}: {topic}/{partition} holds {messages} offsets of 0..={last}",
+                self.name
+            );
+        }
+        let total: i64 = partitions.values().map(|(m, _)| m).sum();
+        assert!(
+            total as u64 >= produced,
+            "scenario {}: the independent reader found {total} messages, {produced} were produced",
+            self.name
+        );
+        println!(
+            "scenario {}: independent reader: {total} messages in {} partitions, each offset once",
+            self.name,
+            partitions.len()
+        );
     }
 }
 

@@ -421,6 +421,84 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     );
 }
 
+/// Opens (or creates) `enriched_posts` under `dir` from a schema file with `text`.
+async fn open_with_schema(
+    dir: &std::path::Path,
+    name: &str,
+    text: &str,
+) -> Result<sluice::delta::DeltaSink, sluice::delta::DeltaError> {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    let schema = sluice::schema::TableSchema::load(&file).unwrap();
+    let location = sluice::delta::table_location(&dir.to_string_lossy(), "enriched_posts");
+    sluice::delta::DeltaSink::open_or_create(
+        &location,
+        Default::default(),
+        std::sync::Arc::new(schema),
+        "sluice-test",
+        5,
+        1,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retyping_a_column_or_adding_a_required_one_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(repo().join("schemas/enriched_posts.toml")).unwrap();
+    let created = open_with_schema(dir.path(), "v1.toml", &base)
+        .await
+        .unwrap();
+    let version = created.version();
+    let log = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("enriched_posts/_delta_log"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = log(dir.path());
+
+    let author = "[[columns]]\nname = \"author\"\ntype = \"string\"\n";
+    assert!(base.contains(author));
+    let retyped = base.replace(author, "[[columns]]\nname = \"author\"\ntype = \"long\"\n");
+    let err = match open_with_schema(dir.path(), "retyped.toml", &retyped).await {
+        Ok(_) => panic!("a retyped column must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(
+            "`author` is `string` in the table but `long` in the schema file; a column's type \
+             cannot change in place: restore the old type, or add a column with a new name"
+        ),
+        "{err}"
+    );
+
+    let required = format!(
+        "{base}\n[[columns]]\nname = \"lang_confidence\"\ntype = \"double\"\nnullable = false\n"
+    );
+    let err = match open_with_schema(dir.path(), "required.toml", &required).await {
+        Ok(_) => panic!("a new non-nullable column must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(
+            "`lang_confidence` is new and declared `nullable = false`, but the table's existing \
+             rows have no value for it; add it as nullable"
+        ),
+        "{err}"
+    );
+    assert_eq!(log(dir.path()), before, "refusals wrote nothing to the log");
+
+    // The same column, nullable, is an ordinary evolution.
+    let optional = required.replace("nullable = false\n", "");
+    let evolved = open_with_schema(dir.path(), "optional.toml", &optional)
+        .await
+        .unwrap();
+    assert_eq!(evolved.version(), version + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_stay_exactly_once_through_a_rebalance_and_a_crash_audited_live() {
     let shapes = [Shape::Mastodon, Shape::Bluesky];
