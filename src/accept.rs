@@ -12,12 +12,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 
 use crate::app::{AppError, open_sinks};
 use crate::config::{Config, TableConfig};
 use crate::delta::{DeltaError, PartitionKey};
-use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
+use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext, watermarks};
 use crate::schema::{ColumnSource, TableSchema};
 
 /// How long reading a partition's offsets from the broker may take.
@@ -129,18 +129,13 @@ pub async fn accept_log(
             table: name.clone(),
             source,
         })?;
-    let watermark_topic = topic.to_string();
-    let (low, high) = tokio::task::spawn_blocking(move || {
-        consumer.fetch_watermarks(&watermark_topic, partition, WATERMARK_TIMEOUT)
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| e.to_string()))
-    .map_err(|reason| AcceptError::Kafka {
-        table: name.clone(),
-        partition: key.clone(),
-        reason,
-    })?;
+    let (low, high) = watermarks(Arc::new(consumer), topic, partition, WATERMARK_TIMEOUT)
+        .await
+        .map_err(|e| AcceptError::Kafka {
+            table: name.clone(),
+            partition: key.clone(),
+            reason: e.to_string(),
+        })?;
 
     let (mut main, mut dead_letters) = open_sinks(config, &schema).await?;
     let position = main.txn_version(&key).await?;

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use deltalake::datafusion::prelude::SessionContext;
@@ -507,38 +507,49 @@ fn judge(
     }
 }
 
+/// Runs `sql` on `table`, registered as `t`; a failure names the table and `operation`.
+async fn query_table(
+    table: &DeltaTable,
+    name: &str,
+    operation: &'static str,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, AuditError> {
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+        table: name.to_string(),
+        operation,
+        source: e,
+    };
+    let ctx = SessionContext::new();
+    register_table(&ctx, "t", table)
+        .await
+        .map_err(|e| fail(Box::new(e)))?;
+    ctx.sql(sql)
+        .await
+        .map_err(|e| fail(Box::new(e)))?
+        .collect()
+        .await
+        .map_err(|e| fail(Box::new(e)))
+}
+
 /// Every (topic, partition) → offsets of a table, from one snapshot.
 async fn offsets_in(
     table: &DeltaTable,
     name: &str,
     columns: &[String; 3],
 ) -> Result<BTreeMap<(String, i32), Found>, AuditError> {
-    let fail = |operation: &'static str| {
-        move |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-            table: name.to_string(),
-            operation,
-            source: e,
-        }
-    };
-    let ctx = SessionContext::new();
-    register_table(&ctx, "t", table)
-        .await
-        .map_err(|e| fail("query")(Box::new(e)))?;
     let sql = format!(
         "SELECT \"{}\", \"{}\", \"{}\" FROM t",
         columns[0], columns[1], columns[2]
     );
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| fail("query")(Box::new(e)))?
-        .collect()
-        .await
-        .map_err(|e| fail("query")(Box::new(e)))?;
+    let batches = query_table(table, name, "query", &sql).await?;
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+        table: name.to_string(),
+        operation: "query",
+        source: e,
+    };
     let mut out: BTreeMap<(String, i32), Found> = BTreeMap::new();
     for batch in batches {
-        let topics =
-            cast(batch.column(0), &DataType::Utf8).map_err(|e| fail("query")(Box::new(e)))?;
+        let topics = cast(batch.column(0), &DataType::Utf8).map_err(|e| fail(Box::new(e)))?;
         let topics = topics.as_string::<i32>();
         let partitions = batch.column(1).as_primitive::<Int32Type>();
         let offsets = batch.column(2).as_primitive::<Int64Type>();
@@ -562,22 +573,8 @@ async fn offsets_where(
     offset_column: &str,
     filter: &str,
 ) -> Result<Vec<i64>, AuditError> {
-    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-        table: name.to_string(),
-        operation: "query the new log's rows",
-        source: e,
-    };
-    let ctx = SessionContext::new();
-    register_table(&ctx, "t", table)
-        .await
-        .map_err(|e| fail(Box::new(e)))?;
-    let batches = ctx
-        .sql(&format!("SELECT \"{offset_column}\" FROM t WHERE {filter}"))
-        .await
-        .map_err(|e| fail(Box::new(e)))?
-        .collect()
-        .await
-        .map_err(|e| fail(Box::new(e)))?;
+    let sql = format!("SELECT \"{offset_column}\" FROM t WHERE {filter}");
+    let batches = query_table(table, name, "query the new log's rows", &sql).await?;
     Ok(batches
         .iter()
         .flat_map(|b| {
@@ -592,27 +589,17 @@ async fn lost_in(
     table: &DeltaTable,
     name: &str,
 ) -> Result<BTreeMap<(String, i32), Vec<(i64, String)>>, AuditError> {
-    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-        table: name.to_string(),
-        operation: "query lost ranges",
-        source: e,
-    };
-    let ctx = SessionContext::new();
-    register_table(&ctx, "t", table)
-        .await
-        .map_err(|e| fail(Box::new(e)))?;
     let sql = format!(
         "SELECT kafka_topic, kafka_partition, kafka_offset, detail \
          FROM t WHERE reason = '{}' ORDER BY kafka_offset",
         RejectReason::Lost.code()
     );
-    let batches = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| fail(Box::new(e)))?
-        .collect()
-        .await
-        .map_err(|e| fail(Box::new(e)))?;
+    let batches = query_table(table, name, "query lost ranges", &sql).await?;
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
+        table: name.to_string(),
+        operation: "query lost ranges",
+        source: e,
+    };
     let mut out: BTreeMap<(String, i32), Vec<(i64, String)>> = BTreeMap::new();
     for batch in batches {
         let text = |i: usize| cast(batch.column(i), &DataType::Utf8).map_err(|e| fail(Box::new(e)));

@@ -202,7 +202,7 @@ async fn pass(
             Vec::new()
         },
         owner: owner.to_string(),
-        memory_limit: (settings.memory_mb.max(64) * 1024 * 1024) as usize,
+        memory_limit: (settings.memory_mb * 1024 * 1024) as usize,
         zstd_level,
         hot: Some((
             Utc::now().date_naive().to_string(),

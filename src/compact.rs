@@ -46,6 +46,9 @@ use crate::lease::{self, Acquired, LeaseError};
 pub const DEFAULT_TARGET_SIZE: u64 = 128 * 1024 * 1024;
 /// Default memory budget of a rewrite; sorts (Z-order) spill to disk beyond it.
 pub const DEFAULT_MEMORY_LIMIT: usize = 1024 * 1024 * 1024;
+/// The smallest memory budget a Z-order rewrite gets: below it the sort cannot hold a batch
+/// of a file beside what it reserves for merging its spills.
+pub const MIN_MEMORY_LIMIT: usize = 32 * 1024 * 1024;
 /// Default lease duration: long enough for one partition's rewrite, short enough that a
 /// crashed compactor blocks the next one only briefly.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -184,6 +187,8 @@ pub struct CompactedPartition {
     pub bytes_added: u64,
     /// The table version of the commit.
     pub version: i64,
+    /// Whether the rewrite's sort (Z-order) outgrew its memory budget and spilled to disk.
+    pub spilled: bool,
 }
 
 /// The outcome of a compaction run.
@@ -406,10 +411,23 @@ pub async fn compact_with_progress(
                 deltalake::kernel::schema::partitions::FilterValue::Scalar(part.partition.as_str()),
             )]
         });
-        let session = deltalake::delta_datafusion::create_session_state_with_spill_config(
-            Some(options.memory_limit.max(64 * 1024 * 1024)),
-            None,
-        );
+        // Kept to ask its disk manager afterwards whether the sort spilled: it creates its
+        // temporary folder on the first spill.
+        let budget = options.memory_limit.max(MIN_MEMORY_LIMIT);
+        let runtime = deltalake::delta_datafusion::DeltaRuntimeEnvBuilder::new()
+            .with_max_spill_size(budget)
+            .build();
+        let mut session =
+            deltalake::delta_datafusion::DeltaSessionContext::with_runtime_env(runtime.clone())
+                .state();
+        // Each sort stream reserves this much to merge what it spilled (DataFusion's default
+        // is 10 MiB per stream, one stream per core): taken from a small budget it leaves the
+        // sort too little to buffer a batch, and the rewrite fails instead of spilling.
+        session
+            .config_mut()
+            .options_mut()
+            .execution
+            .sort_spill_reservation_bytes = (budget / 8).min(10 * 1024 * 1024);
         let mut builder = table
             .clone()
             .optimize()
@@ -433,6 +451,7 @@ pub async fn compact_with_progress(
             bytes_removed: metrics.files_removed.total_size.max(0) as u64,
             bytes_added: metrics.files_added.total_size.max(0) as u64,
             version,
+            spilled: !runtime.disk_manager.temp_dir_paths().is_empty(),
         };
         log_compacted(location, &result);
         progress(&result, done.len() + 1, planned.len());
@@ -459,6 +478,7 @@ fn log_compacted(location: &str, result: &CompactedPartition) {
         bytes_removed = result.bytes_removed,
         bytes_added = result.bytes_added,
         version = result.version,
+        spilled = result.spilled,
         "compacted partition"
     );
 }
@@ -581,6 +601,8 @@ pub async fn commit_rewrite(
             .sum(),
         bytes_added: adds.iter().map(|a| a.size.max(0) as u64).sum(),
         version: 0,
+        // Bin-packing streams file by file; it never sorts.
+        spilled: false,
     };
     let now = Utc::now().timestamp_millis();
     let properties = CommitProperties::default()

@@ -24,6 +24,24 @@ use rdkafka::types::{RDKafkaConfRes, RDKafkaErrorCode};
 
 /// How long a one-shot command waits for the cluster to answer before it gives up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A partition's low and high watermarks: the first offset the broker still has and the one
+/// its next message will get. librdkafka's call blocks, so it runs on a blocking thread.
+pub async fn watermarks<X, C>(
+    consumer: Arc<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError>
+where
+    X: ConsumerContext + 'static,
+    C: Consumer<X> + Send + Sync + 'static,
+{
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, timeout))
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
 /// Replaces a secret wherever it would be shown.
 const REDACTED: &str = "<redacted>";
 /// Secrets shorter than this are not searched for inside free text (a one-letter "secret"

@@ -798,7 +798,7 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         since: args.since,
         zorder: args.zorder,
         dry_run: args.dry_run,
-        memory_limit: (args.memory_mb.max(64) * 1024 * 1024) as usize,
+        memory_limit: (args.memory_mb * 1024 * 1024) as usize,
         zstd_level: cfg.delta.zstd_level,
         ..CompactOptions::default()
     };
@@ -848,13 +848,18 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
                 println!("{name}: {} partitions compacted", done.len());
                 for p in done {
                     println!(
-                        "  {:<12} {:>6} files ({:.1} MB) -> {} files ({:.1} MB), version {}",
+                        "  {:<12} {:>6} files ({:.1} MB) -> {} files ({:.1} MB), version {}{}",
                         p.partition,
                         p.files_removed,
                         p.bytes_removed as f64 / 1e6,
                         p.files_added,
                         p.bytes_added as f64 / 1e6,
-                        p.version
+                        p.version,
+                        if p.spilled {
+                            ", sort spilled to disk (raise --memory-mb to keep it in memory)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{KafkaConfig, StartFrom};
 use crate::delta::PartitionKey;
-use crate::kafka::{ClientError, Watch, forward_log};
+use crate::kafka::{ClientError, Watch, forward_log, watermarks};
 use crate::pipeline::Progress;
 
 /// KiB of messages librdkafka prefetches into the consumer queue before the writer asks for
@@ -265,14 +265,13 @@ impl KafkaSource {
     /// The first offset the broker still has for a partition and the one its next message
     /// will get.
     pub async fn watermarks(&self, key: &PartitionKey) -> Result<(i64, i64), SourceError> {
-        let consumer = self.consumer.clone();
-        let topic = key.topic.clone();
-        let partition = key.partition;
-        tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
-        })
+        watermarks(
+            self.consumer.clone(),
+            &key.topic,
+            key.partition,
+            WATERMARK_TIMEOUT,
+        )
         .await
-        .unwrap_or(Err(KafkaError::Canceled))
         .map_err(|source| SourceError::Position {
             partition: key.clone(),
             offset: Offset::Invalid,
@@ -332,15 +331,15 @@ pub async fn lag_loop(
             })
             .unwrap_or_default();
         for key in owned {
-            let reader = consumer.clone();
-            let topic = key.topic.clone();
-            let partition = key.partition;
-            let watermarks = tokio::task::spawn_blocking(move || {
-                reader.fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
-            })
+            let marks = watermarks(
+                consumer.clone(),
+                &key.topic,
+                key.partition,
+                WATERMARK_TIMEOUT,
+            )
             .await;
-            match watermarks {
-                Ok(Ok((low, high))) => {
+            match marks {
+                Ok((low, high)) => {
                     consumer.context().watch.connected();
                     let next = committed.get(&key).map_or(low, |c| (c + 1).max(low));
                     metrics::gauge!("sluice_consumer_lag_messages", "table" => table.clone(),
@@ -355,7 +354,8 @@ pub async fn lag_loop(
                         "topic" => key.topic.to_string(), "partition" => key.partition.to_string())
                     .set((high - read_next).max(0) as f64);
                 }
-                Ok(Err(e)) => {
+                Err(KafkaError::Canceled) => return,
+                Err(e) => {
                     // While the connection fails, the watch has said why once already.
                     if consumer.context().watch.problem().is_none() {
                         tracing::warn!(table = %table, partition = %key, error = %e, "cannot read watermarks for lag");
@@ -363,7 +363,6 @@ pub async fn lag_loop(
                     metrics::counter!("sluice_kafka_errors_total", "table" => table.clone())
                         .increment(1);
                 }
-                Err(_) => return,
             }
         }
     }

@@ -484,29 +484,73 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn z_order_rewrites_within_a_memory_budget_and_keeps_every_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let last = fragmented_table(dir.path(), 300).await;
-    let location = main_table(dir.path());
-    let before = table_offsets(dir.path()).await;
-    let options = CompactOptions {
-        zorder: vec!["category".into(), "language".into()],
-        memory_limit: 64 * 1024 * 1024,
-        ..options("zorder")
-    };
-    let parts = compacted(
-        compact(&location, Default::default(), &options)
-            .await
-            .unwrap(),
+/// `count` Mastodon posts of the last day (one or two day partitions), in commits of 1,000;
+/// eight Kafka partitions keep each under the mock cluster's retention.
+async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64> {
+    let kafka = Kafka::new(&["posts.mastodon"], 8);
+    let cfg = config(
+        &kafka.brokers(),
+        dir,
+        &[Shape::Mastodon],
+        limits(1000, 1000),
     );
-    assert!(!parts.is_empty());
-    assert_eq!(table_offsets(dir.path()).await, before);
-    assert_exactly_once(&before, &last, &BTreeSet::new());
-    let table = open_table(&location, Default::default()).await.unwrap();
-    let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
-    assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
-    assert!(rewrites_change_no_data(&location) >= 1);
+    let mut writer = Writer::start(&cfg).await;
+    let report = sluice::produce::produce(&sluice::produce::ProduceOptions {
+        connection: sluice::kafka::Connection::plain(&kafka.brokers()),
+        shapes: vec![(Shape::Mastodon, "posts.mastodon".to_string())],
+        count,
+        rate: 0,
+        seed: 5,
+        embedding_dim: 16,
+        bad_every: 0,
+        spread_days: 1,
+        clock_ms: None,
+        progress: false,
+    })
+    .await
+    .unwrap();
+    writer.wait_committed(&report.last_offsets).await;
+    writer.stop().await;
+    report.last_offsets
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
+    // The same 20,000 posts (a 1,000-post file reads back as ~4.7 MB of Arrow) twice: with the
+    // default budget the Z-order sort stays in memory; with the smallest it spills to disk, and
+    // the table still holds every row once.
+    for (memory_limit, spills) in [
+        (sluice::compact::DEFAULT_MEMORY_LIMIT, false),
+        (sluice::compact::MIN_MEMORY_LIMIT, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let last = one_day_of_posts(dir.path(), 20_000).await;
+        let location = main_table(dir.path());
+        let before = table_offsets(dir.path()).await;
+        let options = CompactOptions {
+            zorder: vec!["category".into(), "language".into()],
+            memory_limit,
+            ..options("zorder")
+        };
+        let parts = compacted(
+            compact(&location, Default::default(), &options)
+                .await
+                .unwrap(),
+        );
+        assert!(!parts.is_empty());
+        // With the smallest budget at least the larger day spills.
+        assert_eq!(
+            parts.iter().any(|p| p.spilled),
+            spills,
+            "budget {memory_limit}: {parts:?}"
+        );
+        assert_eq!(table_offsets(dir.path()).await, before);
+        assert_exactly_once(&before, &last, &BTreeSet::new());
+        let table = open_table(&location, Default::default()).await.unwrap();
+        let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
+        assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
+        assert!(rewrites_change_no_data(&location) >= 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
