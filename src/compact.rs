@@ -46,9 +46,10 @@ use crate::lease::{self, Acquired, LeaseError};
 pub const DEFAULT_TARGET_SIZE: u64 = 128 * 1024 * 1024;
 /// Default memory budget of a rewrite; sorts (Z-order) spill to disk beyond it.
 pub const DEFAULT_MEMORY_LIMIT: usize = 1024 * 1024 * 1024;
-/// The smallest memory budget a Z-order rewrite gets: below it the sort cannot hold a batch
-/// of a file beside what it reserves for merging its spills.
-pub const MIN_MEMORY_LIMIT: usize = 32 * 1024 * 1024;
+/// The smallest memory budget a Z-order rewrite gets. Below it DataFusion's sort, which
+/// reserves 10 MiB per stream (one per core) for merging its spills, failed ("Not enough
+/// memory to continue external sort") instead of spilling: at 32 MiB with 20,000 posts.
+pub const MIN_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
 /// Default lease duration: long enough for one partition's rewrite, short enough that a
 /// crashed compactor blocks the next one only briefly.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -417,17 +418,9 @@ pub async fn compact_with_progress(
         let runtime = deltalake::delta_datafusion::DeltaRuntimeEnvBuilder::new()
             .with_max_spill_size(budget)
             .build();
-        let mut session =
+        let session =
             deltalake::delta_datafusion::DeltaSessionContext::with_runtime_env(runtime.clone())
                 .state();
-        // Each sort stream reserves this much to merge what it spilled (DataFusion's default
-        // is 10 MiB per stream, one stream per core): taken from a small budget it leaves the
-        // sort too little to buffer a batch, and the rewrite fails instead of spilling.
-        session
-            .config_mut()
-            .options_mut()
-            .execution
-            .sort_spill_reservation_bytes = (budget / 8).min(10 * 1024 * 1024);
         let mut builder = table
             .clone()
             .optimize()

@@ -485,9 +485,9 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
 }
 
 /// `count` Mastodon posts of the last day (one or two day partitions), in commits of 1,000;
-/// eight Kafka partitions keep each under the mock cluster's retention.
+/// twelve Kafka partitions keep each under the mock cluster's retention.
 async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64> {
-    let kafka = Kafka::new(&["posts.mastodon"], 8);
+    let kafka = Kafka::new(&["posts.mastodon"], 12);
     let cfg = config(
         &kafka.brokers(),
         dir,
@@ -516,7 +516,7 @@ async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
 
 #[tokio::test(flavor = "multi_thread")]
 async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
-    // The same 20,000 posts (a 1,000-post file reads back as ~4.7 MB of Arrow) twice: with the
+    // The same 30,000 posts (a 1,000-post file reads back as ~4.7 MB of Arrow) twice: with the
     // default budget the Z-order sort stays in memory; with the smallest it spills to disk, and
     // the table still holds every row once.
     for (memory_limit, spills) in [
@@ -524,7 +524,7 @@ async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
         (sluice::compact::MIN_MEMORY_LIMIT, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let last = one_day_of_posts(dir.path(), 20_000).await;
+        let last = one_day_of_posts(dir.path(), 30_000).await;
         let location = main_table(dir.path());
         let before = table_offsets(dir.path()).await;
         let options = CompactOptions {
