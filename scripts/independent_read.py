@@ -63,19 +63,19 @@ QUERIES = {
 }
 
 
+def offsets_per_partition(table):
+    """How many messages of each Kafka partition `table` holds, and which offsets."""
+    return f"""
+        SELECT kafka_topic, kafka_partition, COUNT(*) AS messages,
+               COUNT(DISTINCT kafka_offset) AS distinct_offsets,
+               MIN(kafka_offset) AS first_offset, MAX(kafka_offset) AS last_offset
+        FROM {table} GROUP BY kafka_topic, kafka_partition
+        ORDER BY kafka_topic, kafka_partition"""
+
+
 LEDGER = {
-    "rows": """
-        SELECT kafka_topic, kafka_partition, COUNT(*) AS messages,
-               COUNT(DISTINCT kafka_offset) AS distinct_offsets,
-               MIN(kafka_offset) AS first_offset, MAX(kafka_offset) AS last_offset
-        FROM enriched_posts GROUP BY kafka_topic, kafka_partition
-        ORDER BY kafka_topic, kafka_partition""",
-    "dead letters": """
-        SELECT kafka_topic, kafka_partition, COUNT(*) AS messages,
-               COUNT(DISTINCT kafka_offset) AS distinct_offsets,
-               MIN(kafka_offset) AS first_offset, MAX(kafka_offset) AS last_offset
-        FROM enriched_posts_dead_letters GROUP BY kafka_topic, kafka_partition
-        ORDER BY kafka_topic, kafka_partition""",
+    "rows": offsets_per_partition("enriched_posts"),
+    "dead letters": offsets_per_partition("enriched_posts_dead_letters"),
     "in both": """
         SELECT COUNT(*) AS offsets
         FROM enriched_posts p JOIN enriched_posts_dead_letters d

@@ -184,6 +184,20 @@ async fn fragmented_table(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
     report.last_offsets
 }
 
+/// The table under `root` holds the same rows as before, every offset up to `last` once, in
+/// fewer files than `files_before`.
+async fn assert_compacted_unchanged(
+    root: &Path,
+    rows_before: &[(String, i32, i64)],
+    last: &BTreeMap<(String, i32), i64>,
+    files_before: usize,
+) {
+    let rows_after = table_offsets(root).await;
+    assert_eq!(rows_after, rows_before, "rows unchanged");
+    assert_exactly_once(&rows_after, last, &BTreeSet::new());
+    assert!(files_and_bytes(&main_table(root)).await.0 < files_before);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,10 +249,7 @@ async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows_after = table_offsets(dir.path()).await;
-    assert_eq!(rows_after, rows_before, "rows unchanged");
-    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
-    assert!(files_and_bytes(&location).await.0 < files_before);
+    assert_compacted_unchanged(dir.path(), &rows_before, &last, files_before).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,10 +287,7 @@ async fn a_compactor_started_while_another_rewrites_is_turned_away() {
     faults.data_reads.send_replace(true);
     let rewritten = compacted(a.await.unwrap().unwrap());
     assert!(!rewritten.is_empty());
-    let rows_after = table_offsets(dir.path()).await;
-    assert_eq!(rows_after, rows_before, "rows unchanged");
-    assert_exactly_once(&rows_after, &last, &BTreeSet::new());
-    assert!(files_and_bytes(&location).await.0 < files_before);
+    assert_compacted_unchanged(dir.path(), &rows_before, &last, files_before).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

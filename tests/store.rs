@@ -41,19 +41,38 @@ fn log_files(table_dir: &std::path::Path) -> BTreeSet<String> {
     }
 }
 
+/// A topic of `shape` with `partitions` partitions and a writer config whose tables live
+/// behind the faulty store's `host`.
+struct Setup {
+    kafka: Kafka,
+    dir: tempfile::TempDir,
+    faults: Arc<Faults>,
+    config: sluice::config::Config,
+}
+
+fn setup(host: &str, shape: Shape, partitions: i32, limits: sluice::batch::BatchLimits) -> Setup {
+    let kafka = Kafka::new(&[shape.default_topic()], partitions);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, faults) = faulty_root(host, dir.path(), Faults::new(false));
+    let mut config = config(&kafka.brokers(), dir.path(), &[shape], limits);
+    config.storage.root = root;
+    Setup {
+        kafka,
+        dir,
+        faults,
+        config,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_error_surfaced_after_it_landed_is_counted_once_and_never_rewritten() {
     let topic = Shape::Bluesky.default_topic();
-    let kafka = Kafka::new(&[topic], 1);
-    let dir = tempfile::tempdir().unwrap();
-    let (root, faults) = faulty_root("landed", dir.path(), Faults::new(false));
-    let mut config = config(
-        &kafka.brokers(),
-        dir.path(),
-        &[Shape::Bluesky],
-        limits(250, 300),
-    );
-    config.storage.root = root;
+    let Setup {
+        kafka,
+        dir,
+        faults,
+        config,
+    } = setup("landed", Shape::Bluesky, 1, limits(250, 300));
     let mut writer = Writer::start(&config).await;
     // The first commit of each table after the start lands, and its caller hears a timeout.
     faults.land_then_fail.lock().unwrap().extend([
@@ -131,17 +150,12 @@ async fn a_store_that_ignores_if_none_match_is_refused_before_any_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_stops_answering_fails_readiness_and_the_writer_resumes_when_it_answers() {
-    let topic = Shape::Mastodon.default_topic();
-    let kafka = Kafka::new(&[topic], 2);
-    let dir = tempfile::tempdir().unwrap();
-    let (root, faults) = faulty_root("silent", dir.path(), Faults::new(false));
-    let mut config = config(
-        &kafka.brokers(),
-        dir.path(),
-        &[Shape::Mastodon],
-        limits(10_000, 200),
-    );
-    config.storage.root = root;
+    let Setup {
+        kafka,
+        dir,
+        faults,
+        mut config,
+    } = setup("silent", Shape::Mastodon, 2, limits(10_000, 200));
     config.health.probe_interval_s = 1;
     let max_wait =
         config.batch.max_age() + std::time::Duration::from_secs(config.health.commit_stall_s);
@@ -216,21 +230,17 @@ const LISTINGS_PER_COMMIT: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_commits_list_only_the_log_since_the_last_checkpoint() {
-    let topic = Shape::Tweets.default_topic();
-    let kafka = Kafka::new(&[topic], 2);
-    let dir = tempfile::tempdir().unwrap();
-    let (root, faults) = faulty_root("listings", dir.path(), Faults::new(false));
-    let mut config = config(
-        &kafka.brokers(),
-        dir.path(),
-        &[Shape::Tweets],
-        limits(10_000, 100),
-    );
-    config.storage.root = root.clone();
+    // The folder lives as long as `_dir`.
+    let Setup {
+        kafka,
+        dir: _dir,
+        faults,
+        mut config,
+    } = setup("listings", Shape::Tweets, 2, limits(10_000, 100));
     // As in the service: checkpoints are written off the commit path (here by the test, every
     // fourth round, as the maintenance thread would).
     config.delta.checkpoint_interval = 1_000_000;
-    let location = sluice::delta::table_location(&root, "enriched_posts");
+    let location = sluice::delta::table_location(&config.storage.root, "enriched_posts");
     let mut writer = Writer::start(&config).await;
     let warm = publish(&kafka.brokers(), &[Shape::Tweets], 100, 6, 0).await;
     writer.wait_committed(&warm.last_offsets).await;

@@ -360,18 +360,9 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     // A rolling upgrade: another instance evolves the table while the old writer still runs
     // with the old schema file. The old writer keeps committing; its rows read the new column
     // as null.
-    let v2 = sluice::schema::TableSchema::load(&dir.path().join("v2.toml")).unwrap();
-    let location = sluice::delta::table_location(&dir.path().to_string_lossy(), "enriched_posts");
-    sluice::delta::DeltaSink::open_or_create(
-        &location,
-        Default::default(),
-        std::sync::Arc::new(v2),
-        "sluice-test",
-        5,
-        1,
-    )
-    .await
-    .unwrap();
+    open_with_schema(dir.path(), "v2.toml", &schema)
+        .await
+        .unwrap();
     let meanwhile = publish(&kafka.brokers(), &[Shape::Mastodon], 50, 10, 0).await;
     writer.wait_committed(&meanwhile.last_offsets).await;
     writer.stop().await;
