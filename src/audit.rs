@@ -276,20 +276,12 @@ impl TableAudit {
 
 /// Audits one configured table against the broker.
 pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAudit, AuditError> {
-    let schema = TableSchema::load(&table.schema).map_err(|e| AuditError::Table {
-        table: table.schema.display().to_string(),
-        operation: "read schema",
-        source: Box::new(e),
-    })?;
+    let schema = TableSchema::load(&table.schema).map_err(table_error(
+        &table.schema.display().to_string(),
+        "read schema",
+    ))?;
     let name = schema.name.clone();
-    let err = |operation: &'static str| {
-        let table = name.clone();
-        move |e: DeltaTableError| AuditError::Table {
-            table,
-            operation,
-            source: Box::new(e),
-        }
-    };
+    let err = |operation: &'static str| table_error::<DeltaTableError>(&name, operation);
     let provenance = |source: ColumnSource, source_name: &'static str| {
         schema
             .columns
@@ -507,6 +499,18 @@ fn judge(
     }
 }
 
+/// Turns an error of `operation` on table `name` into an [`AuditError`].
+fn table_error<E: std::error::Error + Send + Sync + 'static>(
+    name: &str,
+    operation: &'static str,
+) -> impl Fn(E) -> AuditError {
+    move |e| AuditError::Table {
+        table: name.to_string(),
+        operation,
+        source: Box::new(e),
+    }
+}
+
 /// Runs `sql` on `table`, registered as `t`; a failure names the table and `operation`.
 async fn query_table(
     table: &DeltaTable,
@@ -514,21 +518,16 @@ async fn query_table(
     operation: &'static str,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, AuditError> {
-    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-        table: name.to_string(),
-        operation,
-        source: e,
-    };
     let ctx = SessionContext::new();
     register_table(&ctx, "t", table)
         .await
-        .map_err(|e| fail(Box::new(e)))?;
+        .map_err(table_error(name, operation))?;
     ctx.sql(sql)
         .await
-        .map_err(|e| fail(Box::new(e)))?
+        .map_err(table_error(name, operation))?
         .collect()
         .await
-        .map_err(|e| fail(Box::new(e)))
+        .map_err(table_error(name, operation))
 }
 
 /// Every (topic, partition) → offsets of a table, from one snapshot.
@@ -542,14 +541,9 @@ async fn offsets_in(
         columns[0], columns[1], columns[2]
     );
     let batches = query_table(table, name, "query", &sql).await?;
-    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-        table: name.to_string(),
-        operation: "query",
-        source: e,
-    };
     let mut out: BTreeMap<(String, i32), Found> = BTreeMap::new();
     for batch in batches {
-        let topics = cast(batch.column(0), &DataType::Utf8).map_err(|e| fail(Box::new(e)))?;
+        let topics = cast(batch.column(0), &DataType::Utf8).map_err(table_error(name, "query"))?;
         let topics = topics.as_string::<i32>();
         let partitions = batch.column(1).as_primitive::<Int32Type>();
         let offsets = batch.column(2).as_primitive::<Int64Type>();
@@ -595,14 +589,11 @@ async fn lost_in(
         RejectReason::Lost.code()
     );
     let batches = query_table(table, name, "query lost ranges", &sql).await?;
-    let fail = |e: Box<dyn std::error::Error + Send + Sync>| AuditError::Table {
-        table: name.to_string(),
-        operation: "query lost ranges",
-        source: e,
-    };
     let mut out: BTreeMap<(String, i32), Vec<(i64, String)>> = BTreeMap::new();
     for batch in batches {
-        let text = |i: usize| cast(batch.column(i), &DataType::Utf8).map_err(|e| fail(Box::new(e)));
+        let text = |i: usize| {
+            cast(batch.column(i), &DataType::Utf8).map_err(table_error(name, "query lost ranges"))
+        };
         let (topics, details) = (text(0)?, text(3)?);
         let (topics, details) = (topics.as_string::<i32>(), details.as_string::<i32>());
         let partitions = batch.column(1).as_primitive::<Int32Type>();

@@ -184,6 +184,40 @@ async fn fragmented_table(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
     report.last_offsets
 }
 
+/// A fragmented table of 400 posts in a folder of its own, with what it held before a test
+/// compacts it.
+struct Fragmented {
+    dir: tempfile::TempDir,
+    /// Last offset per partition the producer sent.
+    last: BTreeMap<(String, i32), i64>,
+    location: String,
+    rows_before: Vec<(String, i32, i64)>,
+}
+
+impl Fragmented {
+    async fn new() -> Fragmented {
+        let dir = tempfile::tempdir().unwrap();
+        let last = fragmented_table(dir.path(), 400).await;
+        let location = main_table(dir.path());
+        let rows_before = table_offsets(dir.path()).await;
+        Fragmented {
+            dir,
+            last,
+            location,
+            rows_before,
+        }
+    }
+}
+
+/// `sluice compact --table enriched_posts --config <config>`.
+fn sluice_compact(config: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .args(["compact", "--table", "enriched_posts", "--config"])
+        .arg(config);
+    command
+}
+
 /// The table under `root` holds the same rows as before, every offset up to `last` once, in
 /// fewer files than `files_before`.
 async fn assert_compacted_unchanged(
@@ -200,10 +234,12 @@ async fn assert_compacted_unchanged(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let last = fragmented_table(dir.path(), 400).await;
-    let location = main_table(dir.path());
-    let rows_before = table_offsets(dir.path()).await;
+    let Fragmented {
+        dir,
+        last,
+        location,
+        rows_before,
+    } = Fragmented::new().await;
     let (files_before, _) = files_and_bytes(&location).await;
 
     // A scheduled job holds the lease: the CLI says so with its own exit code, and changes
@@ -223,11 +259,7 @@ async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
         panic!("the lease is free")
     };
     let config = write_lake_config(dir.path());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["compact", "--table", "enriched_posts", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = sluice_compact(&config).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
@@ -238,11 +270,7 @@ async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
     job.release().await.unwrap();
 
     // Released: the same command compacts.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["compact", "--table", "enriched_posts", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = sluice_compact(&config).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -254,10 +282,12 @@ async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_compactor_started_while_another_rewrites_is_turned_away() {
-    let dir = tempfile::tempdir().unwrap();
-    let last = fragmented_table(dir.path(), 400).await;
-    let location = main_table(dir.path());
-    let rows_before = table_offsets(dir.path()).await;
+    let Fragmented {
+        dir,
+        last,
+        location,
+        rows_before,
+    } = Fragmented::new().await;
     let (files_before, _) = files_and_bytes(&location).await;
 
     // Compactor A reads the table through a store that holds its reads of data files until
@@ -563,10 +593,12 @@ async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
-    let dir = tempfile::tempdir().unwrap();
-    let last = fragmented_table(dir.path(), 400).await;
-    let location = main_table(dir.path());
-    let rows_before = table_offsets(dir.path()).await;
+    let Fragmented {
+        dir,
+        last,
+        location,
+        rows_before,
+    } = Fragmented::new().await;
     let table = open_table(&location, Default::default()).await.unwrap();
     let partition = sluice::compact::partitions(&table, u64::MAX)
         .unwrap()
@@ -610,10 +642,12 @@ async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_compactor_killed_between_its_rewrite_and_its_commit_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let last = fragmented_table(dir.path(), 400).await;
-    let location = main_table(dir.path());
-    let rows_before = table_offsets(dir.path()).await;
+    let Fragmented {
+        dir,
+        last,
+        location,
+        rows_before,
+    } = Fragmented::new().await;
     let (files_before, bytes_before) = files_and_bytes(&location).await;
     let version_before = open_table(&location, Default::default())
         .await
@@ -621,9 +655,7 @@ async fn a_compactor_killed_between_its_rewrite_and_its_commit_changes_nothing()
         .version();
 
     let config = write_lake_config(dir.path());
-    let killed = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["compact", "--table", "enriched_posts", "--config"])
-        .arg(&config)
+    let killed = sluice_compact(&config)
         .env("SLUICE_FAILPOINT", "after_compaction_rewrite")
         .output()
         .unwrap();

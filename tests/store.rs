@@ -16,29 +16,11 @@ use sluice::health::Health;
 
 /// (partition, offset) of every row of `table` under `root`.
 async fn offsets_of(root: &std::path::Path, table: &str) -> Vec<(i32, i64)> {
-    let batches = query(
-        root,
-        &format!("SELECT kafka_partition, kafka_offset FROM {table} ORDER BY 1, 2"),
-    )
-    .await;
-    let mut out = Vec::new();
-    for b in &batches {
-        use deltalake::arrow::array::AsArray;
-        use deltalake::arrow::datatypes::{Int32Type, Int64Type};
-        let p = b.column(0).as_primitive::<Int32Type>();
-        let o = b.column(1).as_primitive::<Int64Type>();
-        out.extend((0..b.num_rows()).map(|i| (p.value(i), o.value(i))));
-    }
-    out
-}
-
-fn log_files(table_dir: &std::path::Path) -> BTreeSet<String> {
-    match std::fs::read_dir(table_dir.join("_delta_log")) {
-        Ok(entries) => entries
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => BTreeSet::new(),
-    }
+    offsets_in_table(root, table)
+        .await
+        .into_iter()
+        .map(|(_, partition, offset)| (partition, offset))
+        .collect()
 }
 
 /// A topic of `shape` with `partitions` partitions and a writer config whose tables live

@@ -441,14 +441,7 @@ async fn retyping_a_column_or_adding_a_required_one_is_refused_and_changes_nothi
         .await
         .unwrap();
     let version = created.version();
-    let log = |dir: &std::path::Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir.join("enriched_posts/_delta_log"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
+    let log = |dir: &std::path::Path| log_files(&dir.join("enriched_posts"));
     let before = log(dir.path());
 
     let author = "[[columns]]\nname = \"author\"\ntype = \"string\"\n";

@@ -275,9 +275,14 @@ impl Writer {
 
 /// (topic, partition, offset) of every row in the table.
 pub async fn table_offsets(root: &Path) -> Vec<(String, i32, i64)> {
+    offsets_in_table(root, "enriched_posts").await
+}
+
+/// (kafka_topic, kafka_partition, kafka_offset) of every row of `table` under `root`, sorted.
+pub async fn offsets_in_table(root: &Path, table: &str) -> Vec<(String, i32, i64)> {
     let batches = query(
         root,
-        "SELECT kafka_topic, kafka_partition, kafka_offset FROM enriched_posts",
+        &format!("SELECT kafka_topic, kafka_partition, kafka_offset FROM {table}"),
     )
     .await;
     let mut out = Vec::new();
@@ -291,6 +296,16 @@ pub async fn table_offsets(root: &Path) -> Vec<(String, i32, i64)> {
     }
     out.sort();
     out
+}
+
+/// The file names in a table folder's `_delta_log` (none when it has no log).
+pub fn log_files(table_dir: &Path) -> BTreeSet<String> {
+    match std::fs::read_dir(table_dir.join("_delta_log")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
 }
 
 /// Asserts every offset up to `last_offsets` is in the table exactly once, except `missing`.
