@@ -803,6 +803,14 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         ..CompactOptions::default()
     };
     let tables = table_locations(&cfg, args.table.as_deref(), &args.config)?;
+    let dead_letter_tables = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            sluice::schema::TableSchema::load(&t.schema)
+                .map(|schema| sluice::dead_letters::table_name(&schema.name))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut busy = false;
     for (name, location) in tables {
         let mut meter: Option<Meter> = None;
@@ -820,10 +828,20 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
                 m.update(done as u64, &detail);
             }
         };
+        // Z-order columns are the main table's; its dead letters are bin-packed.
+        let bin_pack = CompactOptions {
+            zorder: Vec::new(),
+            ..options.clone()
+        };
+        let options = if dead_letter_tables.contains(&name) {
+            &bin_pack
+        } else {
+            &options
+        };
         let outcome = sluice::compact::compact_with_progress(
             &location,
             cfg.storage_options(),
-            &options,
+            options,
             &mut bar,
         )
         .await?;

@@ -281,6 +281,57 @@ async fn a_held_lease_turns_the_compact_command_away_with_its_own_exit_code() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_compact_command_z_orders_a_table_bin_packs_its_dead_letters_and_never_leaves_a_lease()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = Kafka::new(&["posts.mastodon"], 2);
+    let cfg = config(
+        &kafka.brokers(),
+        dir.path(),
+        &[Shape::Mastodon],
+        limits(40, 1000),
+    );
+    // Every 10th message hostile: the dead-letter table gets small files too.
+    let report = publish(&kafka.brokers(), &[Shape::Mastodon], 400, 3, 10).await;
+    let mut writer = Writer::start(&cfg).await;
+    writer.wait_committed(&report.last_offsets).await;
+    writer.stop().await;
+    let dead_letters = table_location(&dir.path().to_string_lossy(), "enriched_posts_dead_letters");
+    let (letters_before, _) = files_and_bytes(&dead_letters).await;
+    assert!(letters_before >= 2, "{letters_before}");
+    let config = write_lake_config(dir.path());
+
+    // A Z-order column the table lacks fails the run, and leaves no lease held behind it.
+    let failed = sluice_compact(&config)
+        .args(["--zorder", "no_such_column"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+
+    let out = sluice_compact(&config)
+        .args(["--zorder", "category,language"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("lease held"), "{stdout}");
+    assert!(files_and_bytes(&dead_letters).await.0 < letters_before);
+    assert!(rewrites_change_no_data(&dead_letters) >= 1);
+    assert_eq!(
+        table_offsets(dir.path()).await.len()
+            + offsets_in_table(dir.path(), "enriched_posts_dead_letters")
+                .await
+                .len(),
+        400
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_compactor_started_while_another_rewrites_is_turned_away() {
     let Fragmented {
         dir,
