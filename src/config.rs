@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::BatchLimits;
-use crate::decode::InputLimits;
-use crate::kafka::{Connection, is_secret_key};
-use crate::pipeline::Decoding;
+use crate::ingest::batch::BatchLimits;
+use crate::ingest::decode::InputLimits;
+use crate::ingest::kafka::{Connection, is_secret_key};
+use crate::ingest::pipeline::Decoding;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -309,10 +309,10 @@ fn default_maintenance_interval() -> u64 {
     DEFAULT_MAINTENANCE_INTERVAL_S
 }
 fn default_target_size_mb() -> u64 {
-    crate::compact::DEFAULT_TARGET_SIZE / 1024 / 1024
+    crate::table::compact::DEFAULT_TARGET_SIZE / 1024 / 1024
 }
 fn default_memory_mb() -> u64 {
-    (crate::compact::DEFAULT_MEMORY_LIMIT / 1024 / 1024) as u64
+    (crate::table::compact::DEFAULT_MEMORY_LIMIT / 1024 / 1024) as u64
 }
 fn default_hot_small_files() -> usize {
     DEFAULT_HOT_SMALL_FILES
@@ -321,7 +321,7 @@ fn default_vacuum_every_h() -> u64 {
     24
 }
 fn default_vacuum_retention_h() -> u64 {
-    crate::maintain::DEFAULT_VACUUM_RETENTION.as_secs() / 3600
+    crate::table::maintain::DEFAULT_VACUUM_RETENTION.as_secs() / 3600
 }
 
 impl Default for MaintenanceConfig {
@@ -479,7 +479,7 @@ impl Config {
         if config.health.probe_interval_s == 0 {
             return Err(invalid("health.probe_interval_s must be at least 1".into()));
         }
-        let max_lag = crate::telemetry::MAX_LAG_INTERVAL_S;
+        let max_lag = crate::service::telemetry::MAX_LAG_INTERVAL_S;
         if !(1..=max_lag).contains(&config.metrics.lag_interval_s) {
             return Err(invalid(format!(
                 "metrics.lag_interval_s must be between 1 and {max_lag}"

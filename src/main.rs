@@ -8,15 +8,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use sluice::config::Config;
-use sluice::demo::{DemoOptions, run as run_demo};
-use sluice::generator::Shape;
-use sluice::health::Health;
-use sluice::produce::{ProduceOptions, create_topics, produce};
-use sluice::progress::Meter;
-use sluice::sql::format::Format;
-use sluice::sql::shell::{Printer, repl, run_script};
-use sluice::sql::{Session, TimeTravel};
-use sluice::telemetry::{LogFormat, init_logging, serve};
+use sluice::meter::Meter;
+use sluice::query::sql::format::Format;
+use sluice::query::sql::shell::{Printer, repl, run_script};
+use sluice::query::sql::{Session, TimeTravel};
+use sluice::service::health::Health;
+use sluice::service::telemetry::{LogFormat, init_logging, serve};
+use sluice::tools::demo::{DemoOptions, run as run_demo};
+use sluice::tools::generator::Shape;
+use sluice::tools::produce::{ProduceOptions, create_topics, produce};
 
 #[derive(Parser)]
 #[command(
@@ -166,10 +166,10 @@ struct BenchArgs {
     records: u64,
     /// Stages to run, comma-separated. Default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
-    stage: Vec<sluice::bench::Stage>,
+    stage: Vec<sluice::tools::bench::Stage>,
     /// Record profiles, comma-separated. Default: both.
     #[arg(long, value_enum, value_delimiter = ',')]
-    profile: Vec<sluice::bench::Profile>,
+    profile: Vec<sluice::tools::bench::Profile>,
     /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of
     /// a temporary folder; they go under `<root>/sluice-bench-<run>/`. Not read from
     /// SLUICE_CONFIG: a benchmark writes where it is told to, never into a service's store
@@ -238,11 +238,14 @@ impl BenchArgs {
 }
 
 /// `STAGE:PROFILE` of `sluice bench --row`.
-fn parse_row(spec: &str) -> anyhow::Result<(sluice::bench::Stage, sluice::bench::Profile)> {
+fn parse_row(
+    spec: &str,
+) -> anyhow::Result<(sluice::tools::bench::Stage, sluice::tools::bench::Profile)> {
     use clap::ValueEnum;
     let (stage, profile) = spec.split_once(':').context("--row takes STAGE:PROFILE")?;
-    let stage = sluice::bench::Stage::from_str(stage, true).map_err(anyhow::Error::msg)?;
-    let profile = sluice::bench::Profile::from_str(profile, true).map_err(anyhow::Error::msg)?;
+    let stage = sluice::tools::bench::Stage::from_str(stage, true).map_err(anyhow::Error::msg)?;
+    let profile =
+        sluice::tools::bench::Profile::from_str(profile, true).map_err(anyhow::Error::msg)?;
     Ok((stage, profile))
 }
 
@@ -489,7 +492,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                     h.stopping();
                 }
             };
-            sluice::app::run(cfg, shutdown, health).await?;
+            sluice::service::app::run(cfg, shutdown, health).await?;
         }
         Command::Bench(args) => {
             let storage = match &args.config {
@@ -497,15 +500,15 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let child_args = args.child_args();
-            let options = sluice::bench::BenchOptions {
+            let options = sluice::tools::bench::BenchOptions {
                 records: args.records,
                 profiles: if args.profile.is_empty() {
-                    sluice::bench::Profile::ALL.to_vec()
+                    sluice::tools::bench::Profile::ALL.to_vec()
                 } else {
                     args.profile
                 },
                 stages: if args.stage.is_empty() {
-                    sluice::bench::Stage::ALL.to_vec()
+                    sluice::tools::bench::Stage::ALL.to_vec()
                 } else {
                     args.stage
                 },
@@ -524,17 +527,18 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 let (stage, profile) = parse_row(spec)?;
                 println!(
                     "{}",
-                    sluice::bench::row(&options, &args.run, stage, profile).await?
+                    sluice::tools::bench::row(&options, &args.run, stage, profile).await?
                 );
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
                 "## sluice bench on {}, sluice {}\n",
-                sluice::bench::machine(),
+                sluice::tools::bench::machine(),
                 env!("CARGO_PKG_VERSION")
             );
             let report =
-                sluice::bench::run(&options, &child_args, &mut |line| eprintln!("{line}")).await?;
+                sluice::tools::bench::run(&options, &child_args, &mut |line| eprintln!("{line}"))
+                    .await?;
             println!("{}", report.render());
         }
         Command::TrinoSql {
@@ -545,18 +549,18 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             user,
         } => {
             let cfg = load_config(&config, None)?;
-            let tables = sluice::app::check(&cfg)?;
-            let target = sluice::trino::Target { catalog, schema };
+            let tables = sluice::service::app::check(&cfg)?;
+            let target = sluice::query::trino::Target { catalog, schema };
             if let Some(server) = server {
                 // Password authentication: the password only from the environment.
                 let password = std::env::var("TRINO_PASSWORD")
                     .ok()
                     .filter(|p| !p.is_empty());
-                let client = sluice::trino::Client::new(&server, &user, password)?;
-                for done in sluice::trino::register(&client, &cfg, &tables, &target).await? {
+                let client = sluice::query::trino::Client::new(&server, &user, password)?;
+                for done in sluice::query::trino::register(&client, &cfg, &tables, &target).await? {
                     let what = match done.outcome {
-                        sluice::trino::Outcome::Registered => "registered",
-                        sluice::trino::Outcome::AlreadyThere => "already registered",
+                        sluice::query::trino::Outcome::Registered => "registered",
+                        sluice::query::trino::Outcome::AlreadyThere => "already registered",
                     };
                     println!("{what}: {} at {}", done.name, done.location);
                 }
@@ -567,13 +571,13 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 );
                 print!(
                     "{}",
-                    sluice::trino::registration_sql(&cfg, &tables, &target, &source)?
+                    sluice::query::trino::registration_sql(&cfg, &tables, &target, &source)?
                 );
             }
         }
         Command::Config(ConfigCommand::Check(args)) => {
             let cfg = args.load()?;
-            let names = sluice::app::check(&cfg)?;
+            let names = sluice::service::app::check(&cfg)?;
             eprintln!(
                 "{}: valid; tables {}",
                 args.config.display(),
@@ -614,7 +618,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 .collect::<Vec<_>>();
             let connection = match &config {
                 Some(file) => load_config(file, brokers)?.kafka.connection(),
-                None => sluice::kafka::Connection {
+                None => sluice::ingest::kafka::Connection {
                     brokers: brokers.unwrap_or_else(|| "localhost:9092".into()),
                     properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
                 },
@@ -656,11 +660,11 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             let mut clean = true;
             let mut audited = 0;
             for table_config in &cfg.tables {
-                let name = sluice::schema::TableSchema::load(&table_config.schema)?.name;
+                let name = sluice::contract::schema::TableSchema::load(&table_config.schema)?.name;
                 if table.as_ref().is_some_and(|t| *t != name) {
                     continue;
                 }
-                let audit = sluice::audit::audit_table(&cfg, table_config).await?;
+                let audit = sluice::query::audit::audit_table(&cfg, table_config).await?;
                 print!("{}", audit.render());
                 clean &= audit.is_clean();
                 audited += 1;
@@ -686,7 +690,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&config, brokers)?;
             let mut table_config = None;
             for candidate in &cfg.tables {
-                if sluice::schema::TableSchema::load(&candidate.schema)?.name == table {
+                if sluice::contract::schema::TableSchema::load(&candidate.schema)?.name == table {
                     table_config = Some(candidate);
                 }
             }
@@ -697,7 +701,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("table {table} does not read topic {topic}");
             }
             let accepted =
-                sluice::accept::accept_log(&cfg, table_config, &topic, partition).await?;
+                sluice::service::accept::accept_log(&cfg, table_config, &topic, partition).await?;
             println!(
                 "{}: {} now reads the broker's log from offset {} (was at {} in the old log); \
                  restart the writers of the table",
@@ -715,7 +719,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = load_config(&config, None)?;
             for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
-                let report = sluice::maintain::vacuum(
+                let report = sluice::table::maintain::vacuum(
                     &location,
                     cfg.storage_options(),
                     std::time::Duration::from_secs(retention_hours * 3600),
@@ -737,7 +741,8 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         Command::Checkpoint { config, table } => {
             let cfg = load_config(&config, None)?;
             for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
-                let report = sluice::maintain::checkpoint(&location, cfg.storage_options()).await?;
+                let report =
+                    sluice::table::maintain::checkpoint(&location, cfg.storage_options()).await?;
                 println!(
                     "{name}: checkpoint at version {}, {} expired log files removed",
                     report.version, report.logs_removed
@@ -747,7 +752,7 @@ async fn async_main(command: Command) -> anyhow::Result<ExitCode> {
         Command::Inspect { config, table } => {
             let cfg = load_config(&config, None)?;
             for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
-                let inspection = sluice::maintain::inspect(
+                let inspection = sluice::table::maintain::inspect(
                     &name,
                     &location,
                     cfg.storage_options(),
@@ -770,11 +775,11 @@ fn table_locations(
 ) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for table in &cfg.tables {
-        let name = sluice::schema::TableSchema::load(&table.schema)?.name;
+        let name = sluice::contract::schema::TableSchema::load(&table.schema)?.name;
         if only.is_none_or(|t| t == name) {
-            let dead = sluice::dead_letters::table_name(&name);
+            let dead = sluice::contract::dead_letters::table_name(&name);
             for n in [name, dead] {
-                let location = sluice::delta::table_location(&cfg.storage.root, &n);
+                let location = sluice::table::delta::table_location(&cfg.storage.root, &n);
                 out.push((n, location));
             }
         }
@@ -790,7 +795,7 @@ fn table_locations(
 }
 
 async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
-    use sluice::compact::{CompactOptions, CompactOutcome};
+    use sluice::table::compact::{CompactOptions, CompactOutcome};
     let cfg = load_config(&args.config, None)?;
     let options = CompactOptions {
         target_size: args.target_size_mb.max(1) * 1024 * 1024,
@@ -807,27 +812,28 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         .tables
         .iter()
         .map(|t| {
-            sluice::schema::TableSchema::load(&t.schema)
-                .map(|schema| sluice::dead_letters::table_name(&schema.name))
+            sluice::contract::schema::TableSchema::load(&t.schema)
+                .map(|schema| sluice::contract::dead_letters::table_name(&schema.name))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut busy = false;
     for (name, location) in tables {
         let mut meter: Option<Meter> = None;
-        let mut bar = |p: &sluice::compact::CompactedPartition, done: usize, total: usize| {
-            let m = meter.get_or_insert_with(|| {
-                Meter::new(format!("compact {name}"), total as u64, "partitions", true)
-            });
-            let detail = format!(
-                "last {} ({} files -> {})",
-                p.partition, p.files_removed, p.files_added
-            );
-            if done == total {
-                m.finish(done as u64, &detail);
-            } else {
-                m.update(done as u64, &detail);
-            }
-        };
+        let mut bar =
+            |p: &sluice::table::compact::CompactedPartition, done: usize, total: usize| {
+                let m = meter.get_or_insert_with(|| {
+                    Meter::new(format!("compact {name}"), total as u64, "partitions", true)
+                });
+                let detail = format!(
+                    "last {} ({} files -> {})",
+                    p.partition, p.files_removed, p.files_added
+                );
+                if done == total {
+                    m.finish(done as u64, &detail);
+                } else {
+                    m.update(done as u64, &detail);
+                }
+            };
         // Z-order columns are the main table's; its dead letters are bin-packed.
         let bin_pack = CompactOptions {
             zorder: Vec::new(),
@@ -838,7 +844,7 @@ async fn compact(args: CompactArgs) -> anyhow::Result<ExitCode> {
         } else {
             &options
         };
-        let outcome = sluice::compact::compact_with_progress(
+        let outcome = sluice::table::compact::compact_with_progress(
             &location,
             cfg.storage_options(),
             options,
@@ -907,7 +913,7 @@ async fn sql(args: SqlArgs) -> anyhow::Result<ExitCode> {
         };
     }
     if let Some(t) = &args.as_of {
-        let micros = sluice::contract::parse_timestamp(t, None)
+        let micros = sluice::contract::values::parse_timestamp(t, None)
             .map_err(|e| anyhow::anyhow!("--as-of {t}: {e}"))?;
         travel.as_of = chrono::DateTime::from_timestamp_micros(micros);
     }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use sluice::generator::Shape;
+use sluice::tools::generator::Shape;
 
 /// Sum of a counter across its label sets.
 
@@ -226,8 +226,8 @@ fn a_wrong_schema_file_is_reported_with_file_field_and_reason() {
 
 /// Rows in the table, or 0 before the writer has created it.
 async fn rows_if_created(lake: &std::path::Path) -> usize {
-    let location = sluice::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
-    match sluice::delta::open_table(&location, Default::default()).await {
+    let location = sluice::table::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
+    match sluice::table::delta::open_table(&location, Default::default()).await {
         Ok(_) => table_offsets(lake).await.len(),
         Err(_) => 0,
     }
@@ -431,8 +431,8 @@ async fn the_audit_exits_non_zero_when_an_offset_is_missing() {
     assert!(caught_up);
 
     // Lose rows behind the writer's back: delete offset 42 from the table.
-    let location = sluice::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
-    let table = sluice::delta::open_table(&location, Default::default())
+    let location = sluice::table::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
+    let table = sluice::table::delta::open_table(&location, Default::default())
         .await
         .unwrap();
     table

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
-use sluice::compact::{CompactOptions, CompactOutcome, CompactedPartition, compact};
-use sluice::delta::{open_table, table_location};
-use sluice::generator::Shape;
-use sluice::lease::{self, Acquired};
-use sluice::sql::format::logictest;
-use sluice::sql::{Session, TimeTravel};
+use sluice::query::sql::format::logictest;
+use sluice::query::sql::{Session, TimeTravel};
+use sluice::table::compact::{CompactOptions, CompactOutcome, CompactedPartition, compact};
+use sluice::table::delta::{open_table, table_location};
+use sluice::table::lease::{self, Acquired};
+use sluice::tools::generator::Shape;
 
 use common::faulty::{Faults, faulty_root};
 use common::*;
@@ -50,7 +50,7 @@ async fn library(root: &Path) -> BTreeMap<String, String> {
 
 async fn files_and_bytes(location: &str) -> (usize, u64) {
     let table = open_table(location, Default::default()).await.unwrap();
-    let parts = sluice::compact::partitions(&table, u64::MAX).unwrap();
+    let parts = sluice::table::compact::partitions(&table, u64::MAX).unwrap();
     (
         parts.iter().map(|p| p.files).sum(),
         parts.iter().map(|p| p.bytes).sum(),
@@ -146,7 +146,7 @@ async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
     // Readers start from a checkpoint at the compacted version, not from the rewrite's log.
     let table = open_table(&location, Default::default()).await.unwrap();
     assert_eq!(
-        sluice::maintain::last_checkpoint(&table).await,
+        sluice::table::maintain::last_checkpoint(&table).await,
         table.version().map(|v| v as i64)
     );
 
@@ -156,8 +156,9 @@ async fn compaction_changes_no_query_result_and_leaves_one_file_per_day() {
         "SELECT count(*), sum(like_count), count(DISTINCT post_id) FROM version_as_of('enriched_posts', {version_before})"
     );
     let new = "SELECT count(*), sum(like_count), count(DISTINCT post_id) FROM enriched_posts";
-    let text =
-        |r: Vec<sluice::sql::StatementResult>| logictest(&r[0].schema, &r[0].batches).unwrap();
+    let text = |r: Vec<sluice::query::sql::StatementResult>| {
+        logictest(&r[0].schema, &r[0].batches).unwrap()
+    };
     assert_eq!(
         text(session.run(&old).await.unwrap()),
         text(session.run(new).await.unwrap())
@@ -423,7 +424,9 @@ async fn appends_and_compaction_interleave_without_loss_or_duplicates() {
     assert!(files_after <= files_before);
     assert_eq!(table_offsets(&root).await, rows);
     let table = open_table(&location, Default::default()).await.unwrap();
-    let days = sluice::compact::partitions(&table, u64::MAX).unwrap().len();
+    let days = sluice::table::compact::partitions(&table, u64::MAX)
+        .unwrap()
+        .len();
     assert_eq!(files_after, days, "one file per day after the final run");
 }
 
@@ -451,10 +454,10 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
     };
 
     // The default retention keeps every file a week-old reader could need.
-    let kept = sluice::maintain::vacuum(
+    let kept = sluice::table::maintain::vacuum(
         &location,
         Default::default(),
-        sluice::maintain::DEFAULT_VACUUM_RETENTION,
+        sluice::table::maintain::DEFAULT_VACUUM_RETENTION,
         false,
         false,
     )
@@ -463,8 +466,14 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
     assert_eq!(kept.files, 0);
     assert_eq!(count(&old).await.unwrap(), 300);
     // Shorter only when asked for explicitly; then the old state is gone.
-    let refused =
-        sluice::maintain::vacuum(&location, Default::default(), Duration::ZERO, false, false).await;
+    let refused = sluice::table::maintain::vacuum(
+        &location,
+        Default::default(),
+        Duration::ZERO,
+        false,
+        false,
+    )
+    .await;
     assert!(
         refused
             .unwrap_err()
@@ -472,7 +481,7 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
             .contains("--allow-short-retention")
     );
     let removed =
-        sluice::maintain::vacuum(&location, Default::default(), Duration::ZERO, true, false)
+        sluice::table::maintain::vacuum(&location, Default::default(), Duration::ZERO, true, false)
             .await
             .unwrap();
     assert!(removed.files > 0);
@@ -486,10 +495,10 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
     let gone = gone.to_string();
     assert!(gone.contains("not found"), "{gone}");
 
-    let checkpoint = sluice::maintain::checkpoint(&location, Default::default())
+    let checkpoint = sluice::table::maintain::checkpoint(&location, Default::default())
         .await
         .unwrap();
-    let inspection = sluice::maintain::inspect(
+    let inspection = sluice::table::maintain::inspect(
         "enriched_posts",
         &location,
         Default::default(),
@@ -554,11 +563,13 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         let Ok(table) = open_table(&location, Default::default()).await else {
             return false;
         };
-        let parts = sluice::compact::partitions(&table, u64::MAX).unwrap();
+        let parts = sluice::table::compact::partitions(&table, u64::MAX).unwrap();
         let rows: u64 = parts.iter().map(|p| p.rows).sum();
         let rewritten = table.version().unwrap_or(0) > 0 && parts.iter().all(|p| p.files == 1);
         // The writer leaves checkpoints to the maintenance thread.
-        let checkpointed = sluice::maintain::last_checkpoint(&table).await.is_some();
+        let checkpointed = sluice::table::maintain::last_checkpoint(&table)
+            .await
+            .is_some();
         rows == 600 && rewritten && checkpointed
     };
     assert!(
@@ -584,8 +595,8 @@ async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
         limits(1000, 1000),
     );
     let mut writer = Writer::start(&cfg).await;
-    let report = sluice::produce::produce(&sluice::produce::ProduceOptions {
-        connection: sluice::kafka::Connection::plain(&kafka.brokers()),
+    let report = sluice::tools::produce::produce(&sluice::tools::produce::ProduceOptions {
+        connection: sluice::ingest::kafka::Connection::plain(&kafka.brokers()),
         shapes: vec![(Shape::Mastodon, "posts.mastodon".to_string())],
         count,
         rate: 0,
@@ -609,8 +620,8 @@ async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
     // default budget the Z-order sort stays in memory; with the smallest it spills to disk, and
     // the table still holds every row once.
     for (memory_limit, spills) in [
-        (sluice::compact::DEFAULT_MEMORY_LIMIT, false),
-        (sluice::compact::MIN_MEMORY_LIMIT, true),
+        (sluice::table::compact::DEFAULT_MEMORY_LIMIT, false),
+        (sluice::table::compact::MIN_MEMORY_LIMIT, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let last = one_day_of_posts(dir.path(), 30_000).await;
@@ -636,7 +647,7 @@ async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
         assert_eq!(table_offsets(dir.path()).await, before);
         assert_exactly_once(&before, &last, &BTreeSet::new());
         let table = open_table(&location, Default::default()).await.unwrap();
-        let per_day = sluice::compact::partitions(&table, u64::MAX).unwrap();
+        let per_day = sluice::table::compact::partitions(&table, u64::MAX).unwrap();
         assert!(per_day.iter().all(|p| p.files == 1), "{per_day:?}");
         assert!(rewrites_change_no_data(&location) >= 1);
     }
@@ -651,7 +662,7 @@ async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
         rows_before,
     } = Fragmented::new().await;
     let table = open_table(&location, Default::default()).await.unwrap();
-    let partition = sluice::compact::partitions(&table, u64::MAX)
+    let partition = sluice::table::compact::partitions(&table, u64::MAX)
         .unwrap()
         .into_iter()
         .max_by_key(|p| p.files)
@@ -665,22 +676,30 @@ async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
         let (location, partition, properties) =
             (location.clone(), partition.clone(), properties.clone());
         async move {
-            sluice::compact::rewrite_partition(&table, &location, &partition, 1 << 30, properties)
-                .await
-                .unwrap()
-                .expect("the partition has small files")
+            sluice::table::compact::rewrite_partition(
+                &table,
+                &location,
+                &partition,
+                1 << 30,
+                properties,
+            )
+            .await
+            .unwrap()
+            .expect("the partition has small files")
         }
     };
     let stale = rewrite(table.clone()).await;
     let current = rewrite(table.clone()).await;
     assert!(stale.files_in() >= 2);
-    let (_, landed) = sluice::compact::commit_rewrite(current).await.unwrap();
+    let (_, landed) = sluice::table::compact::commit_rewrite(current)
+        .await
+        .unwrap();
     assert_eq!(landed.files_added, 1);
-    let refused = sluice::compact::commit_rewrite(stale).await;
+    let refused = sluice::table::compact::commit_rewrite(stale).await;
     assert!(
         matches!(
             refused,
-            Err(sluice::compact::CompactError::Concurrent { .. })
+            Err(sluice::table::compact::CompactError::Concurrent { .. })
         ),
         "{:?}",
         refused.map(|(_, p)| p)

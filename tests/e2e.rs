@@ -25,12 +25,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use sluice::audit::audit_table;
 use sluice::config::Config;
-use sluice::delta::{committed_offset, open_table, table_location};
-use sluice::generator::Shape;
-use sluice::kafka::Connection;
-use sluice::produce::{ProduceOptions, ProduceReport, create_topics, produce};
+use sluice::ingest::kafka::Connection;
+use sluice::query::audit::audit_table;
+use sluice::table::delta::{committed_offset, open_table, table_location};
+use sluice::tools::generator::Shape;
+use sluice::tools::produce::{ProduceOptions, ProduceReport, create_topics, produce};
 
 /// How long a scenario waits for the writers to catch up before it fails with the logs.
 const CATCH_UP: Duration = Duration::from_secs(240);

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use common::*;
 use sluice::config::Config;
-use sluice::generator::Shape;
-use sluice::health::Health;
-use sluice::telemetry::{Kind, METRICS, serve};
+use sluice::service::health::Health;
+use sluice::service::telemetry::{Kind, METRICS, serve};
+use sluice::tools::generator::Shape;
 use tokio::sync::oneshot;
 
 /// Polls `check` until it yields a value; fails with `what` after [`CATCH_UP`].
@@ -53,7 +53,7 @@ impl Service {
         let (stop, stopped) = oneshot::channel::<()>();
         let h = health.clone();
         let task = tokio::spawn(async move {
-            sluice::app::run(
+            sluice::service::app::run(
                 config,
                 async move {
                     let _ = stopped.await;
@@ -312,8 +312,8 @@ async fn metrics_count_exactly_what_landed_in_the_tables() {
 }
 
 async fn open_table_version(root: &Path, name: &str) -> i64 {
-    let location = sluice::delta::table_location(&root.to_string_lossy(), name);
-    sluice::delta::open_table(&location, Default::default())
+    let location = sluice::table::delta::table_location(&root.to_string_lossy(), name);
+    sluice::table::delta::open_table(&location, Default::default())
         .await
         .unwrap()
         .version()
@@ -392,12 +392,12 @@ async fn readiness_follows_the_object_store() {
         (s.sum("sluice_rows_written_total", &table) == total).then_some(())
     })
     .await;
-    let location = sluice::delta::table_location(&root.to_string_lossy(), "ready_posts");
+    let location = sluice::table::delta::table_location(&root.to_string_lossy(), "ready_posts");
     let ctx = deltalake::datafusion::prelude::SessionContext::new();
-    let t = sluice::delta::open_table(&location, Default::default())
+    let t = sluice::table::delta::open_table(&location, Default::default())
         .await
         .unwrap();
-    sluice::delta::register_table(&ctx, "ready_posts", &t)
+    sluice::table::delta::register_table(&ctx, "ready_posts", &t)
         .await
         .unwrap();
     let rows = scalar_i64(
@@ -600,7 +600,7 @@ async fn a_failed_writer_ends_the_service_with_its_error_while_another_table_run
         table("other_posts", Shape::Bluesky),
     ];
     let (stop, stopped) = oneshot::channel::<()>();
-    let service = tokio::spawn(sluice::app::run(
+    let service = tokio::spawn(sluice::service::app::run(
         config,
         async move {
             let _ = stopped.await;

@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use sluice::config::Config;
-use sluice::generator::Shape;
-use sluice::sql::format::logictest;
-use sluice::sql::{Session, SqlError, TimeTravel};
+use sluice::query::sql::format::logictest;
+use sluice::query::sql::{Session, SqlError, TimeTravel};
+use sluice::tools::generator::Shape;
 
 use common::*;
 

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use common::faulty::{Faults, faulty_root};
 use common::*;
-use sluice::delta::{DeltaError, DeltaSink};
-use sluice::generator::Shape;
-use sluice::health::Health;
+use sluice::service::health::Health;
+use sluice::table::delta::{DeltaError, DeltaSink};
+use sluice::tools::generator::Shape;
 
 /// (partition, offset) of every row of `table` under `root`.
 async fn offsets_of(root: &std::path::Path, table: &str) -> Vec<(i32, i64)> {
@@ -32,7 +32,12 @@ struct Setup {
     config: sluice::config::Config,
 }
 
-fn setup(host: &str, shape: Shape, partitions: i32, limits: sluice::batch::BatchLimits) -> Setup {
+fn setup(
+    host: &str,
+    shape: Shape,
+    partitions: i32,
+    limits: sluice::ingest::batch::BatchLimits,
+) -> Setup {
     let kafka = Kafka::new(&[shape.default_topic()], partitions);
     let dir = tempfile::tempdir().unwrap();
     let (root, faults) = faulty_root(host, dir.path(), Faults::new(false));
@@ -102,8 +107,9 @@ async fn a_store_that_ignores_if_none_match_is_refused_before_any_commit() {
     let dir = tempfile::tempdir().unwrap();
     let (root, _) = faulty_root("overwrites", dir.path(), Faults::new(true));
     let schema =
-        sluice::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml")).unwrap();
-    let location = sluice::delta::table_location(&root, "enriched_posts");
+        sluice::contract::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml"))
+            .unwrap();
+    let location = sluice::table::delta::table_location(&root, "enriched_posts");
     let err = match DeltaSink::open_or_create(
         &location,
         Default::default(),
@@ -142,11 +148,11 @@ async fn a_store_that_stops_answering_fails_readiness_and_the_writer_resumes_whe
     let max_wait =
         config.batch.max_age() + std::time::Duration::from_secs(config.health.commit_stall_s);
     let health = Health::new(1, max_wait);
-    let addr = sluice::telemetry::serve("127.0.0.1:0", health.clone())
+    let addr = sluice::service::telemetry::serve("127.0.0.1:0", health.clone())
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(sluice::app::run(
+    let service = tokio::spawn(sluice::service::app::run(
         config.clone(),
         async move {
             let _ = stopped.await;
@@ -222,7 +228,7 @@ async fn steady_commits_list_only_the_log_since_the_last_checkpoint() {
     // As in the service: checkpoints are written off the commit path (here by the test, every
     // fourth round, as the maintenance thread would).
     config.delta.checkpoint_interval = 1_000_000;
-    let location = sluice::delta::table_location(&config.storage.root, "enriched_posts");
+    let location = sluice::table::delta::table_location(&config.storage.root, "enriched_posts");
     let mut writer = Writer::start(&config).await;
     let warm = publish(&kafka.brokers(), &[Shape::Tweets], 100, 6, 0).await;
     writer.wait_committed(&warm.last_offsets).await;
@@ -235,7 +241,7 @@ async fn steady_commits_list_only_the_log_since_the_last_checkpoint() {
             faults
                 .recording
                 .store(false, std::sync::atomic::Ordering::SeqCst);
-            sluice::maintain::checkpoint(&location, Default::default())
+            sluice::table::maintain::checkpoint(&location, Default::default())
                 .await
                 .unwrap();
             faults

@@ -11,8 +11,8 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::{DataType, Int64Type};
 
 use common::*;
-use sluice::audit::audit_table;
-use sluice::generator::{Generator, Shape};
+use sluice::query::audit::audit_table;
+use sluice::tools::generator::{Generator, Shape};
 
 /// Reads `count` messages of a topic from the start: headers and payload of each.
 async fn read_topic(
@@ -400,7 +400,7 @@ async fn a_column_added_to_the_schema_file_evolves_the_table_across_a_restart() 
     std::fs::write(dir.path().join("mastodon-v3.toml"), stripped_mapping).unwrap();
     config.tables[0].schema = dir.path().join("v3.toml");
     config.tables[0].sources[0].mapping = dir.path().join("mastodon-v3.toml");
-    let err = match sluice::app::start(&config, std::future::pending()).await {
+    let err = match sluice::service::app::start(&config, std::future::pending()).await {
         Ok(_) => panic!("a removed column must be refused"),
         Err(e) => e.to_string(),
     };
@@ -417,12 +417,12 @@ async fn open_with_schema(
     dir: &std::path::Path,
     name: &str,
     text: &str,
-) -> Result<sluice::delta::DeltaSink, sluice::delta::DeltaError> {
+) -> Result<sluice::table::delta::DeltaSink, sluice::table::delta::DeltaError> {
     let file = dir.join(name);
     std::fs::write(&file, text).unwrap();
-    let schema = sluice::schema::TableSchema::load(&file).unwrap();
-    let location = sluice::delta::table_location(&dir.to_string_lossy(), "enriched_posts");
-    sluice::delta::DeltaSink::open_or_create(
+    let schema = sluice::contract::schema::TableSchema::load(&file).unwrap();
+    let location = sluice::table::delta::table_location(&dir.to_string_lossy(), "enriched_posts");
+    sluice::table::delta::DeltaSink::open_or_create(
         &location,
         Default::default(),
         std::sync::Arc::new(schema),
@@ -532,16 +532,17 @@ async fn dead_letters_stay_exactly_once_through_a_rebalance_and_a_crash_audited_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writers_starting_together_on_a_new_table_all_open_it() {
     let schema = std::sync::Arc::new(
-        sluice::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml")).unwrap(),
+        sluice::contract::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml"))
+            .unwrap(),
     );
     for round in 0..5 {
         let dir = tempfile::tempdir().unwrap();
         let location =
-            sluice::delta::table_location(&dir.path().to_string_lossy(), "enriched_posts");
+            sluice::table::delta::table_location(&dir.path().to_string_lossy(), "enriched_posts");
         let opens = (0..8).map(|_| {
             let (location, schema) = (location.clone(), schema.clone());
             tokio::spawn(async move {
-                sluice::delta::DeltaSink::open_or_create(
+                sluice::table::delta::DeltaSink::open_or_create(
                     &location,
                     Default::default(),
                     schema,
@@ -845,7 +846,7 @@ async fn a_log_that_went_backwards_stops_its_partition_instead_of_dropping_messa
     assert!(report.contains("past the broker's end"), "{report}");
 
     // The operator accepts the new log; restarted, the writer reads it from its start.
-    let accepted = sluice::accept::accept_log(&config, &config.tables[0], topic, 0)
+    let accepted = sluice::service::accept::accept_log(&config, &config.tables[0], topic, 0)
         .await
         .unwrap();
     assert_eq!((accepted.old_position, accepted.new_start), (299, 0));
@@ -871,9 +872,12 @@ async fn a_log_that_went_backwards_stops_its_partition_instead_of_dropping_messa
         "{report}"
     );
     // Accepting a log that did not go backwards is refused.
-    let again = sluice::accept::accept_log(&config, &config.tables[0], topic, 0).await;
+    let again = sluice::service::accept::accept_log(&config, &config.tables[0], topic, 0).await;
     assert!(
-        matches!(again, Err(sluice::accept::AcceptError::NotBehind { .. })),
+        matches!(
+            again,
+            Err(sluice::service::accept::AcceptError::NotBehind { .. })
+        ),
         "{again:?}"
     );
 }

@@ -11,11 +11,11 @@ use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
 use common::*;
-use sluice::app::{load_table, open_sinks};
-use sluice::decode::Chunk;
-use sluice::delta::{PartitionKey, open_table, table_location};
-use sluice::generator::{Generator, Shape};
-use sluice::pipeline::{Destination, Record, TableWriter};
+use sluice::ingest::decode::Chunk;
+use sluice::ingest::pipeline::{Destination, Record, TableWriter};
+use sluice::service::app::{load_table, open_sinks};
+use sluice::table::delta::{PartitionKey, open_table, table_location};
+use sluice::tools::generator::{Generator, Shape};
 
 const ALL: [Shape; 3] = Shape::ALL;
 
@@ -357,7 +357,7 @@ async fn malformed_messages_are_counted_not_written_and_the_stream_goes_on() {
 async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("lakehouse");
-    let options = sluice::demo::DemoOptions {
+    let options = sluice::tools::demo::DemoOptions {
         dir: out.clone(),
         records: 1500,
         rate: 0,
@@ -366,7 +366,7 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
         bad_every: 100,
         seed: 11,
     };
-    let report = sluice::demo::run(&options).await.expect("demo runs");
+    let report = sluice::tools::demo::run(&options).await.expect("demo runs");
     assert_eq!(report.produced.delivered, 1500);
     assert_eq!(report.written.rejected, 15);
     assert_eq!(report.table_rows, 1485);
@@ -388,7 +388,9 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     assert!(out.join("enriched_posts/_delta_log").exists());
 
     // Running it again starts from an empty table instead of piling up.
-    let again = sluice::demo::run(&options).await.expect("demo runs twice");
+    let again = sluice::tools::demo::run(&options)
+        .await
+        .expect("demo runs twice");
     assert_eq!(again.table_rows, 1485);
     let dead: i64 = again.dead_letters.iter().map(|(_, n)| n).sum();
     assert_eq!(dead, 15);
@@ -478,10 +480,14 @@ async fn a_writer_that_missed_a_takeover_of_an_idle_partition_rereads_it_instead
     assert_eq!(rows.len(), 15);
     let location = table_location(&dir.path().to_string_lossy(), "enriched_posts");
     let table = open_table(&location, Default::default()).await.unwrap();
-    let position =
-        sluice::delta::committed_offset(&table, "sluice-test", Shape::Mastodon.default_topic(), 1)
-            .await
-            .unwrap();
+    let position = sluice::table::delta::committed_offset(
+        &table,
+        "sluice-test",
+        Shape::Mastodon.default_topic(),
+        1,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         position,
         Some(9),
@@ -518,7 +524,7 @@ async fn two_tables_fed_by_one_topic_each_get_all_of_it() {
     config.tables.push(second);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = sluice::app::start(&config, async move {
+    let running = sluice::service::app::start(&config, async move {
         let _ = stopped.await;
     })
     .await
@@ -553,7 +559,7 @@ async fn two_tables_fed_by_one_topic_each_get_all_of_it() {
         let location = table_location(&dir.path().to_string_lossy(), name);
         let table = open_table(&location, Default::default()).await.unwrap();
         let ctx = deltalake::datafusion::prelude::SessionContext::new();
-        sluice::delta::register_table(&ctx, "t", &table)
+        sluice::table::delta::register_table(&ctx, "t", &table)
             .await
             .unwrap();
         let counts = ctx

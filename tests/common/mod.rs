@@ -15,16 +15,16 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
-use sluice::app::{self, RunningTable};
-use sluice::batch::BatchLimits;
 use sluice::config::{
     Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StartFrom,
     StorageConfig, TableConfig,
 };
-use sluice::delta::{open_table, register_table, table_location};
-use sluice::generator::Shape;
-use sluice::kafka::Connection;
-use sluice::produce::{ProduceOptions, ProduceReport, produce};
+use sluice::ingest::batch::BatchLimits;
+use sluice::ingest::kafka::Connection;
+use sluice::service::app::{self, RunningTable};
+use sluice::table::delta::{open_table, register_table, table_location};
+use sluice::tools::generator::Shape;
+use sluice::tools::produce::{ProduceOptions, ProduceReport, produce};
 
 /// How long a test waits for the writer to catch up before failing with a message.
 pub const CATCH_UP: Duration = Duration::from_secs(120);
@@ -257,7 +257,7 @@ impl Writer {
     }
 
     /// Graceful stop: flushes and commits.
-    pub async fn stop(mut self) -> sluice::pipeline::Progress {
+    pub async fn stop(mut self) -> sluice::ingest::pipeline::Progress {
         let _ = self.stop.take().unwrap().send(());
         self.table
             .task

@@ -12,14 +12,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, TableConfig};
-use crate::dead_letters;
-use crate::decode::BodyDecoder;
-use crate::delta::{DeltaSink, table_location};
-use crate::health::{Health, probe_loop};
-use crate::mapping::{Mapping, MappingError};
-use crate::pipeline::{Destination, PipelineError, Progress, TableWriter};
-use crate::schema::{SchemaError, TableSchema};
-use crate::source::{KafkaSource, RebalanceContext, lag_loop};
+use crate::contract::dead_letters;
+use crate::contract::mapping::{Mapping, MappingError};
+use crate::contract::schema::{SchemaError, TableSchema};
+use crate::ingest::dead_letters::Forwarder;
+use crate::ingest::decode::BodyDecoder;
+use crate::ingest::pipeline::{Destination, PipelineError, Progress, TableWriter};
+use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
+use crate::service::health::{Health, probe_loop};
+use crate::table::delta::{DeltaSink, table_location};
 use deltalake::logstore::ObjectStoreRef;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
@@ -219,12 +220,12 @@ async fn start_writers(
         let forwarder = match &table_config.dead_letter_topic {
             None => None,
             Some(topic) => Some(
-                dead_letters::Forwarder::new(&config.kafka.connection(), topic, &name).map_err(
-                    |e| AppError::Table {
+                Forwarder::new(&config.kafka.connection(), topic, &name).map_err(|e| {
+                    AppError::Table {
                         table: name.clone(),
                         reason: format!("cannot create the dead-letter topic producer: {e}"),
-                    },
-                )?,
+                    }
+                })?,
             ),
         };
         let destination = Destination {
@@ -299,7 +300,7 @@ pub async fn run(
             )));
         }
     }
-    let maintenance = crate::background::Maintenance::start(&config, maintained);
+    let maintenance = crate::service::background::Maintenance::start(&config, maintained);
     let count = running.len();
     let mut results: Vec<Option<Progress>> = vec![None; count];
     let mut first_error = None;

@@ -17,32 +17,32 @@ use deltalake::arrow::datatypes::Int64Type;
 use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
-use crate::app;
-use crate::audit::audit_table;
 use crate::config::Config;
-use crate::delta::{open_table, register_table, table_location};
-use crate::generator::Shape;
-use crate::pipeline::Progress;
-use crate::produce::{ProduceOptions, ProduceReport, produce};
+use crate::ingest::pipeline::Progress;
+use crate::query::audit::audit_table;
+use crate::service::app;
+use crate::table::delta::{open_table, register_table, table_location};
+use crate::tools::generator::Shape;
+use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
 
 /// First line of a demo-written config; marks a folder the demo may reset.
 const DEMO_MARKER: &str = "# Written by `sluice demo`.";
 /// How long the writer may take to catch up after the last message is produced.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 
-const SCHEMA: &str = include_str!("../schemas/enriched_posts.toml");
+const SCHEMA: &str = include_str!("../../schemas/enriched_posts.toml");
 const MAPPINGS: [(&str, &str); 3] = [
     (
         "mastodon.toml",
-        include_str!("../schemas/mappings/mastodon.toml"),
+        include_str!("../../schemas/mappings/mastodon.toml"),
     ),
     (
         "bluesky.toml",
-        include_str!("../schemas/mappings/bluesky.toml"),
+        include_str!("../../schemas/mappings/bluesky.toml"),
     ),
     (
         "tweets.toml",
-        include_str!("../schemas/mappings/tweets.toml"),
+        include_str!("../../schemas/mappings/tweets.toml"),
     ),
 ];
 
@@ -70,7 +70,7 @@ pub enum DemoError {
     Kafka(#[from] rdkafka::error::KafkaError),
     /// Publishing failed.
     #[error(transparent)]
-    Produce(#[from] crate::produce::ProduceError),
+    Produce(#[from] crate::tools::produce::ProduceError),
     /// The writer failed.
     #[error(transparent)]
     App(#[from] app::AppError),

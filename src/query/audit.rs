@@ -23,12 +23,14 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, StartFrom, TableConfig};
-use crate::dead_letters;
-use crate::decode::RejectReason;
-use crate::delta::{committed_offset, log_accepted_at, open_table, register_table, table_location};
-use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
-use crate::progress::Meter;
-use crate::schema::{ColumnSource, TableSchema};
+use crate::contract::dead_letters;
+use crate::contract::schema::{ColumnSource, TableSchema};
+use crate::ingest::decode::RejectReason;
+use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
+use crate::meter::Meter;
+use crate::table::delta::{
+    committed_offset, log_accepted_at, open_table, register_table, table_location,
+};
 
 /// How long the broker may stay silent while the audit still expects messages.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);

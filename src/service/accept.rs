@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
 
-use crate::app::{AppError, open_sinks};
 use crate::config::{Config, TableConfig};
-use crate::delta::{DeltaError, PartitionKey};
-use crate::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext, watermarks};
-use crate::schema::{ColumnSource, TableSchema};
+use crate::contract::schema::{ColumnSource, TableSchema};
+use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext, watermarks};
+use crate::service::app::{AppError, open_sinks};
+use crate::table::delta::{DeltaError, PartitionKey};
 
 /// How long reading a partition's offsets from the broker may take.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(30);

@@ -20,12 +20,12 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 
-use crate::batch::{BatchLimits, Batcher, FlushReason};
-use crate::dead_letters;
-use crate::decode::{BodyDecoder, Chunk, DecodeError, Decoded, RejectReason, Rejection};
-use crate::delta::{DeltaError, DeltaSink, Encoding, PartitionKey, PartitionLedger};
 use crate::failpoint;
-use crate::source::{KafkaSource, PartitionEvent, SourceError};
+use crate::ingest::batch::{BatchLimits, Batcher, FlushReason};
+use crate::ingest::dead_letters;
+use crate::ingest::decode::{BodyDecoder, Chunk, DecodeError, Decoded, RejectReason, Rejection};
+use crate::ingest::source::{KafkaSource, PartitionEvent, SourceError};
+use crate::table::delta::{DeltaError, DeltaSink, Encoding, PartitionKey, PartitionLedger};
 
 /// Longest wait between retries of a failing commit.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -961,7 +961,7 @@ impl TableWriter {
     }
 
     /// Commits the buffered rejections to the dead-letter table, before the rows (see
-    /// [`crate::dead_letters`]). Dead letters at or below the dead-letter table's txn version for
+    /// [`crate::ingest::dead_letters`]). Dead letters at or below the dead-letter table's txn version for
     /// their partition were stored by an earlier attempt whose rows never landed: skipped.
     async fn store_dead_letters(&mut self) -> Result<(), StoreError> {
         let pending: Vec<PartitionKey> = self

@@ -18,11 +18,11 @@ use chrono::Utc;
 use deltalake::DeltaTable;
 use tokio::sync::watch;
 
-use crate::compact::{CompactOptions, CompactOutcome, compact};
 use crate::config::{Config, MaintenanceConfig};
-use crate::delta::{open_table, table_location};
-use crate::lease;
-use crate::maintain::{checkpoint_table, last_checkpoint, vacuum};
+use crate::table::compact::{CompactOptions, CompactOutcome, compact};
+use crate::table::delta::{open_table, table_location};
+use crate::table::lease;
+use crate::table::maintain::{checkpoint_table, last_checkpoint, vacuum};
 
 /// A running maintenance thread; dropping the handle's sender stops it after the current pass.
 pub struct Maintenance {

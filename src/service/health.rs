@@ -17,8 +17,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::watch;
 
-use crate::kafka::Watch;
-use crate::pipeline::Progress;
+use crate::ingest::kafka::Watch;
+use crate::ingest::pipeline::Progress;
 
 /// One readiness condition and how it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -422,7 +422,7 @@ mod tests {
     fn a_kafka_connection_failure_is_named_until_the_connection_works() {
         let now = SystemTime::now();
         let (health, _tx) = health_with(Progress::default());
-        let connection = crate::kafka::Connection {
+        let connection = crate::ingest::kafka::Connection {
             brokers: "127.0.0.1:9094".into(),
             properties: [("security.protocol".to_string(), "SASL_SSL".to_string())].into(),
         };

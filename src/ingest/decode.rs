@@ -21,10 +21,10 @@ use deltalake::arrow::json::ReaderBuilder;
 use deltalake::arrow::json::reader::Decoder;
 use deltalake::arrow::record_batch::RecordBatch;
 
-use crate::contract::{self, Broken, Contract, violations};
-use crate::labels::Outcome;
-use crate::mapping::Mapping;
-use crate::schema::{ColumnSource, TableSchema, UTC};
+use crate::contract::labels::Outcome;
+use crate::contract::mapping::Mapping;
+use crate::contract::schema::{ColumnSource, TableSchema};
+use crate::contract::values::{self, Broken, Contract, UTC, violations};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
@@ -531,7 +531,7 @@ impl BodyDecoder {
                     TimestampMicrosecondArray::from_iter(
                         metas
                             .iter()
-                            .map(|m| m.timestamp_ms.and_then(contract::kafka_micros)),
+                            .map(|m| m.timestamp_ms.and_then(values::kafka_micros)),
                     )
                     .with_timezone(UTC),
                 ),
@@ -583,19 +583,19 @@ impl BodyDecoder {
                     .filter(|(_, a)| a.is_valid(r))
                     .map(|(name, a)| (name, a.value(r)));
                 let micros = match event {
-                    Some((_, micros)) if contract::instant_in_range(micros) => Some(micros),
+                    Some((_, micros)) if values::instant_in_range(micros) => Some(micros),
                     Some((name, micros)) => {
                         no_date.push((
                             r,
                             format!(
                                 "`{name}` ({micros} µs since the epoch) is outside {}",
-                                contract::INSTANT_RANGE
+                                values::INSTANT_RANGE
                             ),
                         ));
                         None
                     }
                     None => {
-                        let micros = meta.timestamp_ms.and_then(contract::kafka_micros);
+                        let micros = meta.timestamp_ms.and_then(values::kafka_micros);
                         if !kafka_time_stored && let Some(problem) = kafka_time_problem(meta) {
                             no_date.push((r, problem));
                         }
@@ -725,10 +725,10 @@ impl BodyDecoder {
 /// Why a message's Kafka timestamp has no instant (outside years 1 to 9999), if it has none.
 fn kafka_time_problem(meta: &MessageMeta) -> Option<String> {
     let ms = meta.timestamp_ms?;
-    contract::kafka_micros(ms).is_none().then(|| {
+    values::kafka_micros(ms).is_none().then(|| {
         format!(
             "Kafka timestamp {ms} ms is outside {}",
-            contract::INSTANT_RANGE
+            values::INSTANT_RANGE
         )
     })
 }

@@ -18,9 +18,9 @@ use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{KafkaConfig, StartFrom};
-use crate::delta::PartitionKey;
-use crate::kafka::{ClientError, Watch, forward_log, watermarks};
-use crate::pipeline::Progress;
+use crate::ingest::kafka::{ClientError, Watch, forward_log, watermarks};
+use crate::ingest::pipeline::Progress;
+use crate::table::delta::PartitionKey;
 
 /// KiB of messages librdkafka prefetches into the consumer queue before the writer asks for
 /// them (`queued.max.messages.kbytes`; librdkafka's own default is 64 MiB). It is part of the

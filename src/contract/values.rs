@@ -3,11 +3,12 @@
 //! the right dimension). A violation rejects one message and names the field.
 
 use deltalake::arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+
+/// The only timezone that maps to Delta's `timestamp` type (anything else becomes `timestamp_ntz`).
+pub const UTC: &str = "UTC";
 use deltalake::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit,
 };
-
-use crate::schema::UTC;
 
 /// What a column promises; checked per row after decoding.
 #[derive(Debug, Clone, Default, PartialEq)]

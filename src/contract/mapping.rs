@@ -19,8 +19,8 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
-use crate::contract::timestamps_from_text;
-use crate::schema::TableSchema;
+use crate::contract::schema::TableSchema;
+use crate::contract::values::timestamps_from_text;
 
 /// Errors found while reading a mapping file.
 #[derive(Debug, thiserror::Error)]

@@ -18,8 +18,8 @@ use deltalake::datafusion::sql::sqlparser::ast::{
 };
 
 use super::{AsOf, SqlError, load, table_function_calls};
-use crate::contract::parse_timestamp;
-use crate::delta::table_provider;
+use crate::contract::values::parse_timestamp;
+use crate::table::delta::table_provider;
 
 const VERSION_AS_OF: &str = "version_as_of";
 const TIMESTAMP_AS_OF: &str = "timestamp_as_of";

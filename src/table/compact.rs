@@ -1,5 +1,5 @@
 //! Compaction: bin-packs a table's small files into files near a target size, partition by
-//! partition, most fragmented first, under the table's compaction [`lease`](crate::lease).
+//! partition, most fragmented first, under the table's compaction [`lease`](crate::table::lease).
 //!
 //! Streaming appends leave one small file per flush and partition; every query pays for each
 //! one. Compaction commits are `dataChange=false`, so readers see the same rows and appends
@@ -39,8 +39,8 @@ use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 
 use crate::config::DEFAULT_ZSTD_LEVEL;
-use crate::delta::{arrow_schema_of, open_table, parquet_properties};
-use crate::lease::{self, Acquired, LeaseError};
+use crate::table::delta::{arrow_schema_of, open_table, parquet_properties};
+use crate::table::lease::{self, Acquired, LeaseError};
 
 /// Default size compaction aims for.
 pub const DEFAULT_TARGET_SIZE: u64 = 128 * 1024 * 1024;

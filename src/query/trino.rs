@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::dead_letters;
-use crate::delta::table_location;
+use crate::contract::dead_letters;
+use crate::table::delta::table_location;
 
 /// Why the registration cannot be written.
 #[derive(Debug, thiserror::Error)]

@@ -31,17 +31,19 @@ use deltalake::parquet::arrow::ArrowWriter;
 use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
 
-use crate::app::{self, AppError, load_table, open_sinks};
-use crate::batch::BatchLimits;
-use crate::compact::{CompactOptions, compact};
 use crate::config::{Config, KAFKA_PROPERTIES_ENV};
-use crate::decode::{BodyDecoder, Chunk};
-use crate::delta::{PartitionKey, open_table, parquet_properties, register_table, table_location};
-use crate::generator::{Generator, Shape};
-use crate::kafka::Connection;
-use crate::pipeline::{Destination, Progress, Record, TableWriter};
-use crate::produce::{ProduceOptions, ProduceReport, produce};
-use crate::sql::{Session, TimeTravel};
+use crate::ingest::batch::BatchLimits;
+use crate::ingest::decode::{BodyDecoder, Chunk};
+use crate::ingest::kafka::Connection;
+use crate::ingest::pipeline::{Destination, Progress, Record, TableWriter};
+use crate::query::sql::{Session, TimeTravel};
+use crate::service::app::{self, AppError, load_table, open_sinks};
+use crate::table::compact::{CompactOptions, compact};
+use crate::table::delta::{
+    PartitionKey, open_table, parquet_properties, register_table, table_location,
+};
+use crate::tools::generator::{Generator, Shape};
+use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
 
 /// How long a broker-fed stage may take before it is reported as stalled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -71,7 +73,7 @@ pub enum BenchError {
     App(#[from] AppError),
     /// The writer failed.
     #[error(transparent)]
-    Pipeline(#[from] crate::pipeline::PipelineError),
+    Pipeline(#[from] crate::ingest::pipeline::PipelineError),
     /// Files for the bench could not be written.
     #[error("{0}")]
     Setup(String),
@@ -378,7 +380,8 @@ impl Corpus {
 fn bench_config(dir: &Path, options: &BenchOptions, run: &str) -> Result<Config, BenchError> {
     std::fs::create_dir_all(dir.join("schemas/mappings"))
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
-    let file = crate::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let file =
+        crate::tools::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     // librdkafka properties (a secured `--brokers`, or tuning) come from the environment, as
     // for the service; nothing else does.
     let properties = std::env::vars().filter(|(k, _)| k.starts_with(KAFKA_PROPERTIES_ENV));
@@ -609,7 +612,7 @@ fn header(stage: Stage, options: &BenchOptions, base: &Config) -> String {
             base.batch.max_bytes >> 20,
             base.batch.max_rows,
             base.batch.max_age_ms,
-            crate::source::PREFETCH_KBYTES,
+            crate::ingest::source::PREFETCH_KBYTES,
         ),
         Stage::Freshness => format!(
             "### Freshness: {} msg/s for {} s from {broker}, flush every {} ms\n\n\
@@ -798,7 +801,7 @@ async fn broker(
         Some(brokers) if options.parent_produces => Ok((brokers.clone(), None)),
         Some(brokers) => {
             let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
-            crate::produce::create_topics(&options.connection(brokers), &names, partitions)
+            crate::tools::produce::create_topics(&options.connection(brokers), &names, partitions)
                 .await
                 .map_err(|e| BenchError::Setup(e.to_string()))?;
             Ok((brokers.clone(), None))
@@ -847,7 +850,7 @@ fn kafka_config(
 struct Service {
     stop: tokio::sync::oneshot::Sender<()>,
     progress: watch::Receiver<Progress>,
-    task: tokio::task::JoinHandle<Result<Progress, crate::pipeline::PipelineError>>,
+    task: tokio::task::JoinHandle<Result<Progress, crate::ingest::pipeline::PipelineError>>,
 }
 
 async fn start_service(config: &Config, partitions: usize) -> Result<Service, BenchError> {
@@ -980,7 +983,7 @@ async fn produce_set(
     options: &BenchOptions,
     profile: Profile,
     count: u64,
-) -> Result<ProduceReport, crate::produce::ProduceError> {
+) -> Result<ProduceReport, crate::tools::produce::ProduceError> {
     produce(&produce_options(
         options.connection(brokers),
         topics,
@@ -1002,7 +1005,7 @@ fn watermarks(
     partitions: i32,
 ) -> Result<Watermarks, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let (consumer, _): (BaseConsumer<crate::kafka::WatchContext>, _) = connection
+    let (consumer, _): (BaseConsumer<crate::ingest::kafka::WatchContext>, _) = connection
         .create(&connection.client_config(&[]))
         .map_err(|e| e.to_string())?;
     let mut marks = BTreeMap::new();

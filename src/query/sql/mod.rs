@@ -32,9 +32,9 @@ use deltalake::datafusion::sql::sqlparser::dialect::dialect_from_str;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use crate::config::Config;
-use crate::dead_letters;
-use crate::delta::{register_table, table_location, table_url, vector_columns};
-use crate::schema::{SchemaError, TableSchema, type_name};
+use crate::contract::dead_letters;
+use crate::contract::schema::{SchemaError, TableSchema, type_name};
+use crate::table::delta::{register_table, table_location, table_url, vector_columns};
 
 pub use travel::TravelKey;
 

@@ -10,14 +10,11 @@ use std::sync::Arc;
 use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use serde::Deserialize;
 
-use crate::contract::{Contract, parse_duration_us, parse_timestamp};
-use crate::labels::{LabelSet, LabelSpec};
+use crate::contract::labels::{LabelSet, LabelSpec};
+use crate::contract::values::{Contract, UTC, parse_duration_us, parse_timestamp};
 
 /// Suffix of the column that keeps a label as received when it was not already canonical.
 pub const RAW_SUFFIX: &str = "_raw";
-
-/// The only timezone that maps to Delta's `timestamp` type (anything else becomes `timestamp_ntz`).
-pub const UTC: &str = "UTC";
 
 /// Errors found while reading a schema file.
 #[derive(Debug, thiserror::Error)]

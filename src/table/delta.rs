@@ -31,7 +31,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
-use crate::schema::{TableSchema, type_name};
+use crate::contract::schema::{TableSchema, type_name};
 
 /// Errors talking to a Delta table, with the table they concern.
 #[derive(Debug, thiserror::Error)]
@@ -915,7 +915,7 @@ async fn evolve_schema(table: &mut DeltaTable, schema: &TableSchema) -> Result<(
 /// A Delta column for an Arrow field, with the schema file's doc as its comment.
 fn delta_field(
     field: &deltalake::arrow::datatypes::Field,
-    column: &crate::schema::Column,
+    column: &crate::contract::schema::Column,
 ) -> Result<StructField, DeltaTableError> {
     let mut f =
         StructField::try_from_arrow(field).map_err(|e| DeltaTableError::Generic(e.to_string()))?;

@@ -12,9 +12,9 @@ use deltalake::{DeltaTable, DeltaTableError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
-use crate::compact::{DEFAULT_TARGET_SIZE, PartitionFiles, partitions};
-use crate::delta::{committed_offset, open_table, register_table};
-use crate::lease::{self, LeaseRecord};
+use crate::table::compact::{DEFAULT_TARGET_SIZE, PartitionFiles, partitions};
+use crate::table::delta::{committed_offset, open_table, register_table};
+use crate::table::lease::{self, LeaseRecord};
 
 /// The retention vacuum keeps by default: readers and time travel within a week keep working.
 pub const DEFAULT_VACUUM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);

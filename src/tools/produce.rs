@@ -8,9 +8,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::generator::{Generator, Shape};
-use crate::kafka::{CONNECT_TIMEOUT, ClientError, Connection, WatchContext};
-use crate::progress::Meter;
+use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, Connection, WatchContext};
+use crate::meter::Meter;
+use crate::tools::generator::{Generator, Shape};
 
 /// Deliveries awaited in flight before the producer waits for the oldest.
 const MAX_IN_FLIGHT: usize = 20_000;

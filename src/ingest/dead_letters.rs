@@ -10,7 +10,6 @@
 //! offset therefore ends up exactly once in one of the two tables.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 
 use deltalake::arrow::array::AsArray;
@@ -28,80 +27,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::decode::Rejection;
-use crate::delta::{PartitionKey, register_table};
-use crate::kafka::{ClientError, Connection, WatchContext};
-use crate::schema::{SchemaError, TableSchema, UTC};
-
-/// Suffix of a main table's dead-letter table.
-pub const SUFFIX: &str = "_dead_letters";
+use crate::contract::schema::TableSchema;
+use crate::contract::values::UTC;
+use crate::ingest::decode::Rejection;
+use crate::ingest::kafka::{ClientError, Connection, WatchContext};
+use crate::table::delta::{PartitionKey, register_table};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
-
-/// The dead-letter table's columns; the same for every main table.
-const SCHEMA: &str = r#"
-[table]
-name = "TABLE_dead_letters"
-description = "Messages that could not become rows, with their raw bytes and why."
-partition_column = "event_date"
-
-[[columns]]
-name = "kafka_topic"
-type = "string"
-nullable = false
-
-[[columns]]
-name = "kafka_partition"
-type = "int"
-nullable = false
-
-[[columns]]
-name = "kafka_offset"
-type = "long"
-nullable = false
-
-[[columns]]
-name = "kafka_timestamp"
-type = "timestamp"
-
-[[columns]]
-name = "kafka_key"
-type = "binary"
-doc = "The message key as received."
-
-[[columns]]
-name = "payload"
-type = "binary"
-doc = "The message value as received, byte for byte (null for a tombstone)."
-
-[[columns]]
-name = "payload_bytes"
-type = "long"
-doc = "Size of the payload in bytes."
-
-[[columns]]
-name = "reason"
-type = "string"
-nullable = false
-doc = "Reason code: malformed_json, not_an_object, multiple_values, invalid_utf8, too_large, too_deep, missing_required, type_mismatch, out_of_range, bad_timestamp, wrong_dimension, lost."
-
-[[columns]]
-name = "detail"
-type = "string"
-doc = "What exactly was wrong, naming the field where there is one."
-
-[[columns]]
-name = "dead_lettered_at"
-type = "timestamp"
-nullable = false
-doc = "When sluice stored the dead letter."
-
-[[columns]]
-name = "event_date"
-type = "date"
-nullable = false
-doc = "UTC date of the Kafka timestamp (else of dead_lettered_at); the partition column."
-"#;
 
 /// Largest payload forwarded to the dead-letter topic; Kafka's default message limit is 1 MB.
 /// Bigger payloads are forwarded without their bytes (header `sluice.payload_omitted`); the
@@ -229,17 +161,6 @@ pub async fn stored_offsets(
         .collect())
 }
 
-/// The dead-letter table's name for a main table.
-pub fn table_name(main: &str) -> String {
-    format!("{main}{SUFFIX}")
-}
-
-/// The dead-letter table definition for a main table.
-pub fn schema(main: &str) -> Result<TableSchema, SchemaError> {
-    let text = SCHEMA.replace("TABLE_dead_letters", &table_name(main));
-    TableSchema::parse(&text, Path::new("<built-in dead-letter schema>"))
-}
-
 /// One row per rejection, in the dead-letter table's column order.
 pub fn batch(
     schema: &TableSchema,
@@ -249,7 +170,7 @@ pub fn batch(
     let event_date = |r: &Rejection| {
         let micros = r
             .timestamp_ms
-            .and_then(crate::contract::kafka_micros)
+            .and_then(crate::contract::values::kafka_micros)
             .unwrap_or(now_us);
         micros.div_euclid(MICROS_PER_DAY) as i32
     };
@@ -264,11 +185,10 @@ pub fn batch(
             letters.iter().map(|(_, r)| r.offset),
         )),
         Arc::new(
-            TimestampMicrosecondArray::from_iter(
-                letters
-                    .iter()
-                    .map(|(_, r)| r.timestamp_ms.and_then(crate::contract::kafka_micros)),
-            )
+            TimestampMicrosecondArray::from_iter(letters.iter().map(|(_, r)| {
+                r.timestamp_ms
+                    .and_then(crate::contract::values::kafka_micros)
+            }))
             .with_timezone(UTC),
         ),
         Arc::new(BinaryArray::from_iter(
@@ -299,7 +219,8 @@ pub fn batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::RejectReason;
+    use crate::contract::dead_letters::schema;
+    use crate::ingest::decode::RejectReason;
 
     #[test]
     fn a_dead_letter_keeps_the_bytes_and_the_reason() {

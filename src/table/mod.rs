@@ -1,0 +1,7 @@
+//! The table layer: Delta tables on an object store. The sink that writes Parquet and commits
+//! with txn versions, compaction under a lease, and maintenance. Knows no Kafka and no CLI.
+
+pub mod compact;
+pub mod delta;
+pub mod lease;
+pub mod maintain;
