@@ -15,6 +15,8 @@ use crate::ingest::batch::BatchLimits;
 use crate::ingest::decode::InputLimits;
 use crate::ingest::kafka::{Connection, is_secret_key};
 use crate::ingest::pipeline::Decoding;
+use crate::ingest::source::StartFrom;
+use crate::table::delta::DEFAULT_ZSTD_LEVEL;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
@@ -26,11 +28,11 @@ pub const DEFAULT_GROUP_ID: &str = "sluice";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Default deepest nesting of JSON objects and arrays; real posts nest a handful of levels.
 pub const DEFAULT_MAX_DEPTH: usize = 64;
+/// Longest allowed `metrics.lag_interval_s`: the service drops a gauge from `/metrics` when it
+/// has not been set for two minutes, so lag must be measured well within that.
+pub const MAX_LAG_INTERVAL_S: u64 = 60;
 /// Default number of commits between Delta checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 100;
-/// Default zstd level for Parquet files: level 1 encodes several times faster than the default
-/// level 3 for a few percent more bytes, and compaction rewrites files anyway.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Default messages decoded together; bigger chunks amortize decoder setup, smaller ones bound
 /// the cost of re-decoding around a bad message.
 pub const DEFAULT_DECODE_CHUNK: usize = 4096;
@@ -131,17 +133,6 @@ impl KafkaConfig {
             properties: self.properties.clone(),
         }
     }
-}
-
-/// Where a partition without a committed txn version starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartFrom {
-    /// The oldest message Kafka still has.
-    #[default]
-    Earliest,
-    /// Only messages produced after the writer joins.
-    Latest,
 }
 
 /// Storage settings.
@@ -479,7 +470,7 @@ impl Config {
         if config.health.probe_interval_s == 0 {
             return Err(invalid("health.probe_interval_s must be at least 1".into()));
         }
-        let max_lag = crate::service::telemetry::MAX_LAG_INTERVAL_S;
+        let max_lag = MAX_LAG_INTERVAL_S;
         if !(1..=max_lag).contains(&config.metrics.lag_interval_s) {
             return Err(invalid(format!(
                 "metrics.lag_interval_s must be between 1 and {max_lag}"

@@ -6,4 +6,5 @@ pub mod dead_letters;
 pub mod decode;
 pub mod kafka;
 pub mod pipeline;
+pub mod progress;
 pub mod source;

@@ -15,11 +15,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{KafkaConfig, StartFrom};
-use crate::ingest::kafka::{ClientError, Watch, forward_log, watermarks};
-use crate::ingest::pipeline::Progress;
+use crate::ingest::kafka::{ClientError, Connection, Watch, forward_log, watermarks};
+use crate::ingest::progress::Progress;
 use crate::table::delta::PartitionKey;
 
 /// KiB of messages librdkafka prefetches into the consumer queue before the writer asks for
@@ -149,6 +149,17 @@ fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
         .collect()
 }
 
+/// Where a partition without a committed txn version starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The oldest message Kafka still has.
+    #[default]
+    Earliest,
+    /// Only messages produced after the writer joins.
+    Latest,
+}
+
 /// The consumer of one table's topics.
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<RebalanceContext>>,
@@ -156,18 +167,18 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Creates a consumer in `table`'s group ([`KafkaConfig::consumer_group`]) subscribed to
-    /// `topics`; partition events arrive on the returned channel.
+    /// Creates a consumer in consumer group `group` on the cluster `connection` names,
+    /// subscribed to `topics`; partition events arrive on the returned channel. Partitions the
+    /// table has never seen start at `start_from`.
     pub fn subscribe(
-        config: &KafkaConfig,
-        table: &str,
+        connection: &Connection,
+        group: &str,
+        start_from: StartFrom,
         topics: &[String],
     ) -> Result<(Self, mpsc::UnboundedReceiver<PartitionEvent>), SourceError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let connection = config.connection();
-        let group = config.consumer_group(table);
         let client = connection.client_config(&[
-            ("group.id", &group),
+            ("group.id", group),
             // Positions come from the Delta table; Kafka's committed offsets are informational.
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
@@ -184,12 +195,12 @@ impl KafkaSource {
         ]);
         let context = RebalanceContext {
             events: tx,
-            watch: Arc::new(Watch::new(&connection)),
+            watch: Arc::new(Watch::new(connection)),
         };
         let consumer: StreamConsumer<RebalanceContext> = client
             .create_with_context(context)
             .map_err(|e| SourceError::Create {
-                group: group.clone(),
+                group: group.to_owned(),
                 source: connection.config_error(&e),
             })?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -202,7 +213,7 @@ impl KafkaSource {
         Ok((
             KafkaSource {
                 consumer: Arc::new(consumer),
-                start_from: config.start_from,
+                start_from,
             },
             rx,
         ))

@@ -22,11 +22,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Config, StartFrom, TableConfig};
+use crate::config::{Config, TableConfig};
 use crate::contract::dead_letters;
 use crate::contract::schema::{ColumnSource, TableSchema};
 use crate::ingest::decode::RejectReason;
 use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
+use crate::ingest::source::StartFrom;
 use crate::meter::Meter;
 use crate::table::delta::{
     committed_offset, log_accepted_at, open_table, register_table, table_location,

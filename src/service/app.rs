@@ -17,7 +17,8 @@ use crate::contract::mapping::{Mapping, MappingError};
 use crate::contract::schema::{SchemaError, TableSchema};
 use crate::ingest::dead_letters::Forwarder;
 use crate::ingest::decode::BodyDecoder;
-use crate::ingest::pipeline::{Destination, PipelineError, Progress, TableWriter};
+use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
+use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
 use crate::service::health::{Health, probe_loop};
 use crate::table::delta::{DeltaSink, table_location};
@@ -214,8 +215,13 @@ async fn start_writers(
             .map(|s| s.topic.clone())
             .collect();
         let store = sink.table().object_store();
-        let (source, events) =
-            KafkaSource::subscribe(&config.kafka, &name, &topics).map_err(PipelineError::from)?;
+        let (source, events) = KafkaSource::subscribe(
+            &config.kafka.connection(),
+            &config.kafka.consumer_group(&name),
+            config.kafka.start_from,
+            &topics,
+        )
+        .map_err(PipelineError::from)?;
         let consumer = source.receiver();
         let forwarder = match &table_config.dead_letter_topic {
             None => None,

@@ -18,7 +18,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::watch;
 
 use crate::ingest::kafka::Watch;
-use crate::ingest::pipeline::Progress;
+use crate::ingest::progress::Progress;
 
 /// One readiness condition and how it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

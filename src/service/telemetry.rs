@@ -277,10 +277,8 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// A gauge not set for this long is dropped from `/metrics`; lag measurements must come more
-/// often (`metrics.lag_interval_s` is at most [`MAX_LAG_INTERVAL_S`]).
+/// often (`metrics.lag_interval_s` is at most [`MAX_LAG_INTERVAL_S`](crate::config::MAX_LAG_INTERVAL_S)).
 pub const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
-/// Longest allowed `metrics.lag_interval_s`, well inside [`GAUGE_IDLE`].
-pub const MAX_LAG_INTERVAL_S: u64 = 60;
 
 /// Installs the Prometheus recorder (once per process) and describes every metric. Metrics
 /// recorded before this call are lost, so the service installs it before opening tables.

@@ -38,8 +38,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 
-use crate::config::DEFAULT_ZSTD_LEVEL;
-use crate::table::delta::{arrow_schema_of, open_table, parquet_properties};
+use crate::table::delta::{DEFAULT_ZSTD_LEVEL, arrow_schema_of, open_table, parquet_properties};
 use crate::table::lease::{self, Acquired, LeaseError};
 
 /// Default size compaction aims for.

@@ -18,7 +18,7 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
 use crate::config::Config;
-use crate::ingest::pipeline::Progress;
+use crate::ingest::progress::Progress;
 use crate::query::audit::audit_table;
 use crate::service::app;
 use crate::table::delta::{open_table, register_table, table_location};

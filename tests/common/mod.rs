@@ -16,8 +16,8 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use sluice::config::{
-    Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StartFrom,
-    StorageConfig, TableConfig,
+    Config, DeltaConfig, IngestConfig, KafkaConfig, MetricsConfig, SourceConfig, StorageConfig,
+    TableConfig,
 };
 use sluice::ingest::batch::BatchLimits;
 use sluice::ingest::kafka::Connection;
@@ -134,7 +134,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
         kafka: KafkaConfig {
             brokers: brokers.to_string(),
             group_id: "sluice-test".into(),
-            start_from: StartFrom::Earliest,
+            start_from: sluice::ingest::source::StartFrom::Earliest,
             properties: BTreeMap::from([
                 ("session.timeout.ms".to_string(), "6000".to_string()),
                 ("heartbeat.interval.ms".to_string(), "500".to_string()),
@@ -257,7 +257,7 @@ impl Writer {
     }
 
     /// Graceful stop: flushes and commits.
-    pub async fn stop(mut self) -> sluice::ingest::pipeline::Progress {
+    pub async fn stop(mut self) -> sluice::ingest::progress::Progress {
         let _ = self.stop.take().unwrap().send(());
         self.table
             .task
