@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-
 use crate::failpoint;
 use crate::ingest::batch::FlushReason;
 use crate::ingest::dead_letters;

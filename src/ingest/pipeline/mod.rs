@@ -13,8 +13,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use buffer::InFlight;
 use deltalake::kernel::Add;
 use futures::{FutureExt, StreamExt};
+use positions::{PartitionCounters, PartitionState, advance};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
@@ -26,9 +28,6 @@ use crate::ingest::decode::{BodyDecoder, DecodeError};
 use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, PartitionEvent, SourceError};
 use crate::table::delta::{DeltaError, DeltaSink, Encoding, PartitionKey};
-
-use buffer::InFlight;
-use positions::{PartitionCounters, PartitionState, advance};
 
 mod buffer;
 mod flush;
