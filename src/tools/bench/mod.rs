@@ -5,10 +5,11 @@
 //! 384-dim embeddings of ~8 KB, the floats being text):
 //! - **limit**: decode + Parquet encode of the same records in memory on one thread; what one
 //!   core can do at best.
-//! - **pipeline**: the writer ([`TableWriter`](crate::ingest::pipeline::TableWriter)) fed in process, from message bytes to
-//!   committed Delta files on the configured storage, with no broker in the way.
-//! - **kafka**: the service ([`app::start`](crate::service::app::start)) draining a pre-produced set from a broker: the
-//!   in-process mock cluster, or `--brokers`.
+//! - **pipeline**: the writer ([`TableWriter`](crate::ingest::pipeline::TableWriter)) fed in
+//!   process, from message bytes to committed Delta files on the configured storage, with no
+//!   broker in the way.
+//! - **kafka**: the service ([`app::start`](crate::service::app::start)) draining a
+//!   pre-produced set from a broker: the in-process mock cluster, or `--brokers`.
 //! - **freshness**: a steady producer below the maximum and a 1 s flush; per record, the time
 //!   from produce to the commit that made it visible, as p50/p99.
 //! - **compaction**: a table of many small files, compacted; the `sql/` library before and
