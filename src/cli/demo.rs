@@ -1,0 +1,54 @@
+//! `sluice demo`: the whole pipeline on an in-process Kafka and a local table, then a summary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sluice::tools::demo::{DemoOptions, run as run_demo};
+
+/// `sluice demo` flags.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Output folder: the table, its schema files and a sluice.toml.
+    #[arg(long, default_value = "lakehouse")]
+    dir: PathBuf,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 60_000)]
+    records: u64,
+    /// Messages per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Embedding dimension of tweets.
+    #[arg(long, default_value_t = 64)]
+    embedding_dim: usize,
+    /// Every n-th message is a hostile payload, to show rejections (0 = none).
+    #[arg(long, default_value_t = 1000)]
+    bad_every: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl From<DemoArgs> for DemoOptions {
+    fn from(a: DemoArgs) -> Self {
+        DemoOptions {
+            dir: a.dir,
+            records: a.records,
+            rate: a.rate,
+            partitions: a.partitions,
+            embedding_dim: a.embedding_dim,
+            bad_every: a.bad_every,
+            seed: a.seed,
+        }
+    }
+}
+
+/// Runs the demo and prints its summary.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let options = DemoOptions::from(args);
+    let report = run_demo(&options).await?;
+    println!("{}", report.render());
+    Ok(ExitCode::SUCCESS)
+}

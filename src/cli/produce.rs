@@ -1,0 +1,118 @@
+//! `sluice produce`: generated enriched posts published to a Kafka cluster at a steady rate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sluice::ingest::kafka::Connection;
+use sluice::tools::generator::Shape;
+use sluice::tools::produce::{ProduceOptions, create_topics, produce};
+
+use super::load_config;
+
+/// `sluice produce` flags.
+#[derive(clap::Args)]
+pub struct ProduceArgs {
+    /// Bootstrap servers (default: the config's kafka.brokers, else localhost:9092).
+    #[arg(long, env = "SLUICE_KAFKA__BROKERS")]
+    brokers: Option<String>,
+    /// Take the cluster (kafka.brokers and kafka.properties: TLS, SASL) from this config
+    /// file. Without it, librdkafka properties come from SLUICE_KAFKA__PROPERTIES__*
+    /// variables alone.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Upstream shape; repeat for several (round robin). Default: all three.
+    #[arg(long, value_enum)]
+    shape: Vec<Shape>,
+    /// Topic (only with a single --shape); default posts.<shape>.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 10_000)]
+    count: u64,
+    /// Messages per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Embedding dimension of tweets.
+    #[arg(long, default_value_t = 384)]
+    embedding_dim: usize,
+    /// Every n-th message is a hostile payload (0 = none).
+    #[arg(long, default_value_t = 0)]
+    bad_every: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Create the topics that do not exist yet with this many partitions first (for brokers
+    /// that do not create topics on first use, such as Tansu or a hardened Kafka).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    partitions: Option<i32>,
+}
+
+/// Runs `sluice produce`.
+pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
+    let ProduceArgs {
+        brokers,
+        config,
+        shape,
+        topic,
+        count,
+        rate,
+        embedding_dim,
+        bad_every,
+        seed,
+        partitions,
+    } = args;
+    let shapes: Vec<Shape> = if shape.is_empty() {
+        Shape::ALL.to_vec()
+    } else {
+        shape
+    };
+    if topic.is_some() && shapes.len() != 1 {
+        anyhow::bail!("--topic needs exactly one --shape");
+    }
+    let shapes = shapes
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                topic
+                    .clone()
+                    .unwrap_or_else(|| s.default_topic().to_string()),
+            )
+        })
+        .collect::<Vec<_>>();
+    let connection = match &config {
+        Some(file) => load_config(file, brokers)?.kafka.connection(),
+        None => Connection {
+            brokers: brokers.unwrap_or_else(|| "localhost:9092".into()),
+            properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
+        },
+    };
+    if let Some(partitions) = partitions {
+        let topics: Vec<String> = shapes.iter().map(|(_, t)| t.clone()).collect();
+        for topic in create_topics(&connection, &topics, partitions).await? {
+            eprintln!("created topic {topic} with {partitions} partitions");
+        }
+    }
+    let report = produce(&ProduceOptions {
+        connection,
+        shapes,
+        count,
+        rate,
+        seed,
+        embedding_dim,
+        bad_every,
+        spread_days: 3,
+        clock_ms: None,
+        progress: true,
+    })
+    .await?;
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "delivered {} messages ({:.1} MB) in {:.1}s: {:.0} msg/s",
+        report.delivered,
+        report.bytes as f64 / 1e6,
+        secs,
+        report.delivered as f64 / secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
