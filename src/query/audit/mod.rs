@@ -7,34 +7,24 @@
 //! what is duplicated. Messages after the committed position are reported as pending, so the
 //! audit can run against a live table while the writer works.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::{DataType, Int32Type, Int64Type};
-use deltalake::datafusion::prelude::SessionContext;
-use deltalake::{DeltaTable, DeltaTableError};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use deltalake::DeltaTableError;
 
 use crate::config::{Config, TableConfig};
 use crate::contract::dead_letters;
 use crate::contract::schema::{ColumnSource, TableSchema};
-use crate::ingest::decode::RejectReason;
-use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, WatchContext};
+use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError};
 use crate::ingest::source::StartFrom;
-use crate::meter::Meter;
-use crate::table::delta::{
-    committed_offset, log_accepted_at, open_table, register_table, table_location,
-};
+use crate::table::delta::{committed_offset, log_accepted_at, open_table, table_location};
 
-/// How long the broker may stay silent while the audit still expects messages.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+use broker::KafkaReader;
+use tables::{lost_in, offsets_in, offsets_where, table_error};
+
+mod broker;
+mod tables;
+
 /// Missing offsets listed per partition before summarising.
 const LISTED_MISSING: usize = 10;
 
@@ -499,245 +489,6 @@ fn judge(
         lost: found.lost.clone(),
         log_accepted_at_us: found.accepted_at_us,
         previous_log: found.previous_log,
-    }
-}
-
-/// Turns an error of `operation` on table `name` into an [`AuditError`].
-fn table_error<E: std::error::Error + Send + Sync + 'static>(
-    name: &str,
-    operation: &'static str,
-) -> impl Fn(E) -> AuditError {
-    move |e| AuditError::Table {
-        table: name.to_string(),
-        operation,
-        source: Box::new(e),
-    }
-}
-
-/// Runs `sql` on `table`, registered as `t`; a failure names the table and `operation`.
-async fn query_table(
-    table: &DeltaTable,
-    name: &str,
-    operation: &'static str,
-    sql: &str,
-) -> Result<Vec<RecordBatch>, AuditError> {
-    let ctx = SessionContext::new();
-    register_table(&ctx, "t", table)
-        .await
-        .map_err(table_error(name, operation))?;
-    ctx.sql(sql)
-        .await
-        .map_err(table_error(name, operation))?
-        .collect()
-        .await
-        .map_err(table_error(name, operation))
-}
-
-/// Every (topic, partition) → offsets of a table, from one snapshot.
-async fn offsets_in(
-    table: &DeltaTable,
-    name: &str,
-    columns: &[String; 3],
-) -> Result<BTreeMap<(String, i32), Found>, AuditError> {
-    let sql = format!(
-        "SELECT \"{}\", \"{}\", \"{}\" FROM t",
-        columns[0], columns[1], columns[2]
-    );
-    let batches = query_table(table, name, "query", &sql).await?;
-    let mut out: BTreeMap<(String, i32), Found> = BTreeMap::new();
-    for batch in batches {
-        let topics = cast(batch.column(0), &DataType::Utf8).map_err(table_error(name, "query"))?;
-        let topics = topics.as_string::<i32>();
-        let partitions = batch.column(1).as_primitive::<Int32Type>();
-        let offsets = batch.column(2).as_primitive::<Int64Type>();
-        for row in 0..batch.num_rows() {
-            if topics.is_null(row) || partitions.is_null(row) || offsets.is_null(row) {
-                continue;
-            }
-            out.entry((topics.value(row).to_string(), partitions.value(row)))
-                .or_default()
-                .rows
-                .push(offsets.value(row));
-        }
-    }
-    Ok(out)
-}
-
-/// The offsets in `offset_column` of the rows of `table` matching `filter` (SQL).
-async fn offsets_where(
-    table: &DeltaTable,
-    name: &str,
-    offset_column: &str,
-    filter: &str,
-) -> Result<Vec<i64>, AuditError> {
-    let sql = format!("SELECT \"{offset_column}\" FROM t WHERE {filter}");
-    let batches = query_table(table, name, "query the new log's rows", &sql).await?;
-    Ok(batches
-        .iter()
-        .flat_map(|b| {
-            let offsets = b.column(0).as_primitive::<Int64Type>();
-            offsets.iter().flatten().collect::<Vec<_>>()
-        })
-        .collect())
-}
-
-/// The `lost` dead letters of a dead-letter table per (topic, partition): offset and detail.
-async fn lost_in(
-    table: &DeltaTable,
-    name: &str,
-) -> Result<BTreeMap<(String, i32), Vec<(i64, String)>>, AuditError> {
-    let sql = format!(
-        "SELECT kafka_topic, kafka_partition, kafka_offset, detail \
-         FROM t WHERE reason = '{}' ORDER BY kafka_offset",
-        RejectReason::Lost.code()
-    );
-    let batches = query_table(table, name, "query lost ranges", &sql).await?;
-    let mut out: BTreeMap<(String, i32), Vec<(i64, String)>> = BTreeMap::new();
-    for batch in batches {
-        let text = |i: usize| {
-            cast(batch.column(i), &DataType::Utf8).map_err(table_error(name, "query lost ranges"))
-        };
-        let (topics, details) = (text(0)?, text(3)?);
-        let (topics, details) = (topics.as_string::<i32>(), details.as_string::<i32>());
-        let partitions = batch.column(1).as_primitive::<Int32Type>();
-        let offsets = batch.column(2).as_primitive::<Int64Type>();
-        for row in 0..batch.num_rows() {
-            out.entry((topics.value(row).to_string(), partitions.value(row)))
-                .or_default()
-                .push((offsets.value(row), details.value(row).to_string()));
-        }
-    }
-    Ok(out)
-}
-
-/// Reads message offsets of one topic straight from the broker, outside any consumer group.
-struct KafkaReader {
-    consumer: Arc<BaseConsumer<WatchContext>>,
-    table: String,
-    topic: String,
-}
-
-impl KafkaReader {
-    fn new(config: &Config, table: &str, topic: &str) -> Result<Self, AuditError> {
-        let connection = config.kafka.connection();
-        let group = format!("{}-audit", config.kafka.group_id);
-        let client = connection.client_config(&[
-            ("group.id", &group),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "true"),
-        ]);
-        let (consumer, _) = connection.create(&client).map_err(|e| AuditError::Kafka {
-            table: table.to_string(),
-            topic: topic.to_string(),
-            reason: format!("cannot create a consumer: {e}"),
-        })?;
-        Ok(KafkaReader {
-            consumer: Arc::new(consumer),
-            table: table.to_string(),
-            topic: topic.to_string(),
-        })
-    }
-
-    fn fail(&self, reason: String) -> AuditError {
-        AuditError::Kafka {
-            table: self.table.clone(),
-            topic: self.topic.clone(),
-            reason,
-        }
-    }
-
-    /// Low and high watermark of every partition of the topic.
-    async fn watermarks(&self) -> Result<BTreeMap<i32, (i64, i64)>, AuditError> {
-        let consumer = self.consumer.clone();
-        let topic = self.topic.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), READ_TIMEOUT)
-                .map_err(|e| format!("cannot read metadata: {e}"))?;
-            let partitions: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic)
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if partitions.is_empty() {
-                return Err("the topic does not exist or has no partitions".to_string());
-            }
-            let mut out = BTreeMap::new();
-            for p in partitions {
-                let marks = consumer
-                    .fetch_watermarks(&topic, p, READ_TIMEOUT)
-                    .map_err(|e| format!("cannot read the offsets of partition {p}: {e}"))?;
-                out.insert(p, marks);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| self.fail(format!("bug: metadata task failed: {e}")))?;
-        result.map_err(|e| self.fail(e))
-    }
-
-    /// Offsets of the messages in `[from, to)` for each `(partition, from, to)`.
-    async fn read_offsets(
-        &self,
-        wanted: Vec<(i32, i64, i64)>,
-    ) -> Result<HashMap<i32, Vec<i64>>, AuditError> {
-        if wanted.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let consumer = self.consumer.clone();
-        let topic = self.topic.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut list = TopicPartitionList::new();
-            let mut ends: HashMap<i32, i64> = HashMap::new();
-            for &(p, from, to) in &wanted {
-                list.add_partition_offset(&topic, p, Offset::Offset(from))
-                    .map_err(|e| e.to_string())?;
-                ends.insert(p, to);
-            }
-            consumer.assign(&list).map_err(|e| e.to_string())?;
-            let total: i64 = wanted.iter().map(|&(_, from, to)| to - from).sum();
-            let mut meter = Meter::new(format!("audit {topic}"), total as u64, "offsets", true);
-            let mut read = 0u64;
-            let mut out: HashMap<i32, Vec<i64>> = HashMap::new();
-            let mut last_progress = Instant::now();
-            while !ends.is_empty() {
-                match consumer.poll(Duration::from_millis(200)) {
-                    Some(Ok(m)) => {
-                        last_progress = Instant::now();
-                        let p = m.partition();
-                        let Some(&end) = ends.get(&p) else { continue };
-                        if m.offset() < end {
-                            out.entry(p).or_default().push(m.offset());
-                            read += 1;
-                            meter.update(read, "");
-                        }
-                        if m.offset() + 1 >= end {
-                            ends.remove(&p);
-                        }
-                    }
-                    Some(Err(KafkaError::PartitionEOF(p))) => {
-                        // Nothing more to read: the range ends in transaction markers or
-                        // removed messages.
-                        ends.remove(&p);
-                    }
-                    Some(Err(e)) => return Err(format!("read failed: {e}")),
-                    None if last_progress.elapsed() > READ_TIMEOUT => {
-                        return Err(format!(
-                            "no messages for {}s while partitions {:?} were still expected",
-                            READ_TIMEOUT.as_secs(),
-                            ends.keys().collect::<Vec<_>>()
-                        ));
-                    }
-                    None => {}
-                }
-            }
-            meter.finish(read, "");
-            Ok(out)
-        })
-        .await
-        .map_err(|e| self.fail(format!("bug: reader task failed: {e}")))?;
-        result.map_err(|e| self.fail(e))
     }
 }
 

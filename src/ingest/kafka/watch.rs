@@ -1,0 +1,199 @@
+//! The watch on a client: librdkafka's logs and errors forwarded through `tracing` once per
+//! change rather than per retry, and the latest connection problem kept for readiness.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::Connection;
+use super::problem::{Problem, ProblemKind, classify, detail_of, listener_of};
+use super::redact::Redactor;
+
+#[derive(Debug, Default)]
+pub(super) struct WatchState {
+    /// The current failure; `None` once the connection worked.
+    problem: Option<Problem>,
+    /// The kind last logged, so that a failure repeated by every reconnect logs once.
+    logged: Option<ProblemKind>,
+}
+
+/// Shared between a client's context (which reports into it) and whoever shows its state:
+/// readiness, one-shot commands.
+#[derive(Debug)]
+pub struct Watch {
+    /// Whether failures are logged here (a long-running client) or only handed to the caller,
+    /// who reports them (a one-shot check).
+    pub(super) logs: bool,
+    pub(super) brokers: String,
+    pub(super) security: String,
+    pub(super) redactor: Redactor,
+    pub(super) state: Mutex<WatchState>,
+}
+
+impl Watch {
+    /// A watch for clients of `connection`.
+    pub fn new(connection: &Connection) -> Watch {
+        Watch {
+            logs: true,
+            brokers: connection.brokers.clone(),
+            security: connection.security(),
+            redactor: connection.redactor(),
+            state: Mutex::new(WatchState::default()),
+        }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current connection failure, if any.
+    pub fn problem(&self) -> Option<Problem> {
+        self.lock().problem.clone()
+    }
+
+    /// The client talked to the cluster (an assignment, metadata, watermarks): whatever failed
+    /// before is over.
+    pub fn connected(&self) {
+        let mut state = self.lock();
+        if state.problem.take().is_some() && state.logged.take().is_some() {
+            tracing::info!(brokers = %self.brokers, "kafka connection works again");
+        }
+    }
+
+    /// Text with this client's secrets redacted.
+    pub fn scrub(&self, text: &str) -> String {
+        self.redactor.scrub(text)
+    }
+
+    /// Takes one of librdkafka's global errors (`reason` may be empty: consumers receive only
+    /// the code).
+    pub fn report(&self, error: &KafkaError, reason: &str) {
+        // The end of a partition is news for readers that ask for it, not a failure.
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        let reason = self.redactor.scrub(reason);
+        if !self.observe(error.rdkafka_error_code(), &reason) {
+            tracing::warn!(brokers = %self.brokers, error = %error, reason = %reason, "kafka client error");
+        }
+    }
+
+    /// Takes an error a consumer received instead of a message; true if it tells of a
+    /// connection failure. librdkafka gives consumers the code alone: the failure is recorded
+    /// for readiness but logged only from librdkafka's own words (its log line about it), which
+    /// name the listener and the cause.
+    pub fn report_code(&self, error: &KafkaError) -> bool {
+        let Some(kind) = classify(error.rdkafka_error_code(), "", &self.security) else {
+            return false;
+        };
+        let mut state = self.lock();
+        if state.problem.is_none() {
+            state.problem = Some(Problem {
+                kind,
+                listener: self.brokers.clone(),
+                security: self.security.clone(),
+                detail: error.to_string(),
+                since: SystemTime::now(),
+            });
+        }
+        true
+    }
+
+    /// Takes a warning or error line of librdkafka's log; true if it told of a connection
+    /// failure (which the watch has then reported).
+    pub fn report_log(&self, message: &str) -> bool {
+        self.observe(None, message)
+    }
+
+    /// Records a connection failure, logging it when its kind is new; false if `text` (and
+    /// `code`) tell of none.
+    pub(super) fn observe(&self, code: Option<RDKafkaErrorCode>, text: &str) -> bool {
+        let Some(kind) = classify(code, text, &self.security) else {
+            return false;
+        };
+        let mut state = self.lock();
+        // "All brokers down" only sums up what was reported before it.
+        if kind == ProblemKind::Unreachable
+            && state
+                .problem
+                .as_ref()
+                .is_some_and(|p| p.kind != ProblemKind::Unreachable)
+        {
+            return true;
+        }
+        let since = match &state.problem {
+            Some(p) if p.kind == kind => p.since,
+            _ => SystemTime::now(),
+        };
+        let detail = match (detail_of(text), code) {
+            ("", Some(code)) => code.to_string(),
+            (detail, _) => detail.to_string(),
+        };
+        let problem = Problem {
+            kind,
+            listener: listener_of(text).unwrap_or(&self.brokers).to_string(),
+            security: self.security.clone(),
+            detail,
+            since,
+        };
+        if state.logged != Some(kind) && self.logs {
+            state.logged = Some(kind);
+            if kind == ProblemKind::Unreachable {
+                tracing::warn!(brokers = %self.brokers, "kafka: {problem}");
+            } else {
+                tracing::error!(brokers = %self.brokers, "kafka: {problem}");
+            }
+        }
+        state.problem = Some(problem);
+        true
+    }
+}
+
+/// The context of every sluice Kafka client: librdkafka's errors go to its [`Watch`], its log
+/// lines to `tracing` with secrets redacted.
+pub struct WatchContext {
+    /// Where connection failures are reported.
+    pub watch: Arc<Watch>,
+}
+
+impl ClientContext for WatchContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(&self.watch, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.watch.report(&error, reason);
+    }
+}
+
+impl ConsumerContext for WatchContext {}
+
+/// librdkafka's log lines, through `tracing`, secrets redacted. Lines telling of a connection
+/// failure (facility `FAIL` or `OIDC`, or any warning) go to the [`Watch`], which logs each
+/// failure once (librdkafka repeats them on every reconnect); the lines themselves are kept at
+/// debug level.
+pub fn forward_log(watch: &Watch, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    let message = watch.scrub(message);
+    let serious = matches!(
+        level,
+        RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning
+    );
+    if (serious || fac == "FAIL" || fac == "OIDC") && watch.report_log(&message) {
+        tracing::debug!(target: "librdkafka", fac, "{message}");
+    } else if serious {
+        tracing::warn!(target: "librdkafka", fac, "{message}");
+    } else if matches!(level, RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info) {
+        tracing::info!(target: "librdkafka", fac, "{message}");
+    } else {
+        tracing::debug!(target: "librdkafka", fac, "{message}");
+    }
+}
