@@ -22,19 +22,13 @@ use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
 
 use super::corpus::Corpus;
 use super::process::{Measured, Meter};
-use super::stages::DRAIN_FLUSHES;
-use super::{BenchError, BenchOptions, Profile, STALL_TIMEOUT, stage_error};
+use super::{
+    BenchError, BenchOptions, DRAIN_FLUSHES, Profile, STALL_TIMEOUT, partitions_per_topic,
+    stage_error,
+};
 
 /// What the mock cluster keeps per partition (it drops older messages beyond ~5 MiB).
 pub(super) const MOCK_PARTITION_BYTES: u64 = 4_500_000;
-
-/// Partitions the Kafka stages spread a profile over.
-pub(super) const KAFKA_PARTITIONS: usize = 32;
-
-/// Partitions per topic when a profile's `topics` share [`KAFKA_PARTITIONS`].
-pub(super) fn partitions_per_topic(topics: usize) -> i32 {
-    (KAFKA_PARTITIONS / topics).max(1) as i32
-}
 
 /// The bench's config: the embedded flagship schema and mappings in `dir`, the storage of
 /// `options.storage` (or `dir`), the service's default batch limits.

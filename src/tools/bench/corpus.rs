@@ -7,8 +7,7 @@ use crate::ingest::pipeline::Record;
 use crate::table::delta::PartitionKey;
 use crate::tools::generator::Generator;
 
-use super::Profile;
-use super::cluster::partitions_per_topic;
+use super::{Profile, partitions_per_topic};
 
 /// Distinct generated payloads a stage cycles through: the records differ the way a real
 /// stream's do, while memory holds only the pool, not every record.

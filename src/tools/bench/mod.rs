@@ -36,20 +36,33 @@ use crate::tools::generator::Shape;
 use crate::tools::produce::produce;
 
 use cluster::{
-    bench_config, broker, decoders, partitions_per_topic, produce_options, produce_set, set_size,
-    stage_topics, where_tables_go,
+    bench_config, broker, decoders, produce_options, produce_set, set_size, stage_topics,
+    where_tables_go,
 };
 use corpus::Corpus;
 use process::per_second;
 use stages::{
-    DRAIN_FLUSHES, FRESHNESS_FLUSH_MS, SMALL_FILE_ROWS, compaction_row, freshness_row, kafka_row,
-    memory_row, pipeline_row,
+    FRESHNESS_FLUSH_MS, SMALL_FILE_ROWS, compaction_row, freshness_row, kafka_row, memory_row,
+    pipeline_row,
 };
 
 mod cluster;
 mod corpus;
 mod process;
 mod stages;
+
+/// The drained stages (pipeline, kafka) commit their set in this many flushes triggered by
+/// size (`batch.max_rows` = records / this, other limits as configured), so the last record
+/// triggers the last flush: no timer in the measurement, and both stages commit alike.
+const DRAIN_FLUSHES: u64 = 4;
+
+/// Partitions the Kafka stages spread a profile over.
+const KAFKA_PARTITIONS: usize = 32;
+
+/// Partitions per topic when a profile's `topics` share [`KAFKA_PARTITIONS`].
+fn partitions_per_topic(topics: usize) -> i32 {
+    (KAFKA_PARTITIONS / topics).max(1) as i32
+}
 
 /// How long a broker-fed stage may take before it is reported as stalled.
 const STALL_TIMEOUT: Duration = Duration::from_secs(600);

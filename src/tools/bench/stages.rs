@@ -19,17 +19,15 @@ use crate::table::delta::{open_table, register_table, table_location};
 use crate::tools::produce::produce;
 
 use super::cluster::{
-    broker, feed, kafka_config, partitions_per_topic, produce_options, produced_set, stage_config,
-    stage_topics, start_service,
+    broker, feed, kafka_config, produce_options, produced_set, stage_config, stage_topics,
+    start_service,
 };
 use super::corpus::Corpus;
 use super::process::{Meter, cpu_per_million, mib, per_second, percentile};
-use super::{BenchError, BenchOptions, Profile, READY, STALL_TIMEOUT, stage_error};
-
-/// The drained stages (pipeline, kafka) commit their set in this many flushes triggered by
-/// size (`batch.max_rows` = records / this, other limits as configured), so the last record
-/// triggers the last flush: no timer in the measurement, and both stages commit alike.
-pub(super) const DRAIN_FLUSHES: u64 = 4;
+use super::{
+    BenchError, BenchOptions, DRAIN_FLUSHES, Profile, READY, STALL_TIMEOUT, partitions_per_topic,
+    stage_error,
+};
 
 /// Flush bound of the freshness stage.
 pub(super) const FRESHNESS_FLUSH_MS: u64 = 1_000;
