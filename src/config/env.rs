@@ -83,7 +83,7 @@ pub(super) fn apply_env(
 }
 
 /// Reads an environment value as a TOML scalar when it is one (`42`, `true`), else a string.
-pub(super) fn parse_scalar(raw: &str) -> toml::Value {
+fn parse_scalar(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))

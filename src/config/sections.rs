@@ -47,7 +47,7 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
-pub(super) fn default_group_id() -> String {
+fn default_group_id() -> String {
     DEFAULT_GROUP_ID.into()
 }
 
@@ -119,15 +119,15 @@ pub struct IngestConfig {
     pub decode_threads: Option<usize>,
 }
 
-pub(super) fn default_max_message_bytes() -> usize {
+fn default_max_message_bytes() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
 }
 
-pub(super) fn default_max_depth() -> usize {
+fn default_max_depth() -> usize {
     DEFAULT_MAX_DEPTH
 }
 
-pub(super) fn default_decode_chunk() -> usize {
+fn default_decode_chunk() -> usize {
     DEFAULT_DECODE_CHUNK
 }
 
@@ -174,11 +174,11 @@ pub struct DeltaConfig {
     pub zstd_level: i32,
 }
 
-pub(super) fn default_checkpoint_interval() -> u64 {
+fn default_checkpoint_interval() -> u64 {
     DEFAULT_CHECKPOINT_INTERVAL
 }
 
-pub(super) fn default_zstd_level() -> i32 {
+fn default_zstd_level() -> i32 {
     DEFAULT_ZSTD_LEVEL
 }
 
@@ -229,31 +229,31 @@ pub const DEFAULT_MAINTENANCE_INTERVAL_S: u64 = 300;
 /// Default number of small files that makes today's partition worth compacting.
 pub const DEFAULT_HOT_SMALL_FILES: usize = 64;
 
-pub(super) fn default_true() -> bool {
+fn default_true() -> bool {
     true
 }
 
-pub(super) fn default_maintenance_interval() -> u64 {
+fn default_maintenance_interval() -> u64 {
     DEFAULT_MAINTENANCE_INTERVAL_S
 }
 
-pub(super) fn default_target_size_mb() -> u64 {
+fn default_target_size_mb() -> u64 {
     crate::table::compact::DEFAULT_TARGET_SIZE / 1024 / 1024
 }
 
-pub(super) fn default_memory_mb() -> u64 {
+fn default_memory_mb() -> u64 {
     (crate::table::compact::DEFAULT_MEMORY_LIMIT / 1024 / 1024) as u64
 }
 
-pub(super) fn default_hot_small_files() -> usize {
+fn default_hot_small_files() -> usize {
     DEFAULT_HOT_SMALL_FILES
 }
 
-pub(super) fn default_vacuum_every_h() -> u64 {
+fn default_vacuum_every_h() -> u64 {
     24
 }
 
-pub(super) fn default_vacuum_retention_h() -> u64 {
+fn default_vacuum_retention_h() -> u64 {
     crate::table::maintain::DEFAULT_VACUUM_RETENTION.as_secs() / 3600
 }
 
@@ -288,7 +288,7 @@ pub struct MetricsConfig {
 /// Default seconds between consumer-lag measurements.
 pub const DEFAULT_LAG_INTERVAL_S: u64 = 10;
 
-pub(super) fn default_lag_interval() -> u64 {
+fn default_lag_interval() -> u64 {
     DEFAULT_LAG_INTERVAL_S
 }
 
@@ -320,11 +320,11 @@ pub const DEFAULT_PROBE_INTERVAL_S: u64 = 5;
 /// Default grace beyond `batch.max_age_ms` before a waiting commit makes the service unready.
 pub const DEFAULT_COMMIT_STALL_S: u64 = 60;
 
-pub(super) fn default_probe_interval() -> u64 {
+fn default_probe_interval() -> u64 {
     DEFAULT_PROBE_INTERVAL_S
 }
 
-pub(super) fn default_commit_stall() -> u64 {
+fn default_commit_stall() -> u64 {
     DEFAULT_COMMIT_STALL_S
 }
 

@@ -75,7 +75,7 @@ impl BodyDecoder {
         }
     }
 
-    pub(super) fn json_decoder(&self, capacity: usize) -> Decoder {
+    fn json_decoder(&self, capacity: usize) -> Decoder {
         ReaderBuilder::new(self.source_schema.clone())
             .with_batch_size(capacity.max(1) + 1)
             .with_coerce_primitive(true)
@@ -155,7 +155,7 @@ impl BodyDecoder {
     /// Cheap checks before any parsing, so hostile input costs little.
     /// The limit is on the whole message, key and value, as Kafka's own is: a key is copied
     /// into the row (`kafka_key`) and counts toward memory like the value.
-    pub(super) fn precheck<'a>(
+    fn precheck<'a>(
         &self,
         key_bytes: usize,
         payload: Option<&'a [u8]>,
@@ -222,7 +222,7 @@ impl BodyDecoder {
 
     /// Turns a segment of syntactically good messages into a source batch; messages whose values
     /// do not fit their columns are found one by one and rejected.
-    pub(super) fn flush_segment(
+    fn flush_segment(
         &self,
         decoder: &mut Decoder,
         chunk: &Chunk,
@@ -317,7 +317,7 @@ pub(super) fn too_deep(payload: &[u8], max_depth: usize) -> Option<usize> {
 }
 
 /// arrow-json prefixes its messages with "Json error: "; the reason code already says that.
-pub(super) fn json_error_text(e: &ArrowError) -> String {
+fn json_error_text(e: &ArrowError) -> String {
     let text = e.to_string();
     text.strip_prefix("Json error: ")
         .map(str::to_string)

@@ -166,7 +166,7 @@ impl BodyDecoder {
 
     /// Replaces raw labels with allowed values and fills each `<column>_raw` with the label as
     /// received when it was not already an allowed value.
-    pub(super) fn canonicalize_labels(&self, columns: &mut [ArrayRef]) {
+    fn canonicalize_labels(&self, columns: &mut [ArrayRef]) {
         for LabelColumn {
             pos,
             raw_pos,
@@ -222,7 +222,7 @@ impl BodyDecoder {
     }
 
     /// Records the first broken promise of each row: required columns, then value contracts.
-    pub(super) fn check_contracts(
+    fn check_contracts(
         &self,
         batch: &RecordBatch,
         ingested_at_us: i64,
@@ -256,10 +256,10 @@ impl BodyDecoder {
     }
 }
 
-pub(super) const MICROS_PER_DAY: i64 = 86_400_000_000;
+const MICROS_PER_DAY: i64 = 86_400_000_000;
 
 /// Why a message's Kafka timestamp has no instant (outside years 1 to 9999), if it has none.
-pub(super) fn kafka_time_problem(meta: &MessageMeta) -> Option<String> {
+fn kafka_time_problem(meta: &MessageMeta) -> Option<String> {
     let ms = meta.timestamp_ms?;
     values::kafka_micros(ms).is_none().then(|| {
         format!(

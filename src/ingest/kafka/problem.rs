@@ -46,7 +46,7 @@ impl Problem {
         }
     }
 
-    pub(super) fn hint(&self) -> &'static str {
+    fn hint(&self) -> &'static str {
         let detail = self.detail.to_ascii_lowercase();
         match self.kind {
             ProblemKind::Authentication if self.security.contains("OAUTHBEARER") => {
@@ -151,7 +151,7 @@ pub fn classify(code: Option<RDKafkaErrorCode>, text: &str, security: &str) -> O
 }
 
 /// `reason` without the `[thrd:...]: ` prefix of librdkafka's log lines.
-pub(super) fn without_thread(reason: &str) -> &str {
+fn without_thread(reason: &str) -> &str {
     match reason.strip_prefix("[thrd:") {
         Some(rest) => rest.split_once("]: ").map_or(reason, |(_, text)| text),
         None => reason,

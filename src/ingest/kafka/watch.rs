@@ -47,7 +47,7 @@ impl Watch {
         }
     }
 
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -112,7 +112,7 @@ impl Watch {
 
     /// Records a connection failure, logging it when its kind is new; false if `text` (and
     /// `code`) tell of none.
-    pub(super) fn observe(&self, code: Option<RDKafkaErrorCode>, text: &str) -> bool {
+    fn observe(&self, code: Option<RDKafkaErrorCode>, text: &str) -> bool {
         let Some(kind) = classify(code, text, &self.security) else {
             return false;
         };

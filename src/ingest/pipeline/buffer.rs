@@ -109,7 +109,7 @@ impl TableWriter {
         Ok(())
     }
 
-    pub(super) async fn start_decode(&mut self, key: PartitionKey) -> Result<(), PipelineError> {
+    async fn start_decode(&mut self, key: PartitionKey) -> Result<(), PipelineError> {
         while self.in_flight.len() >= self.decoding.threads {
             self.finish_oldest_decode().await?;
         }
@@ -148,7 +148,7 @@ impl TableWriter {
 
     /// Waits for the oldest decode and buffers its rows and rejections, unless its partition
     /// was dropped meanwhile.
-    pub(super) async fn finish_oldest_decode(&mut self) -> Result<(), PipelineError> {
+    async fn finish_oldest_decode(&mut self) -> Result<(), PipelineError> {
         let Some(InFlight {
             key,
             generation,
@@ -186,7 +186,7 @@ impl TableWriter {
     /// Hands a newly buffered batch to the background encoding; (re)starts it with every
     /// buffered batch when there is none or a dropped buffer made it stale. Should it fail to
     /// start, the flush writes the files itself (and meets the error there).
-    pub(super) fn encode_later(&mut self, batch: RecordBatch) {
+    fn encode_later(&mut self, batch: RecordBatch) {
         if let Some((generation, encoding)) = &mut self.encoding
             && *generation == self.generation
         {

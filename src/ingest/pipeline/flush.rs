@@ -18,7 +18,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Why dead letters could not be stored yet.
-pub(super) enum StoreError {
+enum StoreError {
     /// The dead-letter table commit failed.
     Delta(DeltaError),
     /// Publishing to the dead-letter topic failed (retried like a transient store error).
@@ -147,7 +147,7 @@ impl TableWriter {
     /// Commits the buffered rejections to the dead-letter table, before the rows (see
     /// [`crate::ingest::dead_letters`]). Dead letters at or below the dead-letter table's txn version for
     /// their partition were stored by an earlier attempt whose rows never landed: skipped.
-    pub(super) async fn store_dead_letters(&mut self) -> Result<(), StoreError> {
+    async fn store_dead_letters(&mut self) -> Result<(), StoreError> {
         let pending: Vec<PartitionKey> = self
             .partitions
             .iter()
@@ -275,7 +275,7 @@ impl TableWriter {
 
     /// A transient object-store failure: counted, and shown by readiness until a commit
     /// succeeds.
-    pub(super) fn store_failed(&mut self, operation: &'static str, error: &DeltaError) {
+    fn store_failed(&mut self, operation: &'static str, error: &DeltaError) {
         metrics::counter!("sluice_object_store_errors_total", "table" => self.sink.name().to_string(), "operation" => operation)
             .increment(1);
         self.progress.store_error = Some(format!("{operation}: {error}"));

@@ -209,7 +209,7 @@ impl TableWriter {
     }
 
     /// The owned partitions that are consumed (all but the stopped ones).
-    pub(super) fn consumed_partitions(&self) -> Vec<PartitionKey> {
+    fn consumed_partitions(&self) -> Vec<PartitionKey> {
         self.partitions
             .iter()
             .filter(|(_, s)| !s.stopped)

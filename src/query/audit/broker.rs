@@ -17,7 +17,7 @@ use crate::meter::Meter;
 use super::AuditError;
 
 /// How long the broker may stay silent while the audit still expects messages.
-pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reads message offsets of one topic straight from the broker, outside any consumer group.
 pub(super) struct KafkaReader {
@@ -47,7 +47,7 @@ impl KafkaReader {
         })
     }
 
-    pub(super) fn fail(&self, reason: String) -> AuditError {
+    fn fail(&self, reason: String) -> AuditError {
         AuditError::Kafka {
             table: self.table.clone(),
             topic: self.topic.clone(),

@@ -27,7 +27,7 @@ pub(super) fn table_error<E: std::error::Error + Send + Sync + 'static>(
 }
 
 /// Runs `sql` on `table`, registered as `t`; a failure names the table and `operation`.
-pub(super) async fn query_table(
+async fn query_table(
     table: &DeltaTable,
     name: &str,
     operation: &'static str,

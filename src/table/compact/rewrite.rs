@@ -189,7 +189,7 @@ pub async fn commit_rewrite(
 
 /// `batch`, read from a data file, in the table's current schema: the partition column (not
 /// stored in the files) holds `partition`, columns added since the file was written are null.
-pub(super) fn conform(
+fn conform(
     batch: &RecordBatch,
     schema: &SchemaRef,
     column: Option<&str>,
@@ -222,4 +222,4 @@ pub(super) fn conform(
 }
 
 /// How Hive-style paths spell a null partition value.
-pub(super) const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";

@@ -118,7 +118,7 @@ pub(super) async fn evolve_schema(
 }
 
 /// A Delta column for an Arrow field, with the schema file's doc as its comment.
-pub(super) fn delta_field(
+fn delta_field(
     field: &deltalake::arrow::datatypes::Field,
     column: &crate::contract::schema::Column,
 ) -> Result<StructField, DeltaTableError> {
@@ -132,7 +132,7 @@ pub(super) fn delta_field(
 
 /// Compares types ignoring nested field names and nullability, which Delta and Arrow spell
 /// differently (`element` vs `item`).
-pub(super) fn types_match(
+fn types_match(
     a: &deltalake::arrow::datatypes::DataType,
     b: &deltalake::arrow::datatypes::DataType,
 ) -> bool {

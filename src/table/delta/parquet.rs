@@ -32,7 +32,7 @@ pub fn vector_columns(schema: &Schema) -> Vec<ColumnPath> {
     vector_paths(schema.fields(), &[])
 }
 
-pub(super) fn vector_paths(fields: &Fields, parent: &[String]) -> Vec<ColumnPath> {
+fn vector_paths(fields: &Fields, parent: &[String]) -> Vec<ColumnPath> {
     let mut paths = Vec::new();
     for field in fields {
         let mut path = parent.to_vec();

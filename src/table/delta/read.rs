@@ -78,12 +78,12 @@ pub async fn table_provider(table: &DeltaTable) -> Result<Arc<dyn TableProvider>
 
 /// See [`table_provider`].
 #[derive(Debug)]
-pub(super) struct ListFiltersAbove {
+struct ListFiltersAbove {
     inner: Arc<dyn TableProvider>,
 }
 
 impl ListFiltersAbove {
-    pub(super) fn on_repeated_values(&self, filter: &Expr) -> bool {
+    fn on_repeated_values(&self, filter: &Expr) -> bool {
         let schema = self.inner.schema();
         filter.column_refs().iter().any(|column| {
             schema
@@ -94,7 +94,7 @@ impl ListFiltersAbove {
 }
 
 /// Whether a column of this type holds a variable number of values per row.
-pub(super) fn repeats(data_type: &DataType) -> bool {
+fn repeats(data_type: &DataType) -> bool {
     match data_type {
         DataType::List(_)
         | DataType::LargeList(_)

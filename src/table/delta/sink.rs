@@ -307,7 +307,7 @@ impl DeltaSink {
     }
 
     /// Commits `actions` with `txns`, `sluice` commit info and the streaming operation.
-    pub(super) async fn commit_actions(
+    async fn commit_actions(
         &mut self,
         actions: Vec<Action>,
         txns: Vec<Transaction>,
@@ -345,7 +345,7 @@ impl DeltaSink {
         }
     }
 
-    pub(super) fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {
+    fn err(&self, operation: &'static str, source: DeltaTableError) -> DeltaError {
         DeltaError::Delta {
             table: self.schema.name.clone(),
             operation,
@@ -391,10 +391,10 @@ impl Drop for Encoding {
 }
 
 /// Rows gathered before a write to the Parquet writer.
-pub(super) const ENCODE_ROWS: usize = 8192;
+const ENCODE_ROWS: usize = 8192;
 
 /// One batch of `batches` (all of the table's schema).
-pub(super) fn gather(table: &str, batches: Vec<RecordBatch>) -> Result<RecordBatch, DeltaError> {
+fn gather(table: &str, batches: Vec<RecordBatch>) -> Result<RecordBatch, DeltaError> {
     if batches.len() == 1 {
         return Ok(batches.into_iter().next().expect("one batch"));
     }
@@ -407,7 +407,7 @@ pub(super) fn gather(table: &str, batches: Vec<RecordBatch>) -> Result<RecordBat
 
 /// Fills columns another instance added to the table since this writer started (a rolling
 /// upgrade to a newer schema file) with nulls, as additive evolution promises readers.
-pub(super) fn with_added_columns(
+fn with_added_columns(
     table: &str,
     batch: &RecordBatch,
     table_schema: &deltalake::arrow::datatypes::SchemaRef,

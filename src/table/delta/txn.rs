@@ -41,7 +41,7 @@ pub async fn committed_offset(
     txn_version(table, &app_id(group_id, &key_of(topic, partition))).await
 }
 
-pub(super) fn key_of(topic: &str, partition: i32) -> PartitionKey {
+fn key_of(topic: &str, partition: i32) -> PartitionKey {
     PartitionKey {
         topic: Arc::from(topic),
         partition,

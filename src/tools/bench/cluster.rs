@@ -28,7 +28,7 @@ use super::{
 };
 
 /// What the mock cluster keeps per partition (it drops older messages beyond ~5 MiB).
-pub(super) const MOCK_PARTITION_BYTES: u64 = 4_500_000;
+const MOCK_PARTITION_BYTES: u64 = 4_500_000;
 
 /// The bench's config: the embedded flagship schema and mappings in `dir`, the storage of
 /// `options.storage` (or `dir`), the service's default batch limits.
@@ -72,7 +72,7 @@ pub(super) fn decoders(config: &Config) -> Result<HashMap<Arc<str>, BodyDecoder>
     Ok(load_table(config, &config.tables[0])?.decoders)
 }
 
-pub(super) async fn open_destination(config: &Config) -> Result<Destination, BenchError> {
+async fn open_destination(config: &Config) -> Result<Destination, BenchError> {
     let loaded = load_table(config, &config.tables[0])?;
     let (table, dead_letters) = open_sinks(config, &loaded.schema)
         .await
@@ -352,10 +352,10 @@ pub(super) async fn produce_set(
 }
 
 /// Low and high watermark per (topic, partition).
-pub(super) type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
+type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
 /// Low and high watermarks of every partition of `topics`.
-pub(super) fn watermarks(
+fn watermarks(
     connection: &Connection,
     topics: &[String],
     partitions: i32,
@@ -376,4 +376,4 @@ pub(super) fn watermarks(
     Ok(marks)
 }
 
-pub(super) type HostedMock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+type HostedMock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;

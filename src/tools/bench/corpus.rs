@@ -11,7 +11,7 @@ use super::{Profile, partitions_per_topic};
 
 /// Distinct generated payloads a stage cycles through: the records differ the way a real
 /// stream's do, while memory holds only the pool, not every record.
-pub(super) const POOL: u64 = 12_000;
+const POOL: u64 = 12_000;
 
 /// One generated message.
 pub(super) struct Payload {

@@ -34,7 +34,7 @@ pub(super) struct Measured {
 }
 
 /// User + system CPU time of the process, from `/proc/self/stat` (clock ticks of 10 ms).
-pub(super) fn cpu_time() -> Duration {
+fn cpu_time() -> Duration {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return Duration::ZERO;
     };
@@ -65,7 +65,7 @@ pub(super) fn peak_rss() -> u64 {
 }
 
 /// Starts a new peak RSS measurement (Linux: `echo 5 > /proc/self/clear_refs`).
-pub(super) fn reset_peak_rss() {
+fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 

@@ -59,7 +59,7 @@ pub(super) async fn pipeline_row(
 }
 
 /// `limits` with `max_rows` set so that `records` make [`DRAIN_FLUSHES`] flushes.
-pub(super) fn drain_limits(limits: &BatchLimits, records: u64) -> BatchLimits {
+fn drain_limits(limits: &BatchLimits, records: u64) -> BatchLimits {
     BatchLimits {
         max_rows: (records / DRAIN_FLUSHES).max(1) as usize,
         ..*limits
@@ -99,9 +99,7 @@ pub(super) async fn memory_row(
 }
 
 /// The most messages (rows + rejections) one commit of the writer held.
-pub(super) fn watch_largest_commit(
-    mut progress: watch::Receiver<Progress>,
-) -> tokio::task::JoinHandle<u64> {
+fn watch_largest_commit(mut progress: watch::Receiver<Progress>) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let (mut largest, mut before) = (0, 0);
         while progress.changed().await.is_ok() {
@@ -146,12 +144,10 @@ pub(super) async fn kafka_row(
 }
 
 /// `(observed at, unix ms)` with the committed offsets then, per partition.
-pub(super) type Visibility = Vec<(i64, BTreeMap<(String, i32), i64>)>;
+type Visibility = Vec<(i64, BTreeMap<(String, i32), i64>)>;
 
 /// Records when each commit became visible to the writer's progress watchers.
-pub(super) fn watch_commits(
-    mut progress: watch::Receiver<Progress>,
-) -> tokio::task::JoinHandle<Visibility> {
+fn watch_commits(mut progress: watch::Receiver<Progress>) -> tokio::task::JoinHandle<Visibility> {
     tokio::spawn(async move {
         let mut seen = Visibility::new();
         let mut commits = 0;
@@ -176,7 +172,7 @@ pub(super) fn watch_commits(
 
 /// Per row, milliseconds from its Kafka timestamp (produce time) to the first commit that
 /// covered its offset.
-pub(super) async fn latencies(config: &Config, seen: &Visibility) -> Result<Vec<i64>, BenchError> {
+async fn latencies(config: &Config, seen: &Visibility) -> Result<Vec<i64>, BenchError> {
     let error = stage_error("freshness");
     let location = table_location(&config.storage.root, "enriched_posts");
     let table = open_table(&location, config.storage_options())
@@ -353,7 +349,7 @@ pub(super) async fn compaction_row(
     ))
 }
 
-pub(super) async fn live_files(config: &Config, location: &str) -> Result<usize, BenchError> {
+async fn live_files(config: &Config, location: &str) -> Result<usize, BenchError> {
     let table = open_table(location, config.storage_options())
         .await
         .map_err(|e| stage_error("compaction")(e.to_string()))?;
