@@ -305,6 +305,36 @@ async fn messy_llm_labels_land_canonical_with_the_raw_value_kept() {
             "{column}_raw only holds non-canonical labels"
         );
     }
+    // Swapped letters, shouted ("NUETRAL"), land as the label they misspell in every column
+    // the generator swaps them in.
+    for column in ["sentiment", "category"] {
+        let pairs = query(
+            dir.path(),
+            &format!(
+                "SELECT {column}_raw, {column} FROM enriched_posts WHERE {column}_raw IS NOT NULL"
+            ),
+        )
+        .await;
+        let mut swapped = 0;
+        for batch in &pairs {
+            let raw = cast(batch.column(0), &DataType::Utf8).unwrap();
+            let stored = cast(batch.column(1), &DataType::Utf8).unwrap();
+            let (raw, stored) = (raw.as_string::<i32>(), stored.as_string::<i32>());
+            for i in 0..batch.num_rows() {
+                let (raw, stored) = (raw.value(i), stored.value(i));
+                let mut letters: Vec<char> = raw.to_lowercase().chars().collect();
+                let is_swap = raw == raw.to_uppercase()
+                    && (0..letters.len().saturating_sub(1)).any(|at| {
+                        letters.swap(at, at + 1);
+                        let back: String = letters.iter().collect();
+                        letters.swap(at, at + 1);
+                        letters[at] != letters[at + 1] && back == stored
+                    });
+                swapped += usize::from(is_swap);
+            }
+        }
+        assert!(swapped > 0, "no swapped {column} label was repaired");
+    }
     // The generator's misspellings and shouting are folded or matched, not lost.
     let fixed = counts_by_key(
         &query(

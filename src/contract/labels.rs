@@ -3,7 +3,9 @@
 //!
 //! The steps, first match wins: the value as is; folded (case, surrounding whitespace, trailing
 //! punctuation, `-`/space → `_`); an alias; the closest allowed value or alias within a small
-//! edit distance, but only when exactly one target is that close. Anything else is `UNKNOWN`,
+//! edit distance (optimal string alignment: a letter added, dropped or changed, or two
+//! neighbours swapped, each counts one, as models misspell), but only when exactly one target
+//! is that close. Anything else is `UNKNOWN`,
 //! and the caller keeps the raw label, so nothing lands silently in the wrong bucket.
 
 use std::collections::HashMap;
@@ -237,9 +239,10 @@ impl LabelSet {
             if limit == 0 || length.abs_diff(spelling_length) > limit {
                 continue;
             }
-            let Some(d) = edit_distance(folded, spelling, limit) else {
+            let d = strsim::osa_distance(folded, spelling);
+            if d > limit {
                 continue;
-            };
+            }
             match best {
                 Some((bd, bi)) if d == bd && bi != *i => tied = true,
                 Some((bd, _)) if d < bd => {
@@ -273,31 +276,6 @@ pub fn fold(raw: &str) -> String {
         out.extend(c.to_lowercase());
     }
     out
-}
-
-/// Levenshtein distance, or `None` as soon as it must exceed `limit`.
-fn edit_distance(a: &str, b: &str, limit: usize) -> Option<usize> {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    if a.len().abs_diff(b.len()) > limit {
-        return None;
-    }
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        let mut row_min = cur[0];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-            row_min = row_min.min(cur[j + 1]);
-        }
-        if row_min > limit {
-            return None;
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    (prev[b.len()] <= limit).then_some(prev[b.len()])
 }
 
 /// The ISO 639-1 two-letter language codes.
@@ -465,6 +443,8 @@ mod tests {
                 ("Positve", "positive", Fuzzy),
                 ("negatve", "negative", Fuzzy),
                 ("neutrall", "neutral", Fuzzy),
+                ("NUETRAL", "neutral", Fuzzy),
+                ("negaitve", "negative", Fuzzy),
                 ("happy", "UNKNOWN", Unknown),
                 ("", "UNKNOWN", Unknown),
                 ("very positive", "UNKNOWN", Unknown),
@@ -571,11 +551,73 @@ mod tests {
         assert!(LabelSet::new(&LabelSpec::default()).is_err());
     }
 
+    /// `label` with the letters at `at` and `at + 1` swapped, or `None` when they are equal.
+    fn swapped(label: &str, at: usize) -> Option<String> {
+        let mut chars: Vec<char> = label.chars().collect();
+        (chars[at] != chars[at + 1]).then(|| {
+            chars.swap(at, at + 1);
+            chars.into_iter().collect()
+        })
+    }
+
     #[test]
-    fn edit_distance_stops_at_the_limit() {
-        assert_eq!(edit_distance("kitten", "sitting", 3), Some(3));
-        assert_eq!(edit_distance("kitten", "sitting", 2), None);
-        assert_eq!(edit_distance("same", "same", 0), Some(0));
+    fn swapped_letters_in_every_label_column_of_the_flagship_schema_land_canonical() {
+        let schema = crate::contract::schema::TableSchema::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/enriched_posts.toml"
+        )))
+        .unwrap();
+        let mut columns = 0;
+        let mut checked = 0;
+        for column in &schema.columns {
+            let Some(labels) = &column.labels else {
+                continue;
+            };
+            columns += 1;
+            // The language column allows ISO codes, too short to misspell; its names are
+            // aliases, and models swap their letters as well.
+            let targets: Vec<(String, &str)> = if column.name == "language" {
+                [
+                    ("english", "en"),
+                    ("spanish", "es"),
+                    ("portuguese", "pt"),
+                    ("german", "de"),
+                ]
+                .map(|(name, code)| (name.to_string(), code))
+                .to_vec()
+            } else {
+                labels
+                    .allowed
+                    .iter()
+                    .map(|a| (a.clone(), a.as_str()))
+                    .collect()
+            };
+            for (label, canonical) in &targets {
+                // Values under four letters never match fuzzily (see `closest`).
+                if label.chars().count() < 4 {
+                    continue;
+                }
+                for at in 0..label.chars().count() - 1 {
+                    let Some(typo) = swapped(label, at) else {
+                        continue;
+                    };
+                    for raw in [typo.clone(), typo.to_uppercase()] {
+                        assert_eq!(
+                            labels.canonicalize(&raw),
+                            (*canonical, Outcome::Fuzzy),
+                            "{}: {raw:?}",
+                            column.name
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            columns, 5,
+            "sentiment, language, sarcasm, category, appropriateness"
+        );
+        assert!(checked > 200, "{checked}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Generator: deterministic, realistic enriched posts in the three upstream shapes.
 //!
 //! Labels are as messy as real LLM output (mixed case, stray whitespace, `INAPROPRIATE`,
-//! categories outside the list) so downstream canonicalization has something to do. With
+//! swapped letters as in `NUETRAL`, categories outside the list) so downstream canonicalization has something to do. With
 //! `bad_every`, every n-th message is a hostile payload of a rotating kind (broken JSON, two
 //! values, a wrong type, not an object, an out-of-range score, a bad timestamp, deep nesting).
 
@@ -203,6 +203,13 @@ impl Generator {
                 let mut s = label.to_string();
                 s.remove(label.len() / 2);
                 s
+            }
+            5 => {
+                // Two letters swapped, shouted, as in "NUETRAL".
+                let mut letters: Vec<char> = label.to_uppercase().chars().collect();
+                let at = if letters[1] == letters[2] { 2 } else { 1 };
+                letters.swap(at, at + 1);
+                letters.into_iter().collect()
             }
             _ => label.to_string(),
         }
