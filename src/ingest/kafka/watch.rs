@@ -2,7 +2,7 @@
 //! change rather than per retry, and the latest connection problem kept for readiness.
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -20,6 +20,47 @@ pub(super) struct WatchState {
     problem: Option<Problem>,
     /// The kind last logged, so that a failure repeated by every reconnect logs once.
     logged: Option<ProblemKind>,
+    /// When a failure that goes on is logged again.
+    reminder: Reminder,
+}
+
+/// First interval after which a failure that goes on is logged again; each later one is twice
+/// as long, up to [`LONGEST_REMINDER`].
+const FIRST_REMINDER: Duration = Duration::from_secs(30);
+/// Longest interval between two lines about the same failure.
+const LONGEST_REMINDER: Duration = Duration::from_secs(10 * 60);
+
+/// The log lines of one failure that goes on: librdkafka retries every few hundred
+/// milliseconds, the log says it once, then once per backoff period (30 s, 1 min, 2 min, ...
+/// 10 min) with how many attempts failed since, so an hour down is a dozen lines.
+#[derive(Debug, Default)]
+pub(super) struct Reminder {
+    /// When the failure was last logged, and the wait until the next line.
+    last: Option<(Instant, Duration)>,
+    /// Failed attempts since the last line.
+    failed: u64,
+}
+
+impl Reminder {
+    /// The failure was logged now.
+    fn logged(&mut self, now: Instant) {
+        *self = Reminder {
+            last: Some((now, FIRST_REMINDER)),
+            failed: 0,
+        };
+    }
+
+    /// One more failed attempt; the attempts since the last line when one is due now.
+    pub(super) fn failed(&mut self, now: Instant) -> Option<u64> {
+        self.failed += 1;
+        let (at, wait) = self.last?;
+        if now.duration_since(at) < wait {
+            return None;
+        }
+        let failed = std::mem::take(&mut self.failed);
+        self.last = Some((now, (wait * 2).min(LONGEST_REMINDER)));
+        Some(failed)
+    }
 }
 
 /// Shared between a client's context (which reports into it) and whoever shows its state:
@@ -60,8 +101,13 @@ impl Watch {
     /// before is over.
     pub fn connected(&self) {
         let mut state = self.lock();
-        if state.problem.take().is_some() && state.logged.take().is_some() {
-            tracing::info!(brokers = %self.brokers, "kafka connection works again");
+        let problem = state.problem.take();
+        state.reminder = Reminder::default();
+        if let Some(problem) = problem
+            && state.logged.take().is_some()
+        {
+            let down = problem.since.elapsed().unwrap_or_default().as_secs();
+            tracing::info!(brokers = %self.brokers, down_s = down, "kafka connection works again after {down} s");
         }
     }
 
@@ -141,13 +187,23 @@ impl Watch {
             detail,
             since,
         };
+        let now = Instant::now();
         if state.logged != Some(kind) && self.logs {
             state.logged = Some(kind);
+            state.reminder.logged(now);
             if kind == ProblemKind::Unreachable {
                 tracing::warn!(brokers = %self.brokers, "kafka: {problem}");
             } else {
                 tracing::error!(brokers = %self.brokers, "kafka: {problem}");
             }
+        } else if let Some(failed) = state.reminder.failed(now) {
+            let down = since.elapsed().unwrap_or_default().as_secs();
+            tracing::warn!(
+                brokers = %self.brokers,
+                down_s = down,
+                failed,
+                "kafka: still failing after {down} s ({failed} more failed attempts): {problem}"
+            );
         }
         state.problem = Some(problem);
         true
@@ -195,5 +251,38 @@ pub fn forward_log(watch: &Watch, level: RDKafkaLogLevel, fac: &str, message: &s
         tracing::info!(target: "librdkafka", fac, "{message}");
     } else {
         tracing::debug!(target: "librdkafka", fac, "{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_hour_of_failures_every_200_ms_is_a_dozen_lines_saying_how_many() {
+        let start = Instant::now();
+        let mut reminder = Reminder::default();
+        reminder.logged(start);
+        let mut lines = vec![(Duration::ZERO, 0)];
+        for step in 1..=18_000u32 {
+            let at = Duration::from_millis(200) * step;
+            if let Some(failed) = reminder.failed(start + at) {
+                lines.push((at, failed));
+            }
+        }
+        let at: Vec<u64> = lines.iter().map(|(at, _)| at.as_secs()).collect();
+        assert_eq!(at, [0, 30, 90, 210, 450, 930, 1530, 2130, 2730, 3330]);
+        // Every attempt is counted once, in the line after it.
+        let counted: u64 = lines.iter().map(|(_, failed)| failed).sum();
+        assert_eq!(counted, 3330 * 5);
+        // A first minute of at most three lines, then one every ten minutes.
+        assert!(lines.iter().filter(|(at, _)| at.as_secs() < 60).count() <= 3);
+    }
+
+    #[test]
+    fn nothing_is_repeated_before_the_failure_was_logged() {
+        let mut reminder = Reminder::default();
+        let now = Instant::now();
+        assert_eq!(reminder.failed(now + Duration::from_secs(3600)), None);
     }
 }
