@@ -415,7 +415,9 @@ async fn filters_on_embeddings_run_once_above_the_parquet_scan() {
 }
 
 fn sluice_sql(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    // From outside the checkout, as a user runs it: nothing may depend on ./sql.
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(std::env::temp_dir())
         .arg("sql")
         .args(args)
         .stdin(Stdio::piped())
@@ -470,9 +472,37 @@ fn the_command_line_runs_statements_files_and_a_shell() {
         }
     }
 
+    // The library is built in: listed with its questions, run by name, from any folder.
+    let (ok, listed, err) = sluice_sql(&["--config", config, "-c", "\\library"], None);
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains("toxicity_surges  ")
+            && listed.contains("in which hours did toxicity surge above its recent level?"),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 12, "{listed}");
+    let by_file = sluice_sql(
+        &[
+            "--config",
+            config,
+            "-f",
+            repo().join("sql/toxicity_surges.sql").to_str().unwrap(),
+        ],
+        None,
+    );
+    let by_name = sluice_sql(&["--config", config, "--query", "toxicity_surges"], None);
+    assert!(by_name.0, "{}", by_name.2);
+    assert_eq!(by_name.1, by_file.1);
+    let (ok, _, err) = sluice_sql(&["--config", config, "-q", "toxicity"], None);
+    assert!(!ok);
+    assert!(
+        err.contains("no query named toxicity in the built-in library"),
+        "{err}"
+    );
+
     // The shell reads piped statements: meta commands, multi-line statements, errors that do
     // not end the session.
-    let script = "\\d\n\\d enriched_posts_dead_letters\nSELECT count(*) AS n\n  FROM enriched_posts\n  WHERE platform = 'tweets';\nSELEC oops;\nSELECT 40 + 2 AS answer;\n\\q\nSELECT 'after quit';\n";
+    let script = "\\d\n\\d enriched_posts_dead_letters\n\\run sentiment_distribution\n\\run nope\nSELECT count(*) AS n\n  FROM enriched_posts\n  WHERE platform = 'tweets';\nSELEC oops;\nSELECT 40 + 2 AS answer;\n\\q\nSELECT 'after quit';\n";
     let (ok, out, err) = sluice_sql(&["--config", config], Some(script));
     assert!(ok, "{err}");
     assert!(
@@ -485,6 +515,11 @@ fn the_command_line_runs_statements_files_and_a_shell() {
     );
     assert!(out.contains("| n "), "{out}");
     assert!(out.contains("| 42     |"), "{out}");
+    assert!(
+        out.contains("| sentiment "),
+        "\\run runs a library query: {out}"
+    );
+    assert!(err.contains("no query named nope"), "{err}");
     assert!(err.contains("error: "), "the typo is reported: {err}");
     assert!(!out.contains("after quit"), "{out}");
 

@@ -38,9 +38,10 @@ pub struct BenchArgs {
     /// Duration of the freshness stage in seconds.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
-    /// The sql/ library the compaction stage runs before and after.
-    #[arg(long, default_value = "sql")]
-    sql_dir: PathBuf,
+    /// A folder of `.sql` files for the compaction stage to run before and after, instead of
+    /// the built-in query library.
+    #[arg(long, value_name = "DIR")]
+    sql_dir: Option<PathBuf>,
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -74,9 +75,10 @@ impl BenchArgs {
             self.seconds.to_string(),
             "--seed".into(),
             self.seed.to_string(),
-            "--sql-dir".into(),
-            self.sql_dir.display().to_string(),
         ];
+        if let Some(dir) = &self.sql_dir {
+            args.extend(["--sql-dir".to_string(), dir.display().to_string()]);
+        }
         if let Some(config) = &self.config {
             args.extend(["--config".to_string(), config.display().to_string()]);
         }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use sluice::contract::values::parse_timestamp;
+use sluice::query::library::find;
 use sluice::query::sql::format::Format;
 use sluice::query::sql::shell::{Printer, repl, run_script};
 use sluice::query::sql::{Session, TimeTravel};
@@ -19,12 +20,19 @@ pub struct SqlArgs {
     /// Config file (tables and storage are read from it).
     #[arg(long, env = "SLUICE_CONFIG")]
     config: PathBuf,
-    /// Run this statement (or meta command such as `\d`) and exit.
-    #[arg(short = 'c', long = "command", conflicts_with = "file")]
+    /// Run this statement (or meta command such as `\d` or `\library`) and exit.
+    #[arg(short = 'c', long = "command", conflicts_with_all = ["file", "query"])]
     command: Option<String>,
     /// Run the statements of this file and exit.
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, conflicts_with = "query")]
     file: Option<PathBuf>,
+    /// Run this query of the library and exit (`sluice sql -c '\library'` lists them), for
+    /// example `toxicity_surges`.
+    #[arg(short = 'q', long, value_name = "NAME")]
+    query: Option<String>,
+    /// A folder of `.sql` files to use as the query library instead of the built-in one.
+    #[arg(long, value_name = "DIR")]
+    sql_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
@@ -61,9 +69,22 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<ExitCode> {
     let session = Session::open(&cfg, &travel).await?;
     let printer = Printer::stdout(args.format);
     let mut stdout = std::io::stdout().lock();
-    let outcome = match (&args.command, &args.file) {
-        (Some(sql), _) => run_script(&session, sql, "-c", &printer, &mut stdout).await,
-        (None, Some(file)) => {
+    let library = args.sql_dir.as_deref();
+    let outcome = match (&args.command, &args.file, &args.query) {
+        (Some(sql), _, _) => run_script(&session, sql, "-c", &printer, &mut stdout, library).await,
+        (None, None, Some(name)) => {
+            let query = find(library, name)?;
+            run_script(
+                &session,
+                &query.sql,
+                &query.name,
+                &printer,
+                &mut stdout,
+                library,
+            )
+            .await
+        }
+        (None, Some(file), _) => {
             let sql = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
             run_script(
@@ -72,12 +93,13 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<ExitCode> {
                 &file.display().to_string(),
                 &printer,
                 &mut stdout,
+                library,
             )
             .await
         }
-        (None, None) => {
+        (None, None, None) => {
             drop(stdout);
-            repl(&session, args.format).await
+            repl(&session, args.format, library).await
         }
     };
     match outcome {

@@ -478,7 +478,7 @@ impl DemoReport {
         out.push_str(&pivot(&self.sentiment_by_category));
         let _ = writeln!(
             out,
-            "\nQuery it: sluice sql --config {} (a shell; or -f sql/toxicity_surges.sql, any file of sql/)",
+            "\nQuery it: sluice sql --config {} (a shell; or --query toxicity_surges, any query of \\library)",
             self.config_file.display()
         );
         out

@@ -2,17 +2,19 @@
 //! editing, history and multi-line statements that end at `;`.
 //!
 //! Meta commands (at the start of a line): `\d` lists the tables, `\d name` describes one,
-//! `\format table|csv|json|ndjson` switches the output, `\?` helps, `\q` quits. On a
+//! `\format table|csv|json|ndjson` switches the output, `\library` lists the query library,
+//! `\run NAME` runs one of its queries, `\?` helps, `\q` quits. On a
 //! terminal every result ends with a row count and the time it took.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 
 use super::format::{Format, write};
 use super::{Session, SqlError, StatementResult};
+use crate::query::library::{self, LibraryError};
 
 /// Errors of the shell itself (a failed statement is reported and the shell goes on).
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,9 @@ pub enum ShellError {
     /// Results could not be written.
     #[error("writing results: {0}")]
     Output(#[from] std::io::Error),
+    /// The query library could not be read, or has no such query.
+    #[error(transparent)]
+    Library(#[from] LibraryError),
     /// A statement failed (in `-c` and `-f` mode, where the first failure ends the run).
     #[error("{context}: {source}")]
     Statement {
@@ -38,6 +43,8 @@ Statements end with `;` and may span lines. Meta commands:
   \\d                list tables (each table and its dead letters)
   \\d NAME           describe a table's columns
   \\format FORMAT    table, csv, json or ndjson
+  \\library          list the query library (sql/, built in) and what each query answers
+  \\run NAME         run a query of the library
   \\q                quit (or Ctrl-D)
 Time travel: SELECT ... FROM version_as_of('enriched_posts', 12)
              SELECT ... FROM timestamp_as_of('enriched_posts', '2026-11-20T12:00:00Z')
@@ -93,17 +100,30 @@ impl Printer {
 
 /// Runs every statement of `sql` in order, printing each result; stops at the first failure.
 /// `origin` names the source in errors (`-c` or the file name).
+/// `library` is the `--sql-dir` folder, if one replaces the built-in query library.
 pub async fn run_script(
     session: &Session,
     sql: &str,
     origin: &str,
     printer: &Printer,
     out: &mut dyn Write,
+    library: Option<&Path>,
 ) -> Result<(), ShellError> {
     if let Some(meta) = sql.trim().strip_prefix('\\') {
-        return match meta_command(session, meta, printer, out)? {
+        return match meta_command(session, meta, printer, out, library)? {
             Meta::Done | Meta::Quit => Ok(()),
             Meta::Format(_) => Ok(()),
+            Meta::Run(query) => {
+                Box::pin(run_script(
+                    session,
+                    &query.sql,
+                    &query.name,
+                    printer,
+                    out,
+                    library,
+                ))
+                .await
+            }
         };
     }
     let statements = session.parse(sql).map_err(|source| ShellError::Statement {
@@ -133,7 +153,11 @@ pub async fn run_script(
 }
 
 /// Reads statements from the terminal (or from piped stdin) until `\q` or end of input.
-pub async fn repl(session: &Session, format: Format) -> Result<(), ShellError> {
+pub async fn repl(
+    session: &Session,
+    format: Format,
+    library: Option<&Path>,
+) -> Result<(), ShellError> {
     let mut printer = Printer::stdout(format);
     let interactive = std::io::stdin().is_terminal();
     let mut editor = DefaultEditor::new()?;
@@ -173,11 +197,32 @@ pub async fn repl(session: &Session, format: Format) -> Result<(), ShellError> {
         if buffer.is_empty() && line.trim_start().starts_with('\\') {
             let _ = editor.add_history_entry(line.trim());
             let meta = line.trim_start()[1..].to_string();
-            match meta_command(session, &meta, &printer, &mut stdout) {
+            let ran = match meta_command(session, &meta, &printer, &mut stdout, library) {
                 Ok(Meta::Quit) => break,
-                Ok(Meta::Format(f)) => printer.format = f,
-                Ok(Meta::Done) => {}
+                Ok(Meta::Format(f)) => {
+                    printer.format = f;
+                    Ok(())
+                }
+                Ok(Meta::Done) => Ok(()),
+                Ok(Meta::Run(query)) => {
+                    drop(stdout);
+                    let mut stdout = std::io::stdout().lock();
+                    run_script(
+                        session,
+                        &query.sql,
+                        &query.name,
+                        &printer,
+                        &mut stdout,
+                        library,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match ran {
+                Ok(()) => {}
                 Err(ShellError::Statement { source, .. }) => eprintln!("error: {source}"),
+                Err(ShellError::Library(e)) => eprintln!("error: {e}"),
                 Err(e) => return Err(e),
             }
             continue;
@@ -229,6 +274,8 @@ enum Meta {
     Done,
     Quit,
     Format(Format),
+    /// Run a query of the library.
+    Run(library::Query),
 }
 
 fn meta_command(
@@ -236,6 +283,7 @@ fn meta_command(
     command: &str,
     printer: &Printer,
     out: &mut dyn Write,
+    library: Option<&Path>,
 ) -> Result<Meta, ShellError> {
     let mut words = command.split_whitespace();
     let statement_error = |source| ShellError::Statement {
@@ -267,6 +315,14 @@ fn meta_command(
                 }
             };
         }
+        ("library", None) => {
+            let queries = library::queries(library)?;
+            let width = queries.iter().map(|q| q.name.len()).max().unwrap_or(0);
+            for query in queries {
+                writeln!(out, "{:<width$}  {}", query.name, query.question)?;
+            }
+        }
+        ("run", Some(name)) => return Ok(Meta::Run(library::find(library, name)?)),
         _ => writeln!(out, "{HELP}")?,
     }
     Ok(Meta::Done)

@@ -201,7 +201,7 @@ pub struct BenchOptions {
     /// Duration of the freshness stage.
     pub seconds: u64,
     /// The `sql/` library for the compaction stage.
-    pub sql_dir: PathBuf,
+    pub sql_dir: Option<PathBuf>,
     /// Generator seed.
     pub seed: u64,
     /// `batch.max_bytes` instead of the default.

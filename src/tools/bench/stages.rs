@@ -2,7 +2,7 @@
 //! compaction).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use deltalake::arrow::array::{Array, AsArray};
@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::ingest::batch::BatchLimits;
 use crate::ingest::progress::Progress;
+use crate::query::library::queries;
 use crate::query::sql::{Session, TimeTravel};
 use crate::table::compact::{CompactOptions, compact};
 use crate::table::delta::{open_table, register_table, table_location};
@@ -283,31 +284,26 @@ pub(super) async fn freshness_row(
     ))
 }
 
-/// Runs every `.sql` file of `dir` on the tables of `config`; returns the total wall time.
-pub(super) async fn library(config: &Config, dir: &Path) -> Result<(Duration, usize), BenchError> {
+/// Runs every query of the library (`dir`, else the built-in one) on the tables of `config`;
+/// returns the total wall time and the number of queries.
+pub(super) async fn library(
+    config: &Config,
+    dir: Option<&Path>,
+) -> Result<(Duration, usize), BenchError> {
     let error = stage_error("compaction");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| error(format!("{}: {e}", dir.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(error(format!("no .sql files in {}", dir.display())));
-    }
+    let queries = queries(dir).map_err(|e| error(e.to_string()))?;
     let started = Instant::now();
-    for file in &files {
-        let sql = std::fs::read_to_string(file).map_err(|e| error(e.to_string()))?;
+    for query in &queries {
         // A fresh session per query, as `sluice sql -f` does: every run opens the tables.
         let session = Session::open(config, &TimeTravel::default())
             .await
             .map_err(|e| error(e.to_string()))?;
         session
-            .run(&sql)
+            .run(&query.sql)
             .await
-            .map_err(|e| error(format!("{}: {e}", file.display())))?;
+            .map_err(|e| error(format!("{}: {e}", query.name)))?;
     }
-    Ok((started.elapsed(), files.len()))
+    Ok((started.elapsed(), queries.len()))
 }
 
 pub(super) async fn compaction_row(
@@ -323,7 +319,7 @@ pub(super) async fn compaction_row(
         ..base.batch
     };
     let (written, _) = feed(&config, &corpus, limits).await?;
-    let (before, queries) = library(&config, &options.sql_dir).await?;
+    let (before, queries) = library(&config, options.sql_dir.as_deref()).await?;
     let location = table_location(&config.storage.root, "enriched_posts");
     let started = Instant::now();
     compact(
@@ -335,7 +331,7 @@ pub(super) async fn compaction_row(
     .map_err(|e| stage_error("compaction")(e.to_string()))?;
     let compacting = started.elapsed();
     let files_after = live_files(&config, &location).await?;
-    let (after, _) = library(&config, &options.sql_dir).await?;
+    let (after, _) = library(&config, options.sql_dir.as_deref()).await?;
     Ok(format!(
         "| {} {} | {} | {} | {:.1} s | {:.2} s ({queries} queries) | {:.2} s | **{:.1}×** |",
         corpus.records,
