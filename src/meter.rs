@@ -1,96 +1,118 @@
-//! Progress of long CLI jobs (produce, compact, audit): a bar redrawn in place on a terminal,
-//! an `info` log line every 10 s otherwise, so cron jobs and containers still show that work
-//! is moving without flooding their logs.
+//! Progress of long CLI jobs (produce, compact, audit): an `indicatif` bar on a terminal, an
+//! `info` log line every 10 s otherwise, so cron jobs and containers still show that work is
+//! moving without flooding their logs.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-/// How often a terminal bar is redrawn at most.
-const REDRAW: Duration = Duration::from_millis(100);
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
 /// How often a progress line is logged when there is no terminal.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-/// Width of the bar in characters.
-const WIDTH: usize = 30;
 
 /// Reports `done` of `total` units of one job.
 pub struct Meter {
     label: String,
     unit: &'static str,
     total: u64,
-    terminal: bool,
+    /// The bar, when stderr is a terminal and the caller asked for one.
+    bar: Option<ProgressBar>,
     started: Instant,
-    last: Instant,
+    last_logged: Instant,
     finished: bool,
+}
+
+/// `label [#####.....] done/total unit (rate/s, eta) detail`.
+fn style(unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, {{eta}} left) {{msg}}"
+    ))
+    .expect("the template names only indicatif's keys")
+    .progress_chars("#>.")
 }
 
 impl Meter {
     /// A meter for `total` `unit`s; `bar` asks for a bar, drawn only when stderr is a terminal.
     pub fn new(label: impl Into<String>, total: u64, unit: &'static str, bar: bool) -> Meter {
+        let label = label.into();
+        let target = if bar && std::io::stderr().is_terminal() {
+            Some(ProgressDrawTarget::stderr())
+        } else {
+            None
+        };
+        Meter::with_target(label, total, unit, target)
+    }
+
+    fn with_target(
+        label: String,
+        total: u64,
+        unit: &'static str,
+        target: Option<ProgressDrawTarget>,
+    ) -> Meter {
+        let bar = target.map(|target| {
+            let bar = ProgressBar::with_draw_target(Some(total), target)
+                .with_style(style(unit))
+                .with_prefix(label.clone());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
         let now = Instant::now();
         Meter {
-            label: label.into(),
+            label,
             unit,
             total,
-            terminal: bar && std::io::stderr().is_terminal(),
+            bar,
             started: now,
-            last: now,
+            last_logged: now,
             finished: false,
         }
     }
 
-    /// Records progress; draws or logs only when it is time to.
+    /// Records progress; the bar redraws at its own pace, the log line every 10 s.
     pub fn update(&mut self, done: u64, detail: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            bar.set_message(detail.to_string());
+            return;
+        }
         let now = Instant::now();
-        let every = if self.terminal { REDRAW } else { LOG_EVERY };
-        if now.duration_since(self.last) < every {
-            return;
+        if now.duration_since(self.last_logged) >= LOG_EVERY {
+            self.last_logged = now;
+            self.log(done, detail);
         }
-        self.last = now;
-        self.show(done, detail);
     }
 
-    /// Shows the final state (on a terminal, ends the bar's line).
+    /// Shows the final state; the bar stays on the terminal.
     pub fn finish(&mut self, done: u64, detail: &str) {
-        if self.finished {
+        if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        self.finished = true;
-        self.show(done, detail);
-        if self.terminal {
-            eprintln!();
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(done);
+                bar.finish_with_message(detail.to_string());
+            }
+            None => self.log(done, detail),
         }
     }
 
-    fn show(&self, done: u64, detail: &str) {
+    fn log(&self, done: u64, detail: &str) {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = done as f64 / secs;
-        if self.terminal {
-            let line = render(&self.label, done, self.total, self.unit, rate, detail);
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r{line}\x1b[K");
-            let _ = err.flush();
-        } else {
-            tracing::info!(job = %self.label, done, total = self.total, unit = self.unit,
-                per_second = rate.round() as u64, detail, "progress");
-        }
+        tracing::info!(job = %self.label, done, total = self.total, unit = self.unit,
+            per_second = rate.round() as u64, detail, "progress");
     }
 }
 
-/// `label [#####.....] done/total unit (rate/s) detail`
-fn render(label: &str, done: u64, total: u64, unit: &str, rate: f64, detail: &str) -> String {
-    let filled = (WIDTH as u64 * done.min(total))
-        .checked_div(total)
-        .map_or(WIDTH, |f| f as usize);
-    let mut line = format!(
-        "{label} [{}{}] {done}/{total} {unit} ({rate:.0}/s)",
-        "#".repeat(filled),
-        ".".repeat(WIDTH - filled)
-    );
-    if !detail.is_empty() {
-        line.push(' ');
-        line.push_str(detail);
+impl Drop for Meter {
+    /// A job that ended early (an error) leaves its bar where it stopped, on a line of its own.
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar
+            && !bar.is_finished()
+        {
+            bar.abandon();
+        }
     }
-    line
 }
 
 #[cfg(test)]
@@ -98,15 +120,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bar_fills_with_progress() {
-        let half = render("produce", 50, 100, "messages", 12.4, "");
-        assert_eq!(
-            half,
-            "produce [###############...............] 50/100 messages (12/s)"
+    fn the_bar_counts_what_the_job_did_and_keeps_the_last_detail() {
+        let mut meter = Meter::with_target(
+            "compact t".into(),
+            3,
+            "partitions",
+            Some(ProgressDrawTarget::hidden()),
         );
-        let done = render("compact t", 3, 3, "partitions", 1.0, "last 2026-11-20");
-        assert!(done.contains(&"#".repeat(WIDTH)), "{done}");
-        assert!(done.ends_with("last 2026-11-20"), "{done}");
-        assert!(render("x", 0, 0, "u", 0.0, "").contains(&"#".repeat(WIDTH)));
+        meter.update(1, "last 2026-11-19");
+        meter.finish(3, "last 2026-11-20");
+        let bar = meter.bar.as_ref().unwrap();
+        assert_eq!((bar.position(), bar.length()), (3, Some(3)));
+        assert_eq!(bar.message(), "last 2026-11-20");
+        assert!(bar.is_finished());
+        assert_eq!(bar.prefix(), "compact t");
+    }
+
+    #[test]
+    fn without_a_terminal_there_is_no_bar() {
+        let meter = Meter::with_target("produce".into(), 10, "messages", None);
+        assert!(meter.bar.is_none());
     }
 }
