@@ -224,6 +224,36 @@ fn a_wrong_schema_file_is_reported_with_file_field_and_reason() {
     );
 }
 
+#[test]
+fn an_error_is_one_line_naming_the_cause_with_a_backtrace_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("sluice.toml");
+    let run = |backtrace: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["audit", "--config"]).arg(&missing);
+        command
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if let Some(value) = backtrace {
+            command.env("RUST_BACKTRACE", value);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let plain = run(None);
+    assert_eq!(
+        plain,
+        format!(
+            "error: config file {}: No such file or directory (os error 2)\n",
+            missing.display()
+        )
+    );
+    let traced = run(Some("1"));
+    assert!(traced.starts_with(plain.trim_end()), "{traced}");
+    assert!(traced.lines().count() > 3, "a backtrace follows: {traced}");
+}
+
 /// Rows in the table, or 0 before the writer has created it.
 async fn rows_if_created(lake: &std::path::Path) -> usize {
     let location = sluice::table::delta::table_location(&lake.to_string_lossy(), "enriched_posts");
