@@ -9,7 +9,7 @@ use anyhow::Context;
 use sluice::contract::values::parse_timestamp;
 use sluice::query::library::find;
 use sluice::query::sql::format::Format;
-use sluice::query::sql::shell::{Printer, repl, run_script};
+use sluice::query::sql::shell::{Printer, repl, run_query, run_script};
 use sluice::query::sql::{Session, TimeTravel};
 
 use super::load_config;
@@ -74,15 +74,7 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<ExitCode> {
         (Some(sql), _, _) => run_script(&session, sql, "-c", &printer, &mut stdout, library).await,
         (None, None, Some(name)) => {
             let query = find(library, name)?;
-            run_script(
-                &session,
-                &query.sql,
-                &query.name,
-                &printer,
-                &mut stdout,
-                library,
-            )
-            .await
+            run_query(&session, &query, &printer, &mut stdout, library).await
         }
         (None, Some(file), _) => {
             let sql = std::fs::read_to_string(file)

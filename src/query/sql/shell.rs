@@ -98,6 +98,25 @@ impl Printer {
     }
 }
 
+/// Runs a query of the library, as [`run_script`] runs a file.
+pub async fn run_query(
+    session: &Session,
+    query: &library::Query,
+    printer: &Printer,
+    out: &mut dyn Write,
+    library: Option<&Path>,
+) -> Result<(), ShellError> {
+    Box::pin(run_script(
+        session,
+        &query.sql,
+        &query.name,
+        printer,
+        out,
+        library,
+    ))
+    .await
+}
+
 /// Runs every statement of `sql` in order, printing each result; stops at the first failure.
 /// `origin` names the source in errors (`-c` or the file name).
 /// `library` is the `--sql-dir` folder, if one replaces the built-in query library.
@@ -113,17 +132,7 @@ pub async fn run_script(
         return match meta_command(session, meta, printer, out, library)? {
             Meta::Done | Meta::Quit => Ok(()),
             Meta::Format(_) => Ok(()),
-            Meta::Run(query) => {
-                Box::pin(run_script(
-                    session,
-                    &query.sql,
-                    &query.name,
-                    printer,
-                    out,
-                    library,
-                ))
-                .await
-            }
+            Meta::Run(query) => run_query(session, &query, printer, out, library).await,
         };
     }
     let statements = session.parse(sql).map_err(|source| ShellError::Statement {
@@ -207,15 +216,7 @@ pub async fn repl(
                 Ok(Meta::Run(query)) => {
                     drop(stdout);
                     let mut stdout = std::io::stdout().lock();
-                    run_script(
-                        session,
-                        &query.sql,
-                        &query.name,
-                        &printer,
-                        &mut stdout,
-                        library,
-                    )
-                    .await
+                    run_query(session, &query, &printer, &mut stdout, library).await
                 }
                 Err(e) => Err(e),
             };
