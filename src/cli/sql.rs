@@ -66,15 +66,20 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<ExitCode> {
         let micros = parse_timestamp(t, None).map_err(|e| anyhow::anyhow!("--as-of {t}: {e}"))?;
         travel.as_of = chrono::DateTime::from_timestamp_micros(micros);
     }
+    let library = args.sql_dir.as_deref();
+    // An unknown query name fails before any table is opened.
+    let query = args
+        .query
+        .as_deref()
+        .map(|name| find(library, name))
+        .transpose()?;
     let session = Session::open(&cfg, &travel).await?;
     let printer = Printer::stdout(args.format);
     let mut stdout = std::io::stdout().lock();
-    let library = args.sql_dir.as_deref();
-    let outcome = match (&args.command, &args.file, &args.query) {
+    let outcome = match (&args.command, &args.file, &query) {
         (Some(sql), _, _) => run_script(&session, sql, "-c", &printer, &mut stdout, library).await,
-        (None, None, Some(name)) => {
-            let query = find(library, name)?;
-            run_query(&session, &query, &printer, &mut stdout, library).await
+        (None, None, Some(query)) => {
+            run_query(&session, query, &printer, &mut stdout, library).await
         }
         (None, Some(file), _) => {
             let sql = std::fs::read_to_string(file)

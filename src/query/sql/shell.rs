@@ -214,8 +214,6 @@ pub async fn repl(
                 }
                 Ok(Meta::Done) => Ok(()),
                 Ok(Meta::Run(query)) => {
-                    drop(stdout);
-                    let mut stdout = std::io::stdout().lock();
                     run_query(session, &query, &printer, &mut stdout, library).await
                 }
                 Err(e) => Err(e),
