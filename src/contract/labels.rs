@@ -97,14 +97,9 @@ impl LabelSet {
         let mut aliases: Vec<(String, String)> = Vec::new();
         if spec.language {
             if allowed.is_empty() {
-                allowed = ISO_639_1.iter().map(|c| c.to_string()).collect();
+                allowed = iso_639_1_codes();
             }
-            aliases.extend(
-                LANGUAGE_ALIASES
-                    .iter()
-                    .filter(|(_, code)| allowed.iter().any(|a| a == code))
-                    .map(|(k, v)| (k.to_string(), v.to_string())),
-            );
+            aliases.extend(language_aliases(&allowed, &spec.aliases));
         }
         if allowed.is_empty() {
             return Err("`labels` needs a non-empty `allowed` list (or `language = true`)".into());
@@ -278,26 +273,12 @@ pub fn fold(raw: &str) -> String {
     out
 }
 
-/// The ISO 639-1 two-letter language codes.
-const ISO_639_1: &[&str] = &[
-    "aa", "ab", "ae", "af", "ak", "am", "an", "ar", "as", "av", "ay", "az", "ba", "be", "bg", "bi",
-    "bm", "bn", "bo", "br", "bs", "ca", "ce", "ch", "co", "cr", "cs", "cu", "cv", "cy", "da", "de",
-    "dv", "dz", "ee", "el", "en", "eo", "es", "et", "eu", "fa", "ff", "fi", "fj", "fo", "fr", "fy",
-    "ga", "gd", "gl", "gn", "gu", "gv", "ha", "he", "hi", "ho", "hr", "ht", "hu", "hy", "hz", "ia",
-    "id", "ie", "ig", "ii", "ik", "io", "is", "it", "iu", "ja", "jv", "ka", "kg", "ki", "kj", "kk",
-    "kl", "km", "kn", "ko", "kr", "ks", "ku", "kv", "kw", "ky", "la", "lb", "lg", "li", "ln", "lo",
-    "lt", "lu", "lv", "mg", "mh", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "na", "nb", "nd",
-    "ne", "ng", "nl", "nn", "no", "nr", "nv", "ny", "oc", "oj", "om", "or", "os", "pa", "pi", "pl",
-    "ps", "pt", "qu", "rm", "rn", "ro", "ru", "rw", "sa", "sc", "sd", "se", "sg", "si", "sk", "sl",
-    "sm", "sn", "so", "sq", "sr", "ss", "st", "su", "sv", "sw", "ta", "te", "tg", "th", "ti", "tk",
-    "tl", "tn", "to", "tr", "ts", "tt", "tw", "ty", "ug", "uk", "ur", "uz", "ve", "vi", "vo", "wa",
-    "wo", "xh", "yi", "yo", "za", "zh", "zu",
-];
-
-/// What upstreams send instead of ISO 639-1: country codes that are not language codes,
-/// withdrawn codes, ISO 639-2/3 codes and English (and a few native) language names.
+/// Spellings of ISO 639-1 codes that `isolang` does not know, beside its 639-3 codes, English
+/// names and autonyms: country codes sent as language codes (only those that are no language
+/// code themselves), withdrawn 639-1 codes, ISO 639-2/B codes, the macrolanguage member models
+/// name most, and the everyday names of languages whose ISO name is longer.
 const LANGUAGE_ALIASES: &[(&str, &str)] = &[
-    // Country codes used as language codes (only those that are not language codes themselves).
+    // Country codes.
     ("ua", "uk"),
     ("jp", "ja"),
     ("cn", "zh"),
@@ -316,85 +297,72 @@ const LANGUAGE_ALIASES: &[(&str, &str)] = &[
     ("ji", "yi"),
     ("jw", "jv"),
     ("mo", "ro"),
-    // ISO 639-2/3 codes.
-    ("eng", "en"),
-    ("spa", "es"),
-    ("por", "pt"),
-    ("fra", "fr"),
+    // ISO 639-2/B (bibliographic) codes that differ from 639-3.
     ("fre", "fr"),
-    ("deu", "de"),
     ("ger", "de"),
-    ("ita", "it"),
-    ("nld", "nl"),
     ("dut", "nl"),
-    ("rus", "ru"),
-    ("jpn", "ja"),
-    ("zho", "zh"),
     ("chi", "zh"),
-    ("cmn", "zh"),
-    ("kor", "ko"),
-    ("ara", "ar"),
-    ("hin", "hi"),
-    ("tur", "tr"),
-    ("pol", "pl"),
-    ("ukr", "uk"),
-    ("swe", "sv"),
-    ("nor", "no"),
-    ("dan", "da"),
-    ("fin", "fi"),
-    ("ces", "cs"),
     ("cze", "cs"),
-    ("ell", "el"),
     ("gre", "el"),
-    ("heb", "he"),
-    ("ind", "id"),
-    ("vie", "vi"),
-    ("tha", "th"),
-    ("fas", "fa"),
     ("per", "fa"),
-    ("ron", "ro"),
     ("rum", "ro"),
-    ("hun", "hu"),
-    ("cat", "ca"),
-    // Names.
-    ("english", "en"),
-    ("spanish", "es"),
-    ("español", "es"),
-    ("portuguese", "pt"),
-    ("português", "pt"),
-    ("french", "fr"),
-    ("français", "fr"),
-    ("german", "de"),
-    ("deutsch", "de"),
-    ("italian", "it"),
-    ("italiano", "it"),
-    ("dutch", "nl"),
-    ("russian", "ru"),
-    ("japanese", "ja"),
-    ("chinese", "zh"),
+    // Mandarin, a member of the Chinese macrolanguage.
+    ("cmn", "zh"),
     ("mandarin", "zh"),
-    ("korean", "ko"),
-    ("arabic", "ar"),
-    ("hindi", "hi"),
-    ("turkish", "tr"),
-    ("polish", "pl"),
-    ("ukrainian", "uk"),
-    ("swedish", "sv"),
-    ("norwegian", "no"),
-    ("danish", "da"),
-    ("finnish", "fi"),
-    ("czech", "cs"),
+    // Everyday names.
     ("greek", "el"),
-    ("hebrew", "he"),
-    ("indonesian", "id"),
-    ("vietnamese", "vi"),
-    ("thai", "th"),
-    ("persian", "fa"),
     ("farsi", "fa"),
-    ("romanian", "ro"),
-    ("hungarian", "hu"),
-    ("catalan", "ca"),
 ];
+
+/// Every ISO 639-1 code `isolang` lists, the default allowed values of a language column.
+fn iso_639_1_codes() -> Vec<String> {
+    let mut codes: Vec<String> = isolang::languages()
+        .filter_map(|language| language.to_639_1())
+        .map(String::from)
+        .collect();
+    codes.sort();
+    codes
+}
+
+/// The spellings that mean each allowed language code: its ISO 639-3 code, English name and
+/// autonym (from `isolang`), then [`LANGUAGE_ALIASES`]. A spelling that would mean two allowed
+/// codes (`isiNdebele` names both `nd` and `nr`) or that the schema's own aliases use is left
+/// out, so it stays the schema's to decide.
+fn language_aliases(allowed: &[String], own: &HashMap<String, String>) -> Vec<(String, String)> {
+    let mut meaning: HashMap<String, Option<String>> = HashMap::new();
+    let mut order = Vec::new();
+    let mut add = |spelling: &str, code: &str| {
+        let folded = fold(spelling);
+        match meaning.get_mut(&folded) {
+            Some(seen) if seen.as_deref() != Some(code) => *seen = None,
+            Some(_) => {}
+            None => {
+                meaning.insert(folded.clone(), Some(code.to_string()));
+                order.push((folded, spelling.to_string()));
+            }
+        }
+    };
+    for code in allowed {
+        if let Some(language) = isolang::Language::from_639_1(code) {
+            add(language.to_639_3(), code);
+            add(language.to_name(), code);
+            if let Some(autonym) = language.to_autonym() {
+                add(autonym, code);
+            }
+        }
+    }
+    for (spelling, code) in LANGUAGE_ALIASES {
+        if allowed.iter().any(|a| a == code) {
+            add(spelling, code);
+        }
+    }
+    let own: Vec<String> = own.keys().map(|k| fold(k)).collect();
+    order
+        .into_iter()
+        .filter(|(folded, _)| !own.contains(folded))
+        .filter_map(|(folded, spelling)| Some((spelling, meaning[&folded].clone()?)))
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -526,9 +494,43 @@ mod tests {
                 ("iw", "he", Alias),
                 ("eng", "en", Alias),
                 ("English", "en", Alias),
+                ("Deutsch", "de", Alias),
+                ("español", "es", Alias),
+                ("Ελληνικά", "el", Alias),
+                ("Greek", "el", Alias),
+                ("Modern Greek", "el", Alias),
+                ("fre", "fr", Alias),
+                ("ukr", "uk", Alias),
+                ("swa", "sw", Alias),
+                ("Swahili", "sw", Alias),
+                ("Yoruba", "yo", Alias),
+                ("Tagalog", "tl", Alias),
+                ("isiNdebele", "UNKNOWN", Unknown),
                 ("Portugese", "pt", Fuzzy),
                 ("xx", "UNKNOWN", Unknown),
                 ("und", "UNKNOWN", Unknown),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_schemas_own_language_alias_wins_over_the_iso_spelling() {
+        // isolang gives `Norsk` as the autonym of `no`; this schema means Bokmål by it.
+        let s = LabelSet::new(&LabelSpec {
+            allowed: vec!["en".into(), "nb".into(), "no".into()],
+            aliases: [("norsk".to_string(), "nb".to_string())].into(),
+            language: true,
+            ..LabelSpec::default()
+        })
+        .unwrap();
+        use Outcome::*;
+        check(
+            &s,
+            &[
+                ("Norsk", "nb", Alias),
+                ("nor", "no", Alias),
+                ("Norwegian Bokmål", "nb", Alias),
+                ("spa", "UNKNOWN", Unknown),
             ],
         );
     }
