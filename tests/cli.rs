@@ -245,7 +245,8 @@ fn an_error_is_one_line_naming_the_cause_with_a_backtrace_only_when_asked() {
     assert_eq!(
         plain,
         format!(
-            "error: config file {}: No such file or directory (os error 2)\n",
+            "error: config file {}: No such file or directory (os error 2); pass the path of an \
+             existing config (`sluice demo` writes one to lakehouse/sluice.toml)\n",
             missing.display()
         )
     );
@@ -648,7 +649,25 @@ fn config_check_names_the_file_and_the_key_that_is_wrong() {
         text.replace("mappings/mastodon.toml", "mappings/mastodn.toml"),
         &[],
     );
-    assert!(err.contains("mastodn.toml"), "{err}");
+    assert!(
+        err.contains(
+            "mastodn.toml: No such file or directory (os error 2); check `mapping` of a \
+             table's `sources` in the config (a relative path starts from the config file's folder)"
+        ),
+        "{err}"
+    );
+
+    let err = failing(
+        text.replace("enriched_posts.toml", "enriched_post.toml"),
+        &[],
+    );
+    assert!(
+        err.contains(
+            "enriched_post.toml: No such file or directory (os error 2); check `schema` \
+             of a `[[tables]]` entry in the config"
+        ),
+        "{err}"
+    );
 
     let err = failing(format!("{text}[metrics]\nlisten = \"9464\"\n"), &[]);
     assert!(

@@ -1391,3 +1391,45 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     }
     s.audit(&config, report.delivered);
 }
+
+/// A bucket that does not exist stops the writer, the shell and compaction with one line that
+/// names the bucket and the fix, not the store's XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn a_missing_bucket_is_one_line_naming_it_and_the_fix() {
+    let s = Scenario::with_topics("missing-bucket", |shape| {
+        format!("missing-bucket.{}", shape.default_topic())
+    });
+    let config = s.default_config("");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("s3://{}/", s.servers.bucket),
+        "s3://no-such-bucket/",
+    );
+    std::fs::write(&config, text).unwrap();
+    let config_arg = config.display().to_string();
+    let expected = format!(
+        "the S3 bucket `no-such-bucket` does not exist at {}; create it (`aws s3 mb`, `mc mb`) \
+         or change storage.root",
+        s.servers.s3
+    );
+    for command in [
+        &["run", "--config", &config_arg][..],
+        &["sql", "--config", &config_arg, "-c", "SELECT 1"],
+        &["compact", "--config", &config_arg],
+    ] {
+        let run = s
+            .sluice()
+            .args(command)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let output = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{command:?}:\n{output}");
+        let errors: Vec<&str> = output.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{command:?}: one error line:\n{output}");
+        assert!(
+            errors[0].starts_with("error: ") && errors[0].ends_with(&expected),
+            "{command:?}:\n{output}"
+        );
+    }
+}

@@ -35,7 +35,14 @@ pub const MAX_LAG_INTERVAL_S: u64 = 60;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("config file {file}: {source}")]
+    #[error(
+        "config file {file}: {source}{}",
+        if source.kind() == std::io::ErrorKind::NotFound {
+            "; pass the path of an existing config (`sluice demo` writes one to lakehouse/sluice.toml)"
+        } else {
+            ""
+        }
+    )]
     Io {
         /// Config file path.
         file: PathBuf,

@@ -26,7 +26,10 @@ use crate::contract::values::timestamps_from_text;
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
     /// The file could not be read.
-    #[error("mapping file {file}: {source}")]
+    #[error(
+        "mapping file {file}: {source}{}",
+        crate::contract::schema::missing_file_hint(source, "mapping", "a table's `sources`")
+    )]
     Io {
         /// Path of the mapping file.
         file: PathBuf,

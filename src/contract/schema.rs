@@ -20,7 +20,10 @@ pub const RAW_SUFFIX: &str = "_raw";
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     /// The file could not be read.
-    #[error("schema file {file}: {source}")]
+    #[error(
+        "schema file {file}: {source}{}",
+        missing_file_hint(source, "schema", "a `[[tables]]` entry")
+    )]
     Io {
         /// Path of the schema file.
         file: PathBuf,
@@ -150,6 +153,19 @@ pub struct TableSchema {
     pub partition_column: Option<String>,
     /// Where the definition was read from, for error messages.
     pub file: PathBuf,
+}
+
+/// What to check when a file named in a config is missing: the key that names it, and where a
+/// relative path starts. Empty for any other I/O error.
+pub(crate) fn missing_file_hint(error: &std::io::Error, key: &str, entry: &str) -> String {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        format!(
+            "; check `{key}` of {entry} in the config (a relative path starts from the config \
+             file's folder)"
+        )
+    } else {
+        String::new()
+    }
 }
 
 impl TableSchema {

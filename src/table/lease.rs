@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::table::problem::StorageError;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -41,7 +42,7 @@ pub enum LeaseError {
         /// The record or folder involved.
         path: String,
         /// The store's error.
-        source: object_store::Error,
+        source: StorageError<object_store::Error>,
     },
     /// A record is not what sluice writes.
     #[error("compaction lease record {path} is unreadable: {reason}")]
@@ -130,7 +131,7 @@ fn record_path(generation: u64) -> Path {
 fn store_error(path: &Path) -> impl FnOnce(object_store::Error) -> LeaseError + '_ {
     move |source| LeaseError::Store {
         path: path.to_string(),
-        source,
+        source: StorageError(source),
     }
 }
 

@@ -15,6 +15,7 @@ use object_store::path::Path;
 use crate::table::compact::{DEFAULT_TARGET_SIZE, PartitionFiles, partitions};
 use crate::table::delta::{committed_offset, open_table, register_table};
 use crate::table::lease::{self, LeaseRecord};
+use crate::table::problem::StorageError;
 
 /// The retention vacuum keeps by default: readers and time travel within a week keep working.
 pub const DEFAULT_VACUUM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -30,7 +31,7 @@ pub enum MaintainError {
         /// What was being done.
         operation: &'static str,
         /// delta-rs' error.
-        source: Box<DeltaTableError>,
+        source: StorageError<Box<DeltaTableError>>,
     },
     /// A retention shorter than the default was asked for without the override.
     #[error(
@@ -57,7 +58,7 @@ fn delta(table: &str, operation: &'static str) -> impl FnOnce(DeltaTableError) -
     move |source| MaintainError::Delta {
         table,
         operation,
-        source: Box::new(source),
+        source: source.into(),
     }
 }
 

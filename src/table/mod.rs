@@ -5,3 +5,4 @@ pub mod compact;
 pub mod delta;
 pub mod lease;
 pub mod maintain;
+pub mod problem;

@@ -182,7 +182,7 @@ impl TableWriter {
                     .map_err(|source| DeltaError::Delta {
                         table: self.dead_letters.name().to_string(),
                         operation: "read stored dead letters",
-                        source: Box::new(source),
+                        source: source.into(),
                     })?,
                 ),
                 _ => None,

@@ -418,7 +418,7 @@ impl TableWriter {
                 .map_err(|source| DeltaError::Delta {
                     table: self.dead_letters.name().to_string(),
                     operation: "read stored dead letters",
-                    source: Box::new(source),
+                    source: source.into(),
                 })?;
         tracing::info!(table = %self.sink.name(), partition = %key, position = ?committed, through, dead_letters = stored.len(),
             "an interrupted flush stored dead letters past the table's position; they stay dead letters");

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use deltalake::arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use deltalake::datafusion::common::TableReference;
 use deltalake::datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use deltalake::datafusion::error::DataFusionError;
 use deltalake::datafusion::logical_expr::{DdlStatement, LogicalPlan, Statement as PlanStatement};
@@ -35,6 +36,7 @@ use crate::config::Config;
 use crate::contract::dead_letters;
 use crate::contract::schema::{SchemaError, TableSchema, type_name};
 use crate::table::delta::{register_table, table_location, table_url, vector_columns};
+use crate::table::problem::StorageError;
 
 pub use travel::TravelKey;
 
@@ -52,7 +54,7 @@ pub enum SqlError {
         /// Where it was looked for.
         location: String,
         /// delta-rs' error.
-        source: Box<DeltaTableError>,
+        source: StorageError<Box<DeltaTableError>>,
     },
     /// None of the configured tables exists yet.
     #[error("no table exists yet under {root} (has `sluice run` or `sluice demo` written one?)")]
@@ -70,7 +72,7 @@ pub enum SqlError {
     #[error("time travel: {0}")]
     TimeTravel(String),
     /// A name that is not a registered table.
-    #[error("unknown table {name}; tables: {known}")]
+    #[error("unknown table {name}; tables: {known} (`\\d NAME` shows a table's columns)")]
     UnknownTable {
         /// The name asked for.
         name: String,
@@ -205,10 +207,10 @@ impl Session {
                 (None, Some(t)) => AsOf::Timestamp(t),
                 (None, None) => AsOf::Latest,
             };
-            let open_error = |source| SqlError::Open {
+            let open_error = |source: DeltaTableError| SqlError::Open {
                 table: schema.name.clone(),
                 location: location.clone(),
-                source: Box::new(source),
+                source: source.into(),
             };
             let table = match load(&location, &storage_options, state).await {
                 Ok(table) => table,
@@ -285,7 +287,11 @@ impl Session {
         let started = Instant::now();
         self.travel.prepare(&self.ctx, &statement).await?;
         let state = self.ctx.state();
-        let plan = state.statement_to_plan(statement).await?;
+        let references = state.resolve_table_references(&statement);
+        let plan = match state.statement_to_plan(statement).await {
+            Ok(plan) => plan,
+            Err(error) => return Err(self.explain(error, references.ok())),
+        };
         refuse_writes(&plan)?;
         let frame = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
@@ -295,6 +301,36 @@ impl Session {
             batches,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// A planning error about a table the session does not have becomes
+    /// [`SqlError::UnknownTable`], which lists the tables; any other error stays as it is.
+    fn explain(&self, error: DataFusionError, references: Option<Vec<TableReference>>) -> SqlError {
+        let plan_error = matches!(error.find_root(), DataFusionError::Plan(_));
+        let missing = references.into_iter().flatten().find(|reference| {
+            plan_error
+                && self.ctx.table_function(reference.table()).is_err()
+                && self
+                    .ctx
+                    .table_exist(reference.clone())
+                    .is_ok_and(|exists| !exists)
+        });
+        match missing {
+            Some(reference) => self.unknown_table(reference.table()),
+            None => SqlError::Query(error),
+        }
+    }
+
+    fn unknown_table(&self, name: &str) -> SqlError {
+        SqlError::UnknownTable {
+            name: name.to_string(),
+            known: self
+                .tables
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
     }
 
     /// One row per registered table: name, what it holds, version, files, location.
@@ -336,15 +372,7 @@ impl Session {
             .tables
             .iter()
             .find(|t| t.name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| SqlError::UnknownTable {
-                name: name.to_string(),
-                known: self
-                    .tables
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+            .ok_or_else(|| self.unknown_table(name))?;
         let arrow = table.schema.arrow_schema();
         let columns = &table.schema.columns;
         let partition = table.schema.partition_column.as_deref();

@@ -114,10 +114,10 @@ impl Travel {
             let table = load(&location, &self.storage_options, state)
                 .await
                 .map_err(|e| SqlError::TimeTravel(format!("{} {:?}: {e}", key.table, key.state)))?;
-            let open_error = |source| SqlError::Open {
+            let open_error = |source: deltalake::DeltaTableError| SqlError::Open {
                 table: key.table.clone(),
                 location: location.clone(),
-                source: Box::new(source),
+                source: source.into(),
             };
             table
                 .update_datafusion_session(&ctx.state())

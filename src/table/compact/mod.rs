@@ -26,6 +26,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::table::delta::{DEFAULT_ZSTD_LEVEL, arrow_schema_of, open_table, parquet_properties};
 use crate::table::lease::{self, Acquired, LeaseError};
+use crate::table::problem::StorageError;
 
 use rewrite::partition_of;
 pub use rewrite::{Rewrite, commit_rewrite, rewrite_partition};
@@ -58,7 +59,7 @@ pub enum CompactError {
         /// What was being done.
         operation: String,
         /// delta-rs' error.
-        source: Box<DeltaTableError>,
+        source: StorageError<Box<DeltaTableError>>,
     },
     /// The lease could not be read, taken, renewed or released.
     #[error("compacting {table}: {source}")]
@@ -206,7 +207,7 @@ fn delta_error(table: &str, operation: &str) -> impl FnOnce(DeltaTableError) -> 
     move |source| CompactError::Delta {
         table,
         operation,
-        source: Box::new(source),
+        source: source.into(),
     }
 }
 

@@ -56,10 +56,10 @@ pub(super) async fn evolve_schema(
     schema: &TableSchema,
 ) -> Result<(), DeltaError> {
     let expected = schema.arrow_schema();
-    let delta_err = |operation, source| DeltaError::Delta {
+    let delta_err = |operation, source: DeltaTableError| DeltaError::Delta {
         table: schema.name.clone(),
         operation,
-        source: Box::new(source),
+        source: source.into(),
     };
     let existing = arrow_schema_of(table).map_err(|source| delta_err("read schema", source))?;
     let mut problems = Vec::new();
@@ -171,7 +171,7 @@ pub(super) async fn probe_conditional_put(
     let io = |source: object_store::Error| DeltaError::Delta {
         table: name.to_string(),
         operation: "probe conditional writes",
-        source: Box::new(DeltaTableError::from(source)),
+        source: DeltaTableError::from(source).into(),
     };
     store
         .put_opts(&path, PutPayload::from_static(b"probe"), create())

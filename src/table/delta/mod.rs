@@ -14,6 +14,8 @@ use deltalake::DeltaTableError;
 use deltalake::kernel::transaction::TransactionError;
 use deltalake::parquet::errors::ParquetError;
 
+use crate::table::problem::StorageError;
+
 pub use parquet::{DEFAULT_ZSTD_LEVEL, parquet_properties, vector_columns};
 pub use read::{
     arrow_schema_of, open_table, register_table, table_location, table_provider, table_url,
@@ -56,7 +58,7 @@ pub enum DeltaError {
         /// What sluice was doing.
         operation: &'static str,
         /// delta-rs' error (boxed: it is large and errors are rare).
-        source: Box<DeltaTableError>,
+        source: StorageError<Box<DeltaTableError>>,
     },
     /// Another writer committed a txn version for one of our partitions since we last read it.
     #[error("table {table}: another writer committed to the same Kafka partitions concurrently")]
@@ -96,7 +98,7 @@ impl DeltaError {
     pub fn is_transient(&self) -> bool {
         match self {
             DeltaError::Delta { source, .. } => matches!(
-                source.as_ref(),
+                source.0.as_ref(),
                 DeltaTableError::ObjectStore { .. }
                     | DeltaTableError::Io { .. }
                     // The kernel reports storage failures while reading the log this way.
@@ -157,7 +159,7 @@ mod tests {
         let delta = |source: ParquetError| DeltaError::Delta {
             table: "t".into(),
             operation: "upload parquet",
-            source: Box::new(DeltaTableError::Parquet { source }),
+            source: DeltaTableError::Parquet { source }.into(),
         };
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(delta(ParquetError::External(Box::new(refused))).is_transient());

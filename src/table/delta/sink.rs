@@ -62,10 +62,10 @@ impl DeltaSink {
         })?;
         let delta_err = |operation| {
             let table = name.clone();
-            move |source| DeltaError::Delta {
+            move |source: DeltaTableError| DeltaError::Delta {
                 table,
                 operation,
-                source: Box::new(source),
+                source: source.into(),
             }
         };
         let mut table = DeltaTableBuilder::from_url(url.clone())
@@ -106,7 +106,7 @@ impl DeltaSink {
             parquet_properties(zstd_level, &written).map_err(|e| DeltaError::Delta {
                 table: name.clone(),
                 operation: "configure zstd",
-                source: Box::new(DeltaTableError::Generic(e.to_string())),
+                source: DeltaTableError::Generic(e.to_string()).into(),
             })?;
         Ok(DeltaSink {
             table,
@@ -200,10 +200,10 @@ impl DeltaSink {
         let name = self.schema.name.clone();
         let task = tokio::spawn(async move {
             let mut writer = writer;
-            let err = |operation, source| DeltaError::Delta {
+            let err = |operation, source: DeltaTableError| DeltaError::Delta {
                 table: name.clone(),
                 operation,
-                source: Box::new(source),
+                source: source.into(),
             };
             // Decoded batches can be small (a chunk of one of many partitions); the Parquet
             // writer's cost per write is high, so they are gathered into bigger ones first.
@@ -349,7 +349,7 @@ impl DeltaSink {
         DeltaError::Delta {
             table: self.schema.name.clone(),
             operation,
-            source: Box::new(source),
+            source: source.into(),
         }
     }
 }
