@@ -105,6 +105,9 @@ impl Command {
             {
                 "warn"
             }
+            // The demo's summary tells what happened (dead letters, labels, the audit); its
+            // log lines would bury it.
+            Command::Demo(_) => "error",
             _ => "info",
         };
         format!(

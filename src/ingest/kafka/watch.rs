@@ -120,7 +120,7 @@ impl Watch {
     /// the code).
     pub fn report(&self, error: &KafkaError, reason: &str) {
         // The end of a partition is news for readers that ask for it, not a failure.
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        if is_end_of_partition(error) {
             return;
         }
         let reason = self.redactor.scrub(reason);
@@ -254,9 +254,28 @@ pub fn forward_log(watch: &Watch, level: RDKafkaLogLevel, fac: &str, message: &s
     }
 }
 
+/// The end of a partition, which consumers that ask for it receive as an error (as
+/// `PartitionEOF` on a partition, or as a global error when it comes through the client's
+/// error callback).
+fn is_end_of_partition(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_of_a_partition_is_no_client_error() {
+        assert!(is_end_of_partition(&KafkaError::PartitionEOF(3)));
+        assert!(is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+    }
 
     #[test]
     fn an_hour_of_failures_every_200_ms_is_a_dozen_lines_saying_how_many() {
