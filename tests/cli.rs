@@ -107,6 +107,77 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
     );
 }
 
+/// A broker that is not there is retried every few hundred milliseconds; the log says so once
+/// (then after 30 s, 1, 2, 4 and 8 minutes), the metric counts every attempt and readiness
+/// carries the detail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_down_is_logged_once_not_once_per_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let brokers = format!("127.0.0.1:{}", free_port());
+    let config_file = write_config(dir.path(), &brokers, 100);
+    let port = free_port();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = dir.path().join("sluice.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config_file)
+        .args(["--metrics-listen", &metrics.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+
+    const ATTEMPTS: f64 = 40.0;
+    let failing = tokio::time::timeout(CATCH_UP, async {
+        loop {
+            let failures = tokio::task::spawn_blocking(move || {
+                Scrape::fetch(metrics).map(|s| {
+                    s.sum(
+                        "sluice_kafka_connection_failures_total",
+                        &[("kind", "unreachable")],
+                    )
+                })
+            })
+            .await
+            .unwrap();
+            if failures.is_some_and(|f| f >= ATTEMPTS) {
+                return tokio::task::spawn_blocking(move || http_get(metrics, "/readyz"))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    let readyz = failing.unwrap_or_else(|_| panic!("{ATTEMPTS} failed attempts counted:\n{log}"));
+
+    let (status, body) = readyz.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("cannot reach the broker at {brokers}")),
+        "{body}"
+    );
+    let kafka_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("kafka") && !l.contains("sluice::service"))
+        .collect();
+    assert_eq!(
+        kafka_lines.len(),
+        1,
+        "{ATTEMPTS} failed attempts, one line:\n{log}"
+    );
+    assert!(
+        kafka_lines[0].contains(&format!("cannot reach the broker at {brokers}"))
+            && kafka_lines[0].contains("check kafka.brokers"),
+        "{log}"
+    );
+}
+
 /// An S3 endpoint that accepts connections and never answers keeps the writer opening its
 /// table (the store client waits and retries for minutes). SIGTERM then stops it at once and
 /// cleanly, as `systemctl stop` or a Kubernetes rollout expects, instead of killing it.

@@ -219,6 +219,12 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
         "Kafka receive and watermark errors (retried).",
     ),
     (
+        "sluice_kafka_connection_failures_total",
+        Kind::Counter,
+        "kind",
+        "Failed connection attempts to Kafka as librdkafka reports them, by kind: unreachable, authentication, tls, protocol. The log says so once, then after 30 s, 1, 2, 4, 8 min and every 10 min.",
+    ),
+    (
         "sluice_dead_letter_forward_errors_total",
         Kind::Counter,
         "table",

@@ -36,6 +36,18 @@ pub struct Problem {
     pub since: SystemTime,
 }
 
+impl ProblemKind {
+    /// The `kind` label of `sluice_kafka_connection_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProblemKind::Authentication => "authentication",
+            ProblemKind::Tls => "tls",
+            ProblemKind::Protocol => "protocol",
+            ProblemKind::Unreachable => "unreachable",
+        }
+    }
+}
+
 impl Problem {
     pub(super) fn cause(&self) -> &'static str {
         match self.kind {

@@ -162,6 +162,8 @@ impl Watch {
         let Some(kind) = classify(code, text, &self.security) else {
             return false;
         };
+        metrics::counter!("sluice_kafka_connection_failures_total", "kind" => kind.label())
+            .increment(1);
         let mut state = self.lock();
         // "All brokers down" only sums up what was reported before it.
         if kind == ProblemKind::Unreachable
