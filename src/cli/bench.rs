@@ -38,6 +38,12 @@ pub struct BenchArgs {
     /// Duration of the freshness stage in seconds.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// batch.max_age_ms of the freshness stage: the flush age, hence the freshness bound.
+    #[arg(long, default_value_t = sluice::tools::bench::FRESHNESS_FLUSH_MS)]
+    max_age_ms: u64,
+    /// Freshness measurements back to back (each its own writer process and topics).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// A folder of `.sql` files for the compaction stage to run before and after, instead of
     /// the built-in query library.
     #[arg(long, value_name = "DIR")]
@@ -73,6 +79,8 @@ impl BenchArgs {
             self.rate.to_string(),
             "--seconds".into(),
             self.seconds.to_string(),
+            "--max-age-ms".into(),
+            self.max_age_ms.to_string(),
             "--seed".into(),
             self.seed.to_string(),
         ];
@@ -125,6 +133,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         kafka_properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
         rate: args.rate,
         seconds: args.seconds,
+        max_age_ms: args.max_age_ms,
+        runs: args.runs.max(1),
         sql_dir: args.sql_dir,
         seed: args.seed,
         max_bytes: args.max_bytes,

@@ -11,7 +11,7 @@ use crate::ingest::batch::FlushReason;
 use crate::ingest::decode::{Chunk, DecodeError, Decoded};
 use crate::table::delta::{DeltaError, PartitionKey};
 
-use super::{PipelineError, Record, TableWriter};
+use super::{PipelineError, Record, TableWriter, trace};
 
 /// A chunk being decoded on a blocking thread.
 pub(super) struct InFlight {
@@ -72,6 +72,9 @@ impl TableWriter {
             state.newest_ms = Some(state.newest_ms.map_or(t, |n| n.max(t)));
         }
         state.pending.push(offset, timestamp, message.key, payload);
+        if trace::enabled() {
+            state.received.push((offset, trace::now_us()));
+        }
         state.bytes += bytes;
         state.messages += 1;
         state.cover(offset);
@@ -207,23 +210,31 @@ impl TableWriter {
 
     /// The data files of the buffered `batches`: those of an earlier attempt of this flush
     /// when no buffer was dropped since, else the background encoding's, else written now.
+    /// The files of the current flush, and when (µs since the epoch) the Parquet writer began
+    /// closing them (`None` when an earlier attempt's files are reused).
     pub(super) async fn encoded_files(
         &mut self,
         batches: &[RecordBatch],
-    ) -> Result<Vec<Add>, DeltaError> {
+    ) -> Result<(Vec<Add>, Option<i64>), DeltaError> {
         if let Some((generation, files)) = &self.encoded
             && *generation == self.generation
         {
-            return Ok(files.clone());
+            return Ok((files.clone(), None));
         }
-        let files = match self.encoding.take() {
-            Some((generation, encoding)) if generation == self.generation => {
-                encoding.finish().await?
+        let encoding = match self.encoding.take() {
+            Some((generation, encoding)) if generation == self.generation => encoding,
+            _ => {
+                let mut encoding = self.sink.start_encoding()?;
+                for batch in batches {
+                    encoding.push(batch.clone());
+                }
+                encoding
             }
-            _ => self.sink.encode(batches).await?,
         };
+        let closing = encoding.closing();
+        let files = encoding.finish().await?;
         self.encoded = Some((self.generation, files.clone()));
-        Ok(files)
+        Ok((files, closing.get()))
     }
 
     /// Decodes everything buffered and waits for it.

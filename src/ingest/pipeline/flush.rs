@@ -10,6 +10,7 @@ use crate::ingest::dead_letters;
 use crate::ingest::decode::Rejection;
 use crate::table::delta::{DeltaError, PartitionKey, PartitionLedger};
 
+use super::trace::{self, FlushTrace};
 use super::{PipelineError, TableWriter};
 
 /// Longest wait between retries of a failing commit.
@@ -36,7 +37,9 @@ impl TableWriter {
     /// table before every attempt.
     #[tracing::instrument(name = "flush", level = "info", skip(self), fields(table = %self.sink.name(), reason = reason.as_str(), messages = self.batcher.rows()))]
     pub(super) async fn flush(&mut self, reason: FlushReason) -> Result<(), PipelineError> {
+        let tracing_started = trace::enabled().then(trace::now_us);
         self.decode_all().await?;
+        let decoded_us = trace::now_us();
         let mut backoff = FIRST_BACKOFF;
         let mut in_flight: BTreeMap<PartitionKey, i64> = BTreeMap::new();
         loop {
@@ -103,9 +106,13 @@ impl TableWriter {
                 .collect();
             self.epoch += 1;
             let started = Instant::now();
+            let checked_us = trace::now_us();
+            let mut encoded_us = None;
+            let mut uploaded_us = checked_us;
             let result = match self.encoded_files(&batches).await {
-                Ok(files) => {
+                Ok((files, closing)) => {
                     failpoint::reached(self.failpoint.as_deref(), "after_upload");
+                    (encoded_us, uploaded_us) = (closing, trace::now_us());
                     self.sink.commit_files(files, &ledger, self.epoch).await
                 }
                 Err(e) => Err(e),
@@ -117,6 +124,19 @@ impl TableWriter {
                     // Only our commit landed since the last check: positions are still known.
                     if committed.version == self.verified_version + 1 {
                         self.verified_version = committed.version;
+                    }
+                    if let Some(started_us) = tracing_started {
+                        trace::send(FlushTrace {
+                            table: self.sink.name().to_string(),
+                            version: committed.version,
+                            received: self.take_received(&ledger),
+                            started_us,
+                            decoded_us,
+                            checked_us,
+                            encoded_us: encoded_us.unwrap_or(checked_us).max(checked_us),
+                            uploaded_us,
+                            committed_us: trace::now_us(),
+                        });
                     }
                     self.on_committed(
                         &ledger,
@@ -142,6 +162,24 @@ impl TableWriter {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The receive times of the messages `ledger` commits, for the freshness trace.
+    fn take_received(
+        &mut self,
+        ledger: &[(PartitionKey, PartitionLedger)],
+    ) -> Vec<(PartitionKey, i64, i64)> {
+        let mut received = Vec::new();
+        for (key, _) in ledger {
+            if let Some(state) = self.partitions.get_mut(key) {
+                received.extend(
+                    std::mem::take(&mut state.received)
+                        .into_iter()
+                        .map(|(offset, at)| (key.clone(), offset, at)),
+                );
+            }
+        }
+        received
     }
 
     /// Commits the buffered rejections to the dead-letter table, before the rows (see

@@ -32,6 +32,7 @@ use crate::table::delta::{DeltaError, DeltaSink, Encoding, PartitionKey};
 mod buffer;
 mod flush;
 mod positions;
+pub mod trace;
 
 /// Messages already fetched that one turn of the run loop takes before it looks at shutdown,
 /// the batch age and partition events again.

@@ -56,6 +56,8 @@ pub(super) struct PartitionState {
     pub(super) problem: Option<String>,
     /// The broker's log is behind the table's position: nothing is consumed.
     pub(super) stopped: bool,
+    /// Offset and receive time (µs) of each buffered message, while a freshness trace is on.
+    pub(super) received: Vec<(i64, i64)>,
 }
 
 /// What a flush that stored its dead letters but never its rows (a crash in between) decided
@@ -112,6 +114,7 @@ impl PartitionState {
             interrupted: None,
             problem: None,
             stopped: false,
+            received: Vec::new(),
         }
     }
 

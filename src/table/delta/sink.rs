@@ -198,6 +198,8 @@ impl DeltaSink {
         let table_schema = arrow_schema_of(&self.table).map_err(|s| self.err("snapshot", s))?;
         let (sender, mut batches) = tokio::sync::mpsc::unbounded_channel::<RecordBatch>();
         let name = self.schema.name.clone();
+        let closing = Closing::default();
+        let closing_at = closing.clone();
         let task = tokio::spawn(async move {
             let mut writer = writer;
             let err = |operation, source: DeltaTableError| DeltaError::Delta {
@@ -227,11 +229,13 @@ impl DeltaSink {
                         .map_err(|s| err("write parquet", s))?;
                 }
             }
+            closing_at.mark();
             writer.flush().await.map_err(|s| err("upload parquet", s))
         });
         Ok(Encoding {
             sender: Some(sender),
             task,
+            closing,
         })
     }
 
@@ -359,9 +363,33 @@ impl DeltaSink {
 pub struct Encoding {
     sender: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
     task: tokio::task::JoinHandle<Result<Vec<Add>, DeltaError>>,
+    closing: Closing,
+}
+
+/// When an [`Encoding`] began closing its files (the last rows encoded, the uploads next), as
+/// microseconds since the Unix epoch; shared with the encoding task.
+#[derive(Debug, Clone, Default)]
+pub struct Closing(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl Closing {
+    fn mark(&self) {
+        let now = chrono::Utc::now().timestamp_micros();
+        self.0.store(now, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The time, once the encoding began closing its files.
+    pub fn get(&self) -> Option<i64> {
+        let at = self.0.load(std::sync::atomic::Ordering::Acquire);
+        (at != 0).then_some(at)
+    }
 }
 
 impl Encoding {
+    /// A handle on when this encoding begins closing its files.
+    pub fn closing(&self) -> Closing {
+        self.closing.clone()
+    }
+
     /// Queues a batch; an encoding error surfaces from [`Encoding::finish`].
     pub fn push(&mut self, batch: RecordBatch) {
         if batch.num_rows() == 0 {

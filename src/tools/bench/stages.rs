@@ -1,13 +1,9 @@
 //! One function per stage: each produces its row of figures (pipeline, memory, kafka, freshness,
 //! compaction).
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, AsArray};
-use deltalake::arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
-use deltalake::datafusion::prelude::SessionContext;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -16,22 +12,12 @@ use crate::ingest::progress::Progress;
 use crate::query::library::queries;
 use crate::query::sql::{Session, TimeTravel};
 use crate::table::compact::{CompactOptions, compact};
-use crate::table::delta::{open_table, register_table, table_location};
-use crate::tools::produce::produce;
+use crate::table::delta::{open_table, table_location};
 
-use super::cluster::{
-    broker, feed, kafka_config, produce_options, produced_set, stage_config, stage_topics,
-    start_service,
-};
+use super::cluster::{feed, kafka_config, produced_set, stage_config, stage_topics, start_service};
 use super::corpus::Corpus;
-use super::process::{Meter, cpu_per_million, mib, per_second, percentile};
-use super::{
-    BenchError, BenchOptions, DRAIN_FLUSHES, Profile, READY, STALL_TIMEOUT, partitions_per_topic,
-    stage_error,
-};
-
-/// Flush bound of the freshness stage.
-pub(super) const FRESHNESS_FLUSH_MS: u64 = 1_000;
+use super::process::{Meter, cpu_per_million, mib, per_second};
+use super::{BenchError, BenchOptions, DRAIN_FLUSHES, Profile, stage_error};
 
 /// Rows per commit of the many-small-files table.
 pub(super) const SMALL_FILE_ROWS: usize = 500;
@@ -141,146 +127,6 @@ pub(super) async fn kafka_row(
         mib(m.peak_rss),
         written.files,
         written.commits,
-    ))
-}
-
-/// `(observed at, unix ms)` with the committed offsets then, per partition.
-type Visibility = Vec<(i64, BTreeMap<(String, i32), i64>)>;
-
-/// Records when each commit became visible to the writer's progress watchers.
-fn watch_commits(mut progress: watch::Receiver<Progress>) -> tokio::task::JoinHandle<Visibility> {
-    tokio::spawn(async move {
-        let mut seen = Visibility::new();
-        let mut commits = 0;
-        while progress.changed().await.is_ok() {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            let p = progress.borrow_and_update();
-            if p.commits != commits {
-                commits = p.commits;
-                let committed = p
-                    .committed
-                    .iter()
-                    .map(|(k, o)| ((k.topic.to_string(), k.partition), *o))
-                    .collect();
-                seen.push((now, committed));
-            }
-        }
-        seen
-    })
-}
-
-/// Per row, milliseconds from its Kafka timestamp (produce time) to the first commit that
-/// covered its offset.
-async fn latencies(config: &Config, seen: &Visibility) -> Result<Vec<i64>, BenchError> {
-    let error = stage_error("freshness");
-    let location = table_location(&config.storage.root, "enriched_posts");
-    let table = open_table(&location, config.storage_options())
-        .await
-        .map_err(|e| error(e.to_string()))?;
-    let ctx = SessionContext::new();
-    register_table(&ctx, "posts", &table)
-        .await
-        .map_err(|e| error(e.to_string()))?;
-    let batches = ctx
-        .sql("SELECT kafka_topic, kafka_partition, kafka_offset, kafka_timestamp FROM posts")
-        .await
-        .map_err(|e| error(e.to_string()))?
-        .collect()
-        .await
-        .map_err(|e| error(e.to_string()))?;
-    let mut out = Vec::new();
-    for batch in &batches {
-        let topics = deltalake::arrow::compute::cast(
-            batch.column(0),
-            &deltalake::arrow::datatypes::DataType::Utf8,
-        )
-        .map_err(|e| error(e.to_string()))?;
-        let topics = topics.as_string::<i32>();
-        let partitions = batch.column(1).as_primitive::<Int32Type>();
-        let offsets = batch.column(2).as_primitive::<Int64Type>();
-        let produced = batch.column(3).as_primitive::<TimestampMicrosecondType>();
-        for row in 0..batch.num_rows() {
-            if produced.is_null(row) {
-                continue;
-            }
-            let key = (topics.value(row).to_string(), partitions.value(row));
-            let offset = offsets.value(row);
-            let Some((visible, _)) = seen
-                .iter()
-                .find(|(_, committed)| committed.get(&key).is_some_and(|c| *c >= offset))
-            else {
-                return Err(error(format!("no observed commit covers {key:?}@{offset}")));
-            };
-            out.push(visible - produced.value(row) / 1000);
-        }
-    }
-    Ok(out)
-}
-
-pub(super) async fn freshness_row(
-    base: &Config,
-    run: &str,
-    options: &BenchOptions,
-    profile: Profile,
-) -> Result<String, BenchError> {
-    let topics = stage_topics(profile, run, "freshness");
-    let per_topic = partitions_per_topic(topics.len());
-    let partitions = per_topic as usize * topics.len();
-    let (brokers, cluster) = broker(options, &topics, per_topic).await?;
-    let mut config = kafka_config(base, run, "freshness", profile, &brokers, &topics);
-    config.batch.max_age_ms = FRESHNESS_FLUSH_MS;
-    let mut service = start_service(&config, partitions).await?;
-    let watcher = watch_commits(service.progress.clone());
-    let meter = Meter::start();
-    let count = options.rate * options.seconds;
-    if options.parent_produces {
-        // The parent produces from now on; the writer is done when it holds every record.
-        println!("{READY}");
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        tokio::time::timeout(
-            STALL_TIMEOUT,
-            service.progress.wait_for(|p| p.rows + p.rejected >= count),
-        )
-        .await
-        .map_err(|_| {
-            stage_error("freshness")(format!("not all {count} records within {STALL_TIMEOUT:?}"))
-        })?
-        .map_err(|e| stage_error("freshness")(e.to_string()))?;
-    } else {
-        let produced = produce(&produce_options(
-            options.connection(&brokers),
-            &topics,
-            profile,
-            count,
-            options.rate,
-            options.seed,
-        ))
-        .await
-        .map_err(|e| stage_error("freshness")(e.to_string()))?;
-        service
-            .wait_covers("freshness", &produced.last_offsets)
-            .await?;
-    }
-    let m = meter.stop();
-    let written = service.stop().await?;
-    let seen = watcher
-        .await
-        .map_err(|e| stage_error("freshness")(e.to_string()))?;
-    drop(cluster);
-    let mut lags = latencies(&config, &seen).await?;
-    lags.sort_unstable();
-    Ok(format!(
-        "| {} {} | {} ms | **{} ms** | {} ms | {} | {:.1} | {:.0} MiB |",
-        lags.len(),
-        profile.label(),
-        percentile(&lags, 50.0),
-        percentile(&lags, 99.0),
-        lags.last().copied().unwrap_or(0),
-        written.commits,
-        cpu_per_million(m.cpu, count),
-        mib(m.peak_rss),
     ))
 }
 
