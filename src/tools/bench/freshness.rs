@@ -16,7 +16,7 @@ use crate::table::delta::{open_table, register_table, table_location};
 use crate::tools::produce::produce;
 
 use super::cluster::{broker, kafka_config, produce_options, stage_topics, start_service};
-use super::process::{Meter, cpu_per_million, mib, percentile};
+use super::process::{Meter, cpu_per_million, mib, percentile, thread_cpu_time};
 use super::{
     BenchError, BenchOptions, Profile, READY, STALL_TIMEOUT, partitions_per_topic, stage_error,
 };
@@ -58,6 +58,22 @@ pub(super) fn breakdown(produced: i64, received: i64, flush: &FlushTrace, seen: 
             seen - flush.committed_us,
         ],
     }
+}
+
+/// Starts [`read_along`] on a thread of its own, so that its CPU time can be told from the
+/// writer's: it returns the sightings and the thread's CPU time.
+fn reader_thread(
+    config: Config,
+    stop: watch::Receiver<bool>,
+) -> std::thread::JoinHandle<Result<(Vec<(i64, i64)>, Duration), BenchError>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| stage_error("freshness")(e.to_string()))?;
+        let seen = runtime.block_on(read_along(config, stop))?;
+        Ok((seen, thread_cpu_time()))
+    })
 }
 
 /// Polls the table every [`READER_POLL`] as a reader would, until `stop`; returns when it
@@ -104,9 +120,7 @@ async fn produce_times(config: &Config) -> Result<HashMap<(String, i32, i64), i6
         .await
         .map_err(|e| error(e.to_string()))?;
     let batches = ctx
-        .sql(
-            "SELECT kafka_topic, kafka_partition, kafka_offset, kafka_timestamp FROM posts",
-        )
+        .sql("SELECT kafka_topic, kafka_partition, kafka_offset, kafka_timestamp FROM posts")
         .await
         .map_err(|e| error(e.to_string()))?
         .collect()
@@ -181,7 +195,7 @@ pub(super) async fn freshness_row(
     config.batch.max_age_ms = options.max_age_ms;
     let mut service = start_service(&config, partitions).await?;
     let (stop_reader, reader_stop) = watch::channel(false);
-    let reader = tokio::spawn(read_along(config.clone(), reader_stop));
+    let reader = reader_thread(config.clone(), reader_stop);
     let meter = Meter::start();
     let count = options.rate * options.seconds;
     if options.parent_produces {
@@ -215,7 +229,12 @@ pub(super) async fn freshness_row(
     // The last commit is in the table; give the reader one more look before it stops.
     tokio::time::sleep(READER_POLL * 2).await;
     let _ = stop_reader.send(true);
-    let seen = reader.await.map_err(|e| error(e.to_string()))??;
+    let (seen, reader_cpu) = tokio::task::spawn_blocking(move || reader.join())
+        .await
+        .map_err(|e| error(e.to_string()))?
+        .map_err(|_| error("the reader thread panicked".into()))??;
+    // The reader stands for a query engine elsewhere: its CPU is not the writer's.
+    let writer_cpu = m.cpu.saturating_sub(reader_cpu);
     drop(cluster);
     let mut flushes = Vec::new();
     while let Ok(flush) = traces.try_recv() {
@@ -250,7 +269,7 @@ pub(super) async fn freshness_row(
     }
     cells.extend([
         written.commits.to_string(),
-        format!("{:.1}", cpu_per_million(m.cpu, count)),
+        format!("{:.1}", cpu_per_million(writer_cpu, count)),
         format!("{:.0} MiB", mib(m.peak_rss)),
     ]);
     Ok(format!("| {} |", cells.join(" | ")))
