@@ -107,7 +107,19 @@ fn every_stage_reports_what_it_measured_for_both_profiles() {
             3000.0,
             "a latency per produced record: {row:?}"
         );
-        assert!(number(&row[1]) <= number(&row[2]), "p50 ≤ p99: {row:?}");
+        assert_eq!(number(&row[1]), 1.0, "the run: {row:?}");
+        let (p50, p99, max) = (number(&row[2]), number(&row[3]), number(&row[4]));
+        assert!(p50 <= p99 && p99 <= max, "{row:?}");
+        // Each of the seven steps is `p50 / p99`.
+        let steps: Vec<(f64, f64)> = row[5..12]
+            .iter()
+            .map(|cell| {
+                let (a, b) = cell.split_once(" / ").expect("p50 / p99");
+                (number(a), number(b))
+            })
+            .collect();
+        assert!(steps.iter().all(|(a, b)| a <= b && *b <= max), "{row:?}");
+        assert!(number(&row[12]) >= 1.0, "commits: {row:?}");
     }
     for row in rows(&report, "Compaction") {
         let (before, after) = (number(&row[1]), number(&row[2]));

@@ -32,13 +32,6 @@ pub const PREFETCH_KBYTES: &str = "16384";
 /// 10 ms.
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
-/// Longest a fetch waits at the broker for data (`fetch.wait.max.ms`; librdkafka's default is
-/// 500). Kafka answers a waiting fetch as soon as data arrives, but brokers that do not (the
-/// mock cluster, some Kafka-compatible ones) hold it the whole time, and that wait lands on
-/// freshness: `sluice bench --stage freshness` measured p99 fetch waits of ~515 ms at 500 and
-/// ~110 ms at 100. The cost is at most ten empty fetches a second per broker when idle.
-pub const FETCH_WAIT_MAX_MS: &str = "100";
-
 /// How long a seek may wait for the fetcher to apply it.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,7 +192,6 @@ impl KafkaSource {
             ("enable.partition.eof", "false"),
             ("queued.max.messages.kbytes", PREFETCH_KBYTES),
             ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
-            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
         ]);
         let context = RebalanceContext {
             events: tx,

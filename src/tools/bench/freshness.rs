@@ -60,12 +60,15 @@ pub(super) fn breakdown(produced: i64, received: i64, flush: &FlushTrace, seen: 
     }
 }
 
+/// When the reader first saw each table version: (version, µs since the epoch).
+type Sightings = Vec<(i64, i64)>;
+
 /// Starts [`read_along`] on a thread of its own, so that its CPU time can be told from the
 /// writer's: it returns the sightings and the thread's CPU time.
 fn reader_thread(
     config: Config,
     stop: watch::Receiver<bool>,
-) -> std::thread::JoinHandle<Result<(Vec<(i64, i64)>, Duration), BenchError>> {
+) -> std::thread::JoinHandle<Result<(Sightings, Duration), BenchError>> {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -81,7 +84,7 @@ fn reader_thread(
 async fn read_along(
     config: Config,
     mut stop: watch::Receiver<bool>,
-) -> Result<Vec<(i64, i64)>, BenchError> {
+) -> Result<Sightings, BenchError> {
     let error = stage_error("freshness");
     let location = table_location(&config.storage.root, "enriched_posts");
     let mut table = open_table(&location, config.storage_options())
