@@ -223,13 +223,7 @@ impl TableWriter {
         }
         let encoding = match self.encoding.take() {
             Some((generation, encoding)) if generation == self.generation => encoding,
-            _ => {
-                let mut encoding = self.sink.start_encoding()?;
-                for batch in batches {
-                    encoding.push(batch.clone());
-                }
-                encoding
-            }
+            _ => self.sink.encoding_of(batches)?,
         };
         let closing = encoding.closing();
         let files = encoding.finish().await?;

@@ -133,7 +133,7 @@ impl TableWriter {
                             started_us,
                             decoded_us,
                             checked_us,
-                            encoded_us: encoded_us.unwrap_or(checked_us).max(checked_us),
+                            encoded_us: encoded_us.unwrap_or(checked_us),
                             uploaded_us,
                             committed_us: trace::now_us(),
                         });

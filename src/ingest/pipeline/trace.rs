@@ -27,7 +27,9 @@ pub struct FlushTrace {
     pub decoded_us: i64,
     /// Positions re-checked and dead letters stored: the files are awaited next.
     pub checked_us: i64,
-    /// The Parquet writer got its last rows and began closing its files (encoding done).
+    /// The Parquet writer got its last rows and began closing its files (encoding done); may
+    /// precede `checked_us` (it closes while positions are checked), and is `checked_us` when
+    /// an earlier attempt's files were reused.
     pub encoded_us: i64,
     /// The files were uploaded.
     pub uploaded_us: i64,

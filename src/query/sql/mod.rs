@@ -306,10 +306,11 @@ impl Session {
     /// A planning error about a table the session does not have becomes
     /// [`SqlError::UnknownTable`], which lists the tables; any other error stays as it is.
     fn explain(&self, error: DataFusionError, references: Option<Vec<TableReference>>) -> SqlError {
-        let plan_error = matches!(error.find_root(), DataFusionError::Plan(_));
+        if !matches!(error.find_root(), DataFusionError::Plan(_)) {
+            return SqlError::Query(error);
+        }
         let missing = references.into_iter().flatten().find(|reference| {
-            plan_error
-                && self.ctx.table_function(reference.table()).is_err()
+            self.ctx.table_function(reference.table()).is_err()
                 && self
                     .ctx
                     .table_exist(reference.clone())

@@ -182,11 +182,16 @@ impl DeltaSink {
     /// Writes `batches` as Parquet files (one per partition value) that no version references
     /// yet.
     pub async fn encode(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, DeltaError> {
+        self.encoding_of(batches)?.finish().await
+    }
+
+    /// An [`Encoding`] already fed `batches`, to be finished by the caller.
+    pub fn encoding_of(&self, batches: &[RecordBatch]) -> Result<Encoding, DeltaError> {
         let mut encoding = self.start_encoding()?;
         for batch in batches {
             encoding.push(batch.clone());
         }
-        encoding.finish().await
+        Ok(encoding)
     }
 
     /// Starts writing Parquet files on another task, fed batch by batch while the caller goes
