@@ -20,6 +20,7 @@ use crate::ingest::decode::BodyDecoder;
 use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
 use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
+use crate::service::background::Maintenance;
 use crate::service::health::{Health, probe_loop};
 use crate::table::delta::{DeltaSink, table_location};
 use deltalake::logstore::ObjectStoreRef;
@@ -261,6 +262,26 @@ async fn start_writers(
     Ok(running)
 }
 
+/// [`start`] as the service does it: with `maintenance.enabled`, the maintenance thread
+/// compacts and checkpoints the tables (and their dead letters), and commits write no
+/// checkpoints. Stop the thread after the writers.
+pub async fn start_maintained(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Vec<RunningTable>, Option<Maintenance>), AppError> {
+    let running = start_writers(config, shutdown, !config.maintenance.enabled).await?;
+    let tables = running
+        .iter()
+        .flat_map(|t| {
+            [
+                (t.name.clone(), true),
+                (dead_letters::table_name(&t.name), false),
+            ]
+        })
+        .collect();
+    Ok((running, Maintenance::start(config, tables)))
+}
+
 /// Runs the service until `shutdown` resolves and every writer has committed its buffer.
 /// With `health`, each table's lag is measured and its store probed, and readiness reported
 /// there (the telemetry endpoint serves it).
@@ -281,13 +302,9 @@ pub async fn run(
             _ = on_failure.wait_for(|failed| *failed) => {}
         }
     };
-    // With maintenance on, its thread writes checkpoints, off the commit path.
-    let running = start_writers(&config, stop, !config.maintenance.enabled).await?;
-    let mut maintained = Vec::new();
+    let (running, maintenance) = start_maintained(&config, stop).await?;
     let mut helpers = Vec::new();
     for table in &running {
-        maintained.push((table.name.clone(), true));
-        maintained.push((dead_letters::table_name(&table.name), false));
         if let Some(health) = &health {
             health.register(&table.name, table.progress.clone());
             health.watch_kafka(&table.name, table.consumer.context().watch().clone());
@@ -306,7 +323,6 @@ pub async fn run(
             )));
         }
     }
-    let maintenance = crate::service::background::Maintenance::start(&config, maintained);
     let count = running.len();
     let mut results: Vec<Option<Progress>> = vec![None; count];
     let mut first_error = None;

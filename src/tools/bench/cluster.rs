@@ -16,6 +16,7 @@ use crate::ingest::kafka::Connection;
 use crate::ingest::pipeline::{Destination, TableWriter};
 use crate::ingest::progress::Progress;
 use crate::service::app::{self, load_table, open_sinks};
+use crate::service::background::Maintenance;
 use crate::table::delta::table_location;
 use crate::tools::generator::Shape;
 use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
@@ -194,11 +195,13 @@ pub(super) fn kafka_config(
     config
 }
 
-/// The service running one table; stops it on drop of the returned sender.
+/// The service running one table, with its maintenance thread as `sluice run` has it (when
+/// the config enables maintenance); stops it on drop of the returned sender.
 pub(super) struct Service {
     stop: tokio::sync::oneshot::Sender<()>,
     pub(super) progress: watch::Receiver<Progress>,
     task: tokio::task::JoinHandle<Result<Progress, crate::ingest::pipeline::PipelineError>>,
+    maintenance: Option<Maintenance>,
 }
 
 pub(super) async fn start_service(
@@ -206,7 +209,7 @@ pub(super) async fn start_service(
     partitions: usize,
 ) -> Result<Service, BenchError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = app::start(config, async move {
+    let (running, maintenance) = app::start_maintained(config, async move {
         let _ = stopped.await;
     })
     .await?;
@@ -226,6 +229,7 @@ pub(super) async fn start_service(
         stop,
         progress,
         task: table.task,
+        maintenance,
     })
 }
 
@@ -244,10 +248,15 @@ impl Service {
 
     pub(super) async fn stop(self) -> Result<Progress, BenchError> {
         let _ = self.stop.send(());
-        self.task
+        let written = self
+            .task
             .await
             .map_err(|e| stage_error("kafka")(e.to_string()))?
-            .map_err(BenchError::from)
+            .map_err(BenchError::from);
+        if let Some(maintenance) = self.maintenance {
+            let _ = tokio::task::spawn_blocking(move || maintenance.stop()).await;
+        }
+        written
     }
 }
 

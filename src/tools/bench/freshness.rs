@@ -16,7 +16,9 @@ use crate::table::delta::{open_table, register_table, table_location};
 use crate::tools::produce::produce;
 
 use super::cluster::{broker, kafka_config, produce_options, stage_topics, start_service};
-use super::process::{Meter, cpu_per_million, mib, percentile, thread_cpu_time};
+use super::process::{
+    Meter, cpu_per_million, mib, named_threads_cpu_time, percentile, thread_cpu_time,
+};
 use super::{
     BenchError, BenchOptions, Profile, READY, STALL_TIMEOUT, partitions_per_topic, stage_error,
 };
@@ -63,20 +65,30 @@ pub(super) fn breakdown(produced: i64, received: i64, flush: &FlushTrace, seen: 
 /// When the reader first saw each table version: (version, µs since the epoch).
 type Sightings = Vec<(i64, i64)>;
 
-/// Starts [`read_along`] on a thread of its own, so that its CPU time can be told from the
-/// writer's: it returns the sightings and the thread's CPU time.
+/// The name of the reader's threads: its own and those its runtime runs blocking work on
+/// (delta-rs replays the log there), so that their CPU time can be told from the writer's.
+const READER_THREADS: &str = "bench-reader";
+
+/// Starts [`read_along`] on threads of its own: it returns the sightings and their CPU time.
 fn reader_thread(
     config: Config,
     stop: watch::Receiver<bool>,
-) -> std::thread::JoinHandle<Result<(Sightings, Duration), BenchError>> {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| stage_error("freshness")(e.to_string()))?;
-        let seen = runtime.block_on(read_along(config, stop))?;
-        Ok((seen, thread_cpu_time()))
-    })
+) -> std::io::Result<std::thread::JoinHandle<Result<(Sightings, Duration), BenchError>>> {
+    std::thread::Builder::new()
+        .name(READER_THREADS.into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name(READER_THREADS)
+                // Kept until the CPU time is read below: an ended thread's time is the
+                // process's, no longer the reader's.
+                .thread_keep_alive(Duration::from_secs(24 * 3600))
+                .build()
+                .map_err(|e| stage_error("freshness")(e.to_string()))?;
+            let seen = runtime.block_on(read_along(config, stop))?;
+            let cpu = named_threads_cpu_time(READER_THREADS).unwrap_or_else(thread_cpu_time);
+            Ok((seen, cpu))
+        })
 }
 
 /// Polls the table every [`READER_POLL`] as a reader would, until `stop`; returns when it
@@ -198,19 +210,20 @@ pub(super) async fn freshness_row(
     config.batch.max_age_ms = options.max_age_ms;
     let mut service = start_service(&config, partitions).await?;
     let (stop_reader, reader_stop) = watch::channel(false);
-    let reader = reader_thread(config.clone(), reader_stop);
+    let reader = reader_thread(config.clone(), reader_stop).map_err(|e| error(e.to_string()))?;
     let meter = Meter::start();
     let count = options.rate * options.seconds;
     if options.parent_produces {
         // The parent produces from now on; the writer is done when it holds every record.
         println!("{READY}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
+        let within = Duration::from_secs(options.seconds) + STALL_TIMEOUT;
         tokio::time::timeout(
-            STALL_TIMEOUT,
+            within,
             service.progress.wait_for(|p| p.rows + p.rejected >= count),
         )
         .await
-        .map_err(|_| error(format!("not all {count} records within {STALL_TIMEOUT:?}")))?
+        .map_err(|_| error(format!("not all {count} records within {within:?}")))?
         .map_err(|e| error(e.to_string()))?;
     } else {
         let produced = produce(&produce_options(

@@ -35,9 +35,33 @@ pub(super) struct Measured {
 
 /// User + system CPU time of the process, from `/proc/self/stat` (clock ticks of 10 ms).
 fn cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
+    std::fs::read_to_string("/proc/self/stat").map_or(Duration::ZERO, |stat| stat_cpu(&stat))
+}
+
+/// User + system CPU time of this process's threads named `name` (Linux `/proc/self/task`);
+/// `None` where that cannot be read.
+pub(super) fn named_threads_cpu_time(name: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        if stat_name(&stat) == Some(name) {
+            total += stat_cpu(&stat);
+        }
+    }
+    Some(total)
+}
+
+/// The command (thread) name of a `stat` line: between the first `(` and the last `)`.
+fn stat_name(stat: &str) -> Option<&str> {
+    let start = stat.find('(')? + 1;
+    let end = stat.rfind(')')?;
+    stat.get(start..end)
+}
+
+/// utime + stime of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Duration {
     // Fields after the command name (which may hold spaces) start at field 3.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -102,4 +126,51 @@ pub(super) fn percentile(sorted: &[i64], p: f64) -> i64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_thread_name_and_cpu_even_with_spaces_and_parentheses_in_the_name() {
+        // pid (comm) state ppid ... utime(14) stime(15): 150 + 25 ticks of 10 ms.
+        let stat = "4242 (odd) name (x)) S 1 4242 4242 0 -1 4194560 500 0 0 0 150 25 0 0 20 0 9";
+        assert_eq!(stat_name(stat), Some("odd) name (x)"));
+        assert_eq!(stat_cpu(stat), Duration::from_millis(1750));
+    }
+
+    #[test]
+    fn the_cpu_of_named_threads_is_theirs_and_not_the_callers() {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::Builder::new()
+            .name("bench-test-busy".into())
+            .spawn(move || {
+                let mut x = 0u64;
+                while thread_cpu_time() < Duration::from_millis(200) {
+                    x = x.wrapping_mul(31).wrapping_add(7);
+                    std::hint::black_box(x);
+                }
+                let burnt = thread_cpu_time();
+                // Alive (and named) until the caller has read its time.
+                let _ = wait.recv();
+                burnt
+            })
+            .unwrap();
+        while named_threads_cpu_time("bench-test-busy").unwrap() < Duration::from_millis(150) {
+            std::thread::yield_now();
+        }
+        let named = named_threads_cpu_time("bench-test-busy").unwrap();
+        done.send(()).unwrap();
+        let burnt = busy.join().unwrap();
+        // /proc counts whole ticks of 10 ms.
+        assert!(
+            named <= burnt + Duration::from_millis(10),
+            "{named:?} vs {burnt:?}"
+        );
+        assert_eq!(
+            named_threads_cpu_time("no-such-thread"),
+            Some(Duration::ZERO)
+        );
+    }
 }
