@@ -16,9 +16,7 @@ use crate::table::delta::{open_table, register_table, table_location};
 use crate::tools::produce::produce;
 
 use super::cluster::{broker, kafka_config, produce_options, stage_topics, start_service};
-use super::process::{
-    Meter, cpu_per_million, mib, named_threads_cpu_time, percentile, thread_cpu_time,
-};
+use super::process::{Meter, cpu_per_million, mib, named_threads_cpu_time, percentile};
 use super::{
     BenchError, BenchOptions, Profile, READY, STALL_TIMEOUT, partitions_per_topic, stage_error,
 };
@@ -86,8 +84,7 @@ fn reader_thread(
                 .build()
                 .map_err(|e| stage_error("freshness")(e.to_string()))?;
             let seen = runtime.block_on(read_along(config, stop))?;
-            let cpu = named_threads_cpu_time(READER_THREADS).unwrap_or_else(thread_cpu_time);
-            Ok((seen, cpu))
+            Ok((seen, named_threads_cpu_time(READER_THREADS)))
         })
 }
 

@@ -38,11 +38,14 @@ fn cpu_time() -> Duration {
     std::fs::read_to_string("/proc/self/stat").map_or(Duration::ZERO, |stat| stat_cpu(&stat))
 }
 
-/// User + system CPU time of this process's threads named `name` (Linux `/proc/self/task`);
-/// `None` where that cannot be read.
-pub(super) fn named_threads_cpu_time(name: &str) -> Option<Duration> {
+/// User + system CPU time of this process's threads named `name`, from `/proc/self/task`
+/// (zero where that cannot be read, as [`cpu_time`] is).
+pub(super) fn named_threads_cpu_time(name: &str) -> Duration {
     let mut total = Duration::ZERO;
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return total;
+    };
+    for task in tasks.flatten() {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue; // the thread ended meanwhile
         };
@@ -50,7 +53,7 @@ pub(super) fn named_threads_cpu_time(name: &str) -> Option<Duration> {
             total += stat_cpu(&stat);
         }
     }
-    Some(total)
+    total
 }
 
 /// The command (thread) name of a `stat` line: between the first `(` and the last `)`.
@@ -73,21 +76,6 @@ fn stat_cpu(stat: &str) -> Duration {
     };
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
-/// CPU time of the calling thread.
-pub(super) fn thread_cpu_time() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec for the call to fill.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0;
-    if ok {
-        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-    } else {
-        Duration::ZERO
-    }
 }
 
 /// Peak resident set size in bytes since the last reset (`VmHWM`).
@@ -132,6 +120,20 @@ pub(super) fn percentile(sorted: &[i64], p: f64) -> i64 {
 mod tests {
     use super::*;
 
+    /// CPU time of the calling thread, told by the kernel directly (not through /proc).
+    fn thread_cpu_time() -> Duration {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid timespec for the call to fill.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) },
+            0
+        );
+        Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    }
+
     #[test]
     fn a_stat_line_gives_its_thread_name_and_cpu_even_with_spaces_and_parentheses_in_the_name() {
         // pid (comm) state ppid ... utime(14) stime(15): 150 + 25 ticks of 10 ms.
@@ -157,10 +159,10 @@ mod tests {
                 burnt
             })
             .unwrap();
-        while named_threads_cpu_time("bench-test-busy").unwrap() < Duration::from_millis(150) {
+        while named_threads_cpu_time("bench-test-busy") < Duration::from_millis(150) {
             std::thread::yield_now();
         }
-        let named = named_threads_cpu_time("bench-test-busy").unwrap();
+        let named = named_threads_cpu_time("bench-test-busy");
         done.send(()).unwrap();
         let burnt = busy.join().unwrap();
         // /proc counts whole ticks of 10 ms.
@@ -168,9 +170,6 @@ mod tests {
             named <= burnt + Duration::from_millis(10),
             "{named:?} vs {burnt:?}"
         );
-        assert_eq!(
-            named_threads_cpu_time("no-such-thread"),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(named_threads_cpu_time("no-such-thread"), Duration::ZERO);
     }
 }
