@@ -584,10 +584,11 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
     );
 }
 
-/// `count` Mastodon posts of the last day (one or two day partitions), in commits of 1,000;
-/// twelve Kafka partitions keep each under the mock cluster's retention.
+/// `count` Mastodon posts of one calendar day (2026-11-29, whatever the hour the test runs: a
+/// split over two days made each partition's size depend on the clock), in commits of 1,000;
+/// 48 Kafka partitions keep each under the mock cluster's retention.
 async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64> {
-    let kafka = Kafka::new(&["posts.mastodon"], 12);
+    let kafka = Kafka::new(&["posts.mastodon"], 48);
     let cfg = config(
         &kafka.brokers(),
         dir,
@@ -604,7 +605,8 @@ async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
         embedding_dim: 16,
         bad_every: 0,
         spread_days: 1,
-        clock_ms: None,
+        // The last millisecond of 2026-11-29 UTC: posts are created within the day before it.
+        clock_ms: Some(1_795_996_799_999),
         progress: false,
     })
     .await
@@ -616,15 +618,15 @@ async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
 
 #[tokio::test(flavor = "multi_thread")]
 async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
-    // The same 30,000 posts (a 1,000-post file reads back as ~4.7 MB of Arrow) twice: with the
-    // default budget the Z-order sort stays in memory; with the smallest it spills to disk, and
-    // the table still holds every row once.
+    // The same 120,000 posts (~61 MB of Arrow) twice: with the default budget the Z-order sort
+    // stays in memory; with the smallest it spills to disk and merges its spills within the
+    // budget, and the table still holds every row once.
     for (memory_limit, spills) in [
         (sluice::table::compact::DEFAULT_MEMORY_LIMIT, false),
         (sluice::table::compact::MIN_MEMORY_LIMIT, true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let last = one_day_of_posts(dir.path(), 30_000).await;
+        let last = one_day_of_posts(dir.path(), 120_000).await;
         let location = main_table(dir.path());
         let before = table_offsets(dir.path()).await;
         let options = CompactOptions {
@@ -638,7 +640,7 @@ async fn z_order_spills_beyond_its_memory_budget_and_keeps_every_row() {
                 .unwrap(),
         );
         assert!(!parts.is_empty());
-        // With the smallest budget at least the larger day spills.
+        // With the smallest budget the day's sort spills.
         assert_eq!(
             parts.iter().any(|p| p.spilled),
             spills,

@@ -415,9 +415,13 @@ pub async fn compact_with_progress(
             let runtime = deltalake::delta_datafusion::DeltaRuntimeEnvBuilder::new()
                 .with_max_spill_size(budget)
                 .build();
-            let session =
+            let mut session =
                 deltalake::delta_datafusion::DeltaSessionContext::with_runtime_env(runtime.clone())
                     .state();
+            // One sort: with one per core their spills are merged by a final merge that cannot
+            // spill, and which found the pool held by the sorters (a 30 MB partition failed
+            // at the 64 MiB floor with "Resources exhausted ... SortPreservingMergeExec").
+            session.config_mut().options_mut().execution.target_partitions = 1;
             let mut builder = table
                 .clone()
                 .optimize()
