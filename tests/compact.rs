@@ -683,6 +683,7 @@ async fn two_rewrites_from_one_snapshot_land_once_whatever_the_lease_said() {
                 &location,
                 &partition,
                 1 << 30,
+                false,
                 properties,
             )
             .await

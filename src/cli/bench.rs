@@ -24,7 +24,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     profile: Vec<Profile>,
     /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of
-    /// a temporary folder; they go under `<root>/sluice-bench-<run>/`. Not read from
+    /// a temporary folder, maintained as its [maintenance] and [delta] say (the stages fed by
+    /// a broker run the service's maintenance); they go under `<root>/sluice-bench-<run>/`. Not read from
     /// SLUICE_CONFIG: a benchmark writes where it is told to, never into a service's store
     /// by accident.
     #[arg(long)]

@@ -7,8 +7,12 @@
 //! take CPU time slices from the writers' runtime. Compaction commits are `dataChange=false`
 //! and do not conflict with appends. Today's partition, which the writer is still filling,
 //! is left alone until it has `hot_small_files` small files; older partitions are compacted
-//! as soon as they have two. If a scheduled `sluice compact` holds the lease, the pass skips
-//! that table.
+//! as soon as they have two. A partition still being written (a file in the last two
+//! intervals) is merged in tiers: the files that arrived since the last pass, and a merged
+//! file only once half as many bytes arrived after it, so a pass costs what arrived rather
+//! than the partition and short intervals (sub-second freshness) stay cheap; once settled, a
+//! partition's small files all merge. If a scheduled `sluice compact` holds the lease, the
+//! pass skips that table.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
@@ -208,6 +212,9 @@ async fn pass(
             Utc::now().date_naive().to_string(),
             settings.hot_small_files,
         )),
+        // A partition nothing was written to for two intervals is settled: all its small
+        // files merge. One still being written merges in tiers.
+        tiered: Some(Utc::now() - chrono::Duration::seconds(settings.interval_s.max(1) as i64 * 2)),
         ..CompactOptions::default()
     };
     let started = Instant::now();

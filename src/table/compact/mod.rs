@@ -118,6 +118,12 @@ pub struct CompactOptions {
     pub hot: Option<(String, usize)>,
     /// zstd level of the rewritten files (`delta.zstd_level`), as the writer uses.
     pub zstd_level: i32,
+    /// Partitions written to since this time merge only their smallest files, in tiers (see
+    /// [`tiered_count`]); the others, settled, all their small files. Checkpoints are then
+    /// left to their interval. What the service does: a pass costs what arrived since the
+    /// last one, not the partition, and a day still ends as few files. Plain bin-packing only
+    /// (a Z-order rewrite sorts the whole partition).
+    pub tiered: Option<chrono::DateTime<Utc>>,
 }
 
 impl Default for CompactOptions {
@@ -133,6 +139,7 @@ impl Default for CompactOptions {
             memory_limit: DEFAULT_MEMORY_LIMIT,
             hot: None,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            tiered: None,
         }
     }
 }
@@ -150,6 +157,10 @@ pub struct PartitionFiles {
     pub bytes: u64,
     /// Bytes of the small files.
     pub small_bytes: u64,
+    /// Sizes of the small files, smallest first.
+    pub small_sizes: Vec<u64>,
+    /// When the newest file was written (ms since the epoch).
+    pub newest_ms: i64,
     /// Rows, from the files' statistics.
     pub rows: u64,
 }
@@ -165,6 +176,8 @@ pub struct PlannedPartition {
     pub bytes_in: u64,
     /// Files expected out (bytes in / target size, rounded up).
     pub files_out: usize,
+    /// Only the smallest files, in tiers: the partition is still being written.
+    pub tiered: bool,
 }
 
 /// What one partition's rewrite did.
@@ -248,13 +261,37 @@ pub fn partitions(table: &DeltaTable, target_size: u64) -> Result<Vec<PartitionF
             });
         entry.files += 1;
         entry.bytes += size;
+        entry.newest_ms = entry.newest_ms.max(file.modification_time());
         entry.rows += rows;
         if size < target_size {
             entry.small_files += 1;
             entry.small_bytes += size;
+            entry.small_sizes.push(size);
         }
     }
-    Ok(by_partition.into_values().collect())
+    let mut parts: Vec<PartitionFiles> = by_partition.into_values().collect();
+    for part in &mut parts {
+        part.small_sizes.sort_unstable();
+    }
+    Ok(parts)
+}
+
+/// How many of a partition's small files (`sizes`, smallest first) a tiered pass merges: the
+/// smallest, then each next one while it is at most twice the size of those taken so far.
+/// A merged file is merged again only once half as many bytes arrived after it, so a byte is
+/// rewritten a logarithmic number of times, a pass costs roughly what arrived since the last
+/// one, and a partition keeps a few files of growing sizes instead of one per flush.
+pub fn tiered_count(sizes: &[u64]) -> usize {
+    let mut taken = 0;
+    let mut sum = 0u64;
+    for &size in sizes {
+        if taken > 0 && size > sum.saturating_mul(2) {
+            break;
+        }
+        sum += size;
+        taken += 1;
+    }
+    taken
 }
 
 /// Which partitions to rewrite: those selected with at least two small files (or, when
@@ -275,10 +312,17 @@ pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPa
             }
         })
         .filter_map(|p| {
-            let (files_in, bytes_in) = if options.zorder.is_empty() {
-                (p.small_files, p.small_bytes)
-            } else {
+            let tiered = options.zorder.is_empty()
+                && options
+                    .tiered
+                    .is_some_and(|since| p.newest_ms >= since.timestamp_millis());
+            let (files_in, bytes_in) = if !options.zorder.is_empty() {
                 (p.files, p.bytes)
+            } else if tiered {
+                let taken = tiered_count(&p.small_sizes);
+                (taken, p.small_sizes[..taken].iter().sum())
+            } else {
+                (p.small_files, p.small_bytes)
             };
             let min_files = match &options.hot {
                 Some((hot, min)) if *hot == p.partition => (*min).max(2),
@@ -289,6 +333,7 @@ pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPa
                 files_in,
                 bytes_in,
                 files_out: bytes_in.div_ceil(options.target_size.max(1)).max(1) as usize,
+                tiered,
             })
         })
         .collect();
@@ -384,6 +429,7 @@ pub async fn compact_with_progress(
                     location,
                     &part.partition,
                     options.target_size.max(1),
+                    part.tiered,
                     properties.clone(),
                 )
                 .await?;
@@ -455,6 +501,7 @@ pub async fn compact_with_progress(
         // file) on each open: a checkpoint at the compacted version cut opening a compacted
         // 1,600-file table from 50 to 20 ms. Failing it loses nothing; readers replay the log.
         if !done.is_empty()
+            && options.tiered.is_none()
             && let Err(e) = deltalake::checkpoints::create_checkpoint(&table, None).await
         {
             tracing::warn!(table = location, error = %e, "checkpoint after compaction failed; readers replay the log instead");
@@ -493,8 +540,81 @@ mod tests {
             small_files,
             bytes: files as u64 * 1000,
             small_bytes: small_files as u64 * 1000,
+            small_sizes: vec![1000; small_files],
+            newest_ms: 0,
             rows: 0,
         }
+    }
+
+    #[test]
+    fn a_tiered_pass_merges_the_newest_small_files_and_leaves_the_merged_ones() {
+        // Flushes of ~20 KB on top of a 1 MB file merged earlier: only the flushes.
+        let mut sizes = vec![20_000; 20];
+        sizes.push(1_000_000);
+        assert_eq!(tiered_count(&sizes), 20);
+        // Once half as many bytes arrived after it, the merged file goes along.
+        let mut sizes = vec![20_000; 30];
+        sizes.push(1_000_000);
+        assert_eq!(tiered_count(&sizes), 31);
+        // One small file and a large one: nothing worth rewriting.
+        assert_eq!(tiered_count(&[10, 1_000]), 1);
+        assert_eq!(tiered_count(&[]), 0);
+        // Flushes of uneven size still merge.
+        assert_eq!(tiered_count(&[10, 18, 25, 30]), 4);
+    }
+
+    #[test]
+    fn tiered_passes_keep_a_partition_at_a_few_files_rewriting_each_byte_a_few_times() {
+        // 2,000 flushes of 20 KB into one partition, a tiered pass after every 50: the live
+        // files stay few, and the bytes rewritten stay a small multiple of the bytes written
+        // (a full rewrite each pass would rewrite the growing partition 40 times).
+        let mut files: Vec<u64> = Vec::new();
+        let (mut written, mut rewritten, mut most) = (0u64, 0u64, 0usize);
+        for flush in 1..=2_000u64 {
+            files.push(20_000);
+            written += 20_000;
+            most = most.max(files.len());
+            if flush % 50 == 0 {
+                files.sort_unstable();
+                let taken = tiered_count(&files);
+                if taken >= 2 {
+                    let merged: u64 = files.drain(..taken).sum();
+                    rewritten += merged;
+                    files.push(merged);
+                }
+            }
+        }
+        assert!(files.len() <= 8, "{files:?}");
+        assert!(most <= 60, "{most}");
+        assert!(rewritten <= written * 8, "{rewritten} for {written}");
+        assert_eq!(files.iter().sum::<u64>(), written);
+    }
+
+    #[test]
+    fn a_tiered_plan_counts_only_the_files_a_pass_would_merge() {
+        let since = Utc::now() - chrono::Duration::minutes(10);
+        let mut hot = part("2026-11-21", 21, 21);
+        hot.small_sizes = vec![1000; 20];
+        hot.small_sizes.push(1_000_000);
+        hot.newest_ms = Utc::now().timestamp_millis();
+        let options = CompactOptions {
+            tiered: Some(since),
+            ..CompactOptions::default()
+        };
+        let planned = plan(std::slice::from_ref(&hot), &options);
+        assert_eq!((planned[0].files_in, planned[0].bytes_in), (20, 20_000));
+        assert!(planned[0].tiered);
+        // One new flush beside a merged file is not worth a pass.
+        hot.small_sizes = vec![1000, 1_000_000];
+        (hot.files, hot.small_files, hot.small_bytes) = (2, 2, 1_001_000);
+        assert!(plan(std::slice::from_ref(&hot), &options).is_empty());
+        // Once nothing was written to it since, the partition's small files all merge.
+        hot.newest_ms = (since - chrono::Duration::seconds(1)).timestamp_millis();
+        let settled = plan(&[hot], &options);
+        assert_eq!(
+            (settled[0].files_in, settled[0].bytes_in, settled[0].tiered),
+            (2, 1_001_000, false)
+        );
     }
 
     #[test]

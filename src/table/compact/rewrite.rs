@@ -51,23 +51,30 @@ pub(super) fn partition_of(path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Reads the small files of `partition` (below `target_size`) and writes their rows into new
-/// files near `target_size`, as `properties` say. `None` when fewer than two files are small.
+/// Reads the small files of `partition` (below `target_size`; when `tiered`, only the
+/// smallest of them, as [`tiered_count`](super::tiered_count) says) and writes their rows into
+/// new files near `target_size`, as `properties` say. `None` when fewer than two are chosen.
 pub async fn rewrite_partition(
     table: &DeltaTable,
     location: &str,
     partition: &str,
     target_size: u64,
+    tiered: bool,
     properties: WriterProperties,
 ) -> Result<Option<Rewrite>, CompactError> {
     let snapshot = table
         .snapshot()
         .map_err(delta_error(location, "snapshot"))?;
-    let files: Vec<_> = snapshot
+    let mut files: Vec<_> = snapshot
         .log_data()
         .iter()
         .filter(|f| partition_of(&f.path()) == partition && (f.size().max(0) as u64) < target_size)
         .collect();
+    if tiered {
+        files.sort_by_key(|f| (f.size(), f.path().to_string()));
+        let sizes: Vec<u64> = files.iter().map(|f| f.size().max(0) as u64).collect();
+        files.truncate(super::tiered_count(&sizes));
+    }
     if files.len() < 2 {
         return Ok(None);
     }

@@ -31,8 +31,9 @@ use super::{
 /// What the mock cluster keeps per partition (it drops older messages beyond ~5 MiB).
 const MOCK_PARTITION_BYTES: u64 = 4_500_000;
 
-/// The bench's config: the embedded flagship schema and mappings in `dir`, the storage of
-/// `options.storage` (or `dir`), the service's default batch limits.
+/// The bench's config: the embedded flagship schema and mappings in `dir`, the storage,
+/// maintenance and Delta settings of `options.storage` (or `dir` and the defaults), the
+/// service's default batch limits.
 pub(super) fn bench_config(
     dir: &Path,
     options: &BenchOptions,
@@ -52,8 +53,10 @@ pub(super) fn bench_config(
         config.batch.max_bytes = max_bytes;
     }
     config.kafka.group_id = format!("sluice-bench-{run}");
-    if let Some(storage) = &options.storage {
-        config.storage = storage.storage.clone();
+    if let Some(given) = &options.storage {
+        config.storage = given.storage.clone();
+        config.maintenance = given.maintenance.clone();
+        config.delta = given.delta;
     }
     Ok(config)
 }

@@ -190,8 +190,8 @@ pub struct BenchOptions {
     pub profiles: Vec<Profile>,
     /// Stages to run.
     pub stages: Vec<Stage>,
-    /// Storage for the tables: this config's `[storage]` (root and S3 settings), or a
-    /// temporary folder.
+    /// Storage for the tables: this config's `[storage]` (root and S3 settings), with its
+    /// `[maintenance]` and `[delta]`; or a temporary folder and the defaults.
     pub storage: Option<Config>,
     /// A broker for the Kafka stages instead of the in-process mock cluster.
     pub brokers: Option<String>,
