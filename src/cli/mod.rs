@@ -110,8 +110,12 @@ impl Command {
             Command::Demo(_) => "error",
             _ => "info",
         };
+        // delta-rs warns each time a commit finds a newer version and checks it for conflicts
+        // (an append racing the maintenance thread's compaction commit, several a minute at
+        // sub-second freshness): routine, resolved there; a real conflict is an error sluice
+        // reports itself.
         format!(
-            "{level},deltalake=warn,deltalake_core=warn,deltalake_core::writer::stats=error,buoyant_kernel=off,buoyant_kernel_engine=off"
+            "{level},deltalake=warn,deltalake_core=warn,deltalake_core::writer::stats=error,deltalake_core::kernel::transaction=error,buoyant_kernel=off,buoyant_kernel_engine=off"
         )
     }
 

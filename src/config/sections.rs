@@ -208,8 +208,8 @@ pub struct MaintenanceConfig {
     /// Z-order compacted partitions by these columns (empty: plain bin-packing).
     #[serde(default)]
     pub zorder: Vec<String>,
-    /// Today's partition, still being written, is compacted only once it has this many small
-    /// files; older partitions as soon as they have two.
+    /// Today's partition, still being written, is compacted only once a pass would merge this
+    /// many of its small files; older partitions as soon as two.
     #[serde(default = "default_hot_small_files")]
     pub hot_small_files: usize,
     /// Memory budget of one partition's rewrite, MiB; Z-order sorts spill to disk beyond it.
