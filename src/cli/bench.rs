@@ -8,8 +8,6 @@ use anyhow::Context;
 
 use sluice::tools::bench::{BenchOptions, Profile, Stage};
 
-use super::load_config;
-
 /// `sluice bench` flags.
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -25,7 +23,8 @@ pub struct BenchArgs {
     profile: Vec<Profile>,
     /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of
     /// a temporary folder, maintained as its [maintenance] and [delta] say (the stages fed by
-    /// a broker run the service's maintenance); they go under `<root>/sluice-bench-<run>/`. Not read from
+    /// a broker run the service's maintenance); a service config or a file of only these
+    /// sections. The tables go under `<root>/sluice-bench-<run>/`. Not read from
     /// SLUICE_CONFIG: a benchmark writes where it is told to, never into a service's store
     /// by accident.
     #[arg(long)]
@@ -113,7 +112,7 @@ fn parse_row(spec: &str) -> anyhow::Result<(Stage, Profile)> {
 /// Runs `sluice bench`: every stage and profile asked for, or one row with `--row`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let storage = match &args.config {
-        Some(file) => Some(load_config(file, None)?),
+        Some(file) => Some(sluice::config::Lake::load(file, std::env::vars())?),
         None => None,
     };
     let child_args = args.child_args();

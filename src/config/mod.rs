@@ -97,6 +97,62 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
 }
 
+/// A relative local `storage.root` starts from the config file's folder `base`.
+fn resolve_root(storage: &mut StorageConfig, base: &Path) {
+    if !storage.root.contains("://") {
+        let root = Path::new(&storage.root);
+        if root.is_relative() {
+            // components() drops `.` segments, so "." resolves to the folder itself.
+            let joined: PathBuf = base.join(root).components().collect();
+            storage.root = joined.to_string_lossy().into_owned();
+        }
+    }
+}
+
+/// Where tables live and how they are kept: the `[storage]`, `[delta]` and `[maintenance]` of a
+/// config file, with the same environment overrides. What `sluice bench --config` needs; a
+/// whole service config is one too (its other sections are not read).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Lake {
+    /// Where tables live.
+    pub storage: StorageConfig,
+    /// Delta table settings.
+    #[serde(default)]
+    pub delta: DeltaConfig,
+    /// Background compaction and vacuum.
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
+}
+
+impl Lake {
+    /// Reads the lake settings of `file`, then applies `env` overrides (`SLUICE_STORAGE__ROOT`).
+    pub fn load(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Lake, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            message,
+        };
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        apply_env(&mut value, env)?;
+        let mut lake: Lake = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_string()))?;
+        if lake.delta.checkpoint_interval == 0 {
+            return Err(invalid(
+                "delta.checkpoint_interval must be at least 1".into(),
+            ));
+        }
+        resolve_root(&mut lake.storage, file.parent().unwrap_or(Path::new(".")));
+        Ok(lake)
+    }
+}
+
 impl Config {
     /// Loads a config file, applies `SLUICE_*` overrides from `env`, and resolves relative
     /// paths against the file's folder.
@@ -173,14 +229,7 @@ impl Config {
                 source.mapping = base.join(&source.mapping);
             }
         }
-        if !config.storage.root.contains("://") {
-            let root = Path::new(&config.storage.root);
-            if root.is_relative() {
-                // components() drops `.` segments, so "." resolves to the folder itself.
-                let joined: PathBuf = base.join(root).components().collect();
-                config.storage.root = joined.to_string_lossy().into_owned();
-            }
-        }
+        resolve_root(&mut config.storage, base);
         Ok(config)
     }
 
@@ -279,6 +328,34 @@ root = "lake"
 schema = "schemas/t.toml"
 sources = [{ topic = "posts", mapping = "m.toml" }]
 "#;
+
+    #[test]
+    fn lake_settings_need_only_storage_and_a_service_config_is_one_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let only = write(
+            dir.path(),
+            "[storage]\nroot = \"lake\"\n[maintenance]\ninterval_s = 10\nhot_small_files = 8\n",
+        );
+        let lake = Lake::load(&only, Vec::new()).unwrap();
+        assert_eq!(lake.storage.root, dir.path().join("lake").to_string_lossy());
+        assert_eq!(
+            (
+                lake.maintenance.interval_s,
+                lake.maintenance.hot_small_files
+            ),
+            (10, 8)
+        );
+        assert_eq!(lake.delta.checkpoint_interval, DEFAULT_CHECKPOINT_INTERVAL);
+        let env = vec![("SLUICE_STORAGE__ROOT".to_string(), "s3://b/w".to_string())];
+        assert_eq!(Lake::load(&only, env).unwrap().storage.root, "s3://b/w");
+
+        let service = write(dir.path(), MINIMAL);
+        let lake = Lake::load(&service, Vec::new()).unwrap();
+        assert_eq!(lake.maintenance.interval_s, DEFAULT_MAINTENANCE_INTERVAL_S);
+        let none = write(dir.path(), "[maintenance]\ninterval_s = 10\n");
+        let err = Lake::load(&none, Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("storage"), "{err}");
+    }
 
     #[test]
     fn env_overrides_file_and_paths_resolve_beside_it() {

@@ -190,9 +190,9 @@ pub struct BenchOptions {
     pub profiles: Vec<Profile>,
     /// Stages to run.
     pub stages: Vec<Stage>,
-    /// Storage for the tables: this config's `[storage]` (root and S3 settings), with its
+    /// Storage for the tables: a config's `[storage]` (root and S3 settings), with its
     /// `[maintenance]` and `[delta]`; or a temporary folder and the defaults.
-    pub storage: Option<Config>,
+    pub storage: Option<crate::config::Lake>,
     /// A broker for the Kafka stages instead of the in-process mock cluster.
     pub brokers: Option<String>,
     /// librdkafka properties for every client of the Kafka stages (TLS and SASL for a secured
