@@ -97,6 +97,23 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
 }
 
+/// The text of `file`, its TOML with `env`'s `SLUICE_*` overrides applied, and the overrides.
+fn read_with_env(
+    file: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(String, toml::Table, Vec<String>), ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let overrides = apply_env(&mut value, env)?;
+    Ok((text, value, overrides))
+}
+
 /// A relative local `storage.root` starts from the config file's folder `base`.
 fn resolve_root(storage: &mut StorageConfig, base: &Path) {
     if !storage.root.contains("://") {
@@ -130,16 +147,11 @@ impl Lake {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Lake, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
-            file: file.to_path_buf(),
-            source,
-        })?;
         let invalid = |message: String| ConfigError::Invalid {
             file: file.to_path_buf(),
             message,
         };
-        let mut value: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        apply_env(&mut value, env)?;
+        let (_, value, _) = read_with_env(file, env)?;
         let mut lake: Lake = toml::Value::Table(value)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_string()))?;
@@ -160,16 +172,11 @@ impl Config {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io {
-            file: file.to_path_buf(),
-            source,
-        })?;
         let invalid = |message: String| ConfigError::Invalid {
             file: file.to_path_buf(),
             message,
         };
-        let mut value: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let overrides = apply_env(&mut value, env)?;
+        let (text, value, overrides) = read_with_env(file, env)?;
         let mut config: Config =
             toml::Value::Table(value)
                 .try_into()
