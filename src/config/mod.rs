@@ -155,11 +155,7 @@ impl Lake {
         let mut lake: Lake = toml::Value::Table(value)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_string()))?;
-        if lake.delta.checkpoint_interval == 0 {
-            return Err(invalid(
-                "delta.checkpoint_interval must be at least 1".into(),
-            ));
-        }
+        lake.delta.validate().map_err(invalid)?;
         resolve_root(&mut lake.storage, file.parent().unwrap_or(Path::new(".")));
         Ok(lake)
     }
@@ -219,11 +215,7 @@ impl Config {
                 "metrics.lag_interval_s must be between 1 and {max_lag}"
             )));
         }
-        if config.delta.checkpoint_interval == 0 {
-            return Err(invalid(
-                "delta.checkpoint_interval must be at least 1".into(),
-            ));
-        }
+        config.delta.validate().map_err(invalid)?;
         if let Some(problem) = rebalancing_problem(&config.kafka.properties)
             .or_else(|| positioning_problem(&config.kafka.properties))
         {

@@ -174,6 +174,16 @@ pub struct DeltaConfig {
     pub zstd_level: i32,
 }
 
+impl DeltaConfig {
+    /// What is wrong with these settings, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.checkpoint_interval == 0 {
+            return Err("delta.checkpoint_interval must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 fn default_checkpoint_interval() -> u64 {
     DEFAULT_CHECKPOINT_INTERVAL
 }

@@ -261,7 +261,7 @@ impl Inspection {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let files: usize = self.partitions.iter().map(|p| p.files).sum();
-        let small: usize = self.partitions.iter().map(|p| p.small_files).sum();
+        let small: usize = self.partitions.iter().map(|p| p.small_files()).sum();
         let bytes: u64 = self.partitions.iter().map(|p| p.bytes).sum();
         let rows: u64 = self.partitions.iter().map(|p| p.rows).sum();
         let _ = writeln!(out, "{} at {}", self.name, self.location);
@@ -303,7 +303,7 @@ impl Inspection {
                     &p.partition
                 },
                 p.files,
-                p.small_files,
+                p.small_files(),
                 p.bytes,
                 p.rows
             );

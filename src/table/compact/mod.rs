@@ -151,18 +151,26 @@ pub struct PartitionFiles {
     pub partition: String,
     /// Data files.
     pub files: usize,
-    /// Files below the target size.
-    pub small_files: usize,
     /// Bytes of all files.
     pub bytes: u64,
-    /// Bytes of the small files.
-    pub small_bytes: u64,
-    /// Sizes of the small files, smallest first.
+    /// Sizes of the files below the target size, smallest first.
     pub small_sizes: Vec<u64>,
     /// When the newest file was written (ms since the epoch).
     pub newest_ms: i64,
     /// Rows, from the files' statistics.
     pub rows: u64,
+}
+
+impl PartitionFiles {
+    /// Files below the target size.
+    pub fn small_files(&self) -> usize {
+        self.small_sizes.len()
+    }
+
+    /// Bytes of the files below the target size.
+    pub fn small_bytes(&self) -> u64 {
+        self.small_sizes.iter().sum()
+    }
 }
 
 /// One partition's share of a compaction plan.
@@ -264,8 +272,6 @@ pub fn partitions(table: &DeltaTable, target_size: u64) -> Result<Vec<PartitionF
         entry.newest_ms = entry.newest_ms.max(file.modification_time());
         entry.rows += rows;
         if size < target_size {
-            entry.small_files += 1;
-            entry.small_bytes += size;
             entry.small_sizes.push(size);
         }
     }
@@ -322,7 +328,7 @@ pub fn plan(parts: &[PartitionFiles], options: &CompactOptions) -> Vec<PlannedPa
                 let taken = tiered_count(&p.small_sizes);
                 (taken, p.small_sizes[..taken].iter().sum())
             } else {
-                (p.small_files, p.small_bytes)
+                (p.small_files(), p.small_bytes())
             };
             let min_files = match &options.hot {
                 Some((hot, min)) if *hot == p.partition => (*min).max(2),
@@ -537,9 +543,7 @@ mod tests {
         PartitionFiles {
             partition: partition.into(),
             files,
-            small_files,
             bytes: files as u64 * 1000,
-            small_bytes: small_files as u64 * 1000,
             small_sizes: vec![1000; small_files],
             newest_ms: 0,
             rows: 0,
@@ -606,7 +610,7 @@ mod tests {
         assert!(planned[0].tiered);
         // One new flush beside a merged file is not worth a pass.
         hot.small_sizes = vec![1000, 1_000_000];
-        (hot.files, hot.small_files, hot.small_bytes) = (2, 2, 1_001_000);
+        hot.files = 2;
         assert!(plan(std::slice::from_ref(&hot), &options).is_empty());
         // Once nothing was written to it since, the partition's small files all merge.
         hot.newest_ms = (since - chrono::Duration::seconds(1)).timestamp_millis();

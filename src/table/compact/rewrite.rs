@@ -71,7 +71,7 @@ pub async fn rewrite_partition(
         .filter(|f| partition_of(&f.path()) == partition && (f.size().max(0) as u64) < target_size)
         .collect();
     if tiered {
-        files.sort_by_key(|f| (f.size(), f.path().to_string()));
+        files.sort_by_cached_key(|f| (f.size(), f.path().to_string()));
         let sizes: Vec<u64> = files.iter().map(|f| f.size().max(0) as u64).collect();
         files.truncate(super::tiered_count(&sizes));
     }
