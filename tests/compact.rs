@@ -522,6 +522,145 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
     assert!(text.contains("posts.mastodon[0]"), "{text}");
 }
 
+/// Data files under the table folder `dir`, referenced or not (not the log's checkpoints).
+fn parquet_paths(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with('_') {
+            continue;
+        }
+        if path.is_dir() {
+            found.extend(parquet_paths(&path));
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            found.insert(path);
+        }
+    }
+    found
+}
+
+fn written_days_ago(file: &Path, days: u64) {
+    let then = std::time::SystemTime::now() - Duration::from_secs(days * 24 * 3600);
+    File::options()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+}
+
+/// Sub-second tables keep tombstones for minutes so they open fast; vacuum must still keep a
+/// replaced file for its whole retention (time travel, long readers) after its tombstone left
+/// the checkpoint, then delete it, and it deletes what a crashed writer uploaded but never
+/// committed once that is as old.
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_keeps_replaced_files_for_the_retention_after_their_tombstones_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    fragmented_table(dir.path(), 300).await;
+    let location = main_table(dir.path());
+    let table_dir = dir.path().join("enriched_posts");
+    // The configuration now keeps tombstones for no time at all: opening the table for writing
+    // brings its property in line.
+    let schema =
+        sluice::contract::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml"))
+            .unwrap();
+    sluice::table::delta::DeltaSink::open_or_create(
+        &location,
+        Default::default(),
+        std::sync::Arc::new(schema),
+        "sluice-test",
+        sluice::table::delta::TableSettings {
+            checkpoint_interval: 100,
+            zstd_level: 1,
+            tombstone_retention: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    let table = open_table(&location, Default::default()).await.unwrap();
+    {
+        use deltalake::table::config::TablePropertiesExt;
+        let properties = table.snapshot().unwrap().table_config();
+        assert_eq!(properties.deleted_file_retention_duration(), Duration::ZERO);
+        assert_eq!(properties.checkpoint_interval().get(), 100);
+    }
+    let before_compaction = table.version().unwrap();
+    let written = parquet_paths(&table_dir);
+
+    compacted(
+        compact(&location, Default::default(), &options("test"))
+            .await
+            .unwrap(),
+    );
+    sluice::table::maintain::checkpoint(&location, Default::default())
+        .await
+        .unwrap();
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let live: BTreeSet<PathBuf> = parquet_paths(&table_dir)
+        .into_iter()
+        .filter(|p| {
+            table
+                .get_file_uris()
+                .unwrap()
+                .any(|uri| uri.ends_with(p.file_name().unwrap().to_str().unwrap()))
+        })
+        .collect();
+    let replaced: BTreeSet<PathBuf> = written.difference(&live).cloned().collect();
+    assert!(replaced.len() > 10, "compaction replaced the small files");
+    // A crashed writer's uploads, one from last week and one from a moment ago.
+    let day = live.iter().next().unwrap().parent().unwrap();
+    let (stale, fresh) = (
+        day.join("part-stale-orphan.parquet"),
+        day.join("part-fresh-orphan.parquet"),
+    );
+    std::fs::copy(live.iter().next().unwrap(), &stale).unwrap();
+    std::fs::copy(live.iter().next().unwrap(), &fresh).unwrap();
+    written_days_ago(&stale, 8);
+
+    let old_rows = format!(
+        "SELECT count(*) FROM version_as_of('enriched_posts', {before_compaction}) WHERE length(text) > 0"
+    );
+    let rows = async |sql: &str| {
+        session(dir.path())
+            .await
+            .run(sql)
+            .await
+            .map(|r| scalar_i64(&r[0].batches))
+    };
+    let vacuum = async || {
+        sluice::table::maintain::vacuum(
+            &location,
+            Default::default(),
+            sluice::table::maintain::DEFAULT_VACUUM_RETENTION,
+            false,
+            false,
+        )
+        .await
+        .unwrap()
+        .files
+    };
+
+    // The replaced files were written moments ago: kept, and the old version reads in full.
+    assert_eq!(vacuum().await, 1, "only last week's orphan goes");
+    assert!(!stale.exists() && fresh.exists());
+    assert!(replaced.iter().all(|p| p.exists()));
+    assert_eq!(rows(&old_rows).await.unwrap(), 300);
+
+    // A week on, they go too; the table itself is whole.
+    for file in &replaced {
+        written_days_ago(file, 8);
+    }
+    assert_eq!(vacuum().await, replaced.len());
+    assert!(replaced.iter().all(|p| !p.exists()));
+    assert!(live.iter().all(|p| p.exists()) && fresh.exists());
+    assert_eq!(
+        rows("SELECT count(*) FROM enriched_posts WHERE length(text) > 0")
+            .await
+            .unwrap(),
+        300
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_compacts_in_the_background_while_it_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -115,8 +115,11 @@ async fn a_store_that_ignores_if_none_match_is_refused_before_any_commit() {
         Default::default(),
         Arc::new(schema),
         "sluice-test",
-        5,
-        1,
+        sluice::table::delta::TableSettings {
+            checkpoint_interval: 5,
+            zstd_level: 1,
+            tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
+        },
     )
     .await
     {

@@ -457,8 +457,11 @@ async fn open_with_schema(
         Default::default(),
         std::sync::Arc::new(schema),
         "sluice-test",
-        5,
-        1,
+        sluice::table::delta::TableSettings {
+            checkpoint_interval: 5,
+            zstd_level: 1,
+            tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
+        },
     )
     .await
 }
@@ -577,8 +580,11 @@ async fn writers_starting_together_on_a_new_table_all_open_it() {
                     Default::default(),
                     schema,
                     "sluice-test",
-                    5,
-                    1,
+                    sluice::table::delta::TableSettings {
+                        checkpoint_interval: 5,
+                        zstd_level: 1,
+                        tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
+                    },
                 )
                 .await
                 .map(|sink| sink.table().version())

@@ -18,7 +18,7 @@ pub struct VacuumArgs {
     /// Only this table (and its dead letters).
     #[arg(long)]
     table: Option<String>,
-    /// Keep files referenced by any version of the last this many hours.
+    /// Keep unreferenced files written less than this many hours ago.
     #[arg(long, default_value_t = 168)]
     retention_hours: u64,
     /// Allow a retention below 168 hours (breaks longer readers and time travel).
@@ -40,7 +40,7 @@ pub struct TableArgs {
     table: Option<String>,
 }
 
-/// Deletes the data files no version within the retention references.
+/// Deletes the data files the table no longer references once older than the retention.
 pub async fn vacuum(args: VacuumArgs) -> anyhow::Result<ExitCode> {
     let VacuumArgs {
         config,

@@ -69,7 +69,9 @@ pub enum Command {
     /// Exit codes: 0 done (or nothing to do), 3 another compactor holds the table's lease,
     /// 1 failure.
     Compact(compact::CompactArgs),
-    /// Delete data files no version within the retention references (default 7 days).
+    /// Delete data files the table no longer references (replaced by compaction, or uploaded by
+    /// a writer that crashed before its commit) once they are older than the retention
+    /// (default 7 days) and the table's tombstone for them has expired.
     Vacuum(maintain::VacuumArgs),
     /// Write a checkpoint at the current version and remove expired log files.
     Checkpoint(maintain::TableArgs),

@@ -155,7 +155,7 @@ impl Lake {
         let mut lake: Lake = toml::Value::Table(value)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.to_string().trim_end().to_string()))?;
-        lake.delta.validate().map_err(invalid)?;
+        lake.delta.validate(&lake.maintenance).map_err(invalid)?;
         resolve_root(&mut lake.storage, file.parent().unwrap_or(Path::new(".")));
         Ok(lake)
     }
@@ -215,7 +215,10 @@ impl Config {
                 "metrics.lag_interval_s must be between 1 and {max_lag}"
             )));
         }
-        config.delta.validate().map_err(invalid)?;
+        config
+            .delta
+            .validate(&config.maintenance)
+            .map_err(invalid)?;
         if let Some(problem) = rebalancing_problem(&config.kafka.properties)
             .or_else(|| positioning_problem(&config.kafka.properties))
         {
@@ -473,6 +476,47 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
             err.contains("ingest.decode_threads must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tombstones_are_kept_a_week_unless_set_and_never_longer_than_vacuum_keeps_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), MINIMAL);
+        let config = Config::load(&file, vec![]).unwrap();
+        assert_eq!(config.delta.tombstone_retention_min, 7 * 24 * 60);
+        let file = write(
+            dir.path(),
+            "[storage]\nroot = \"lake\"\n[delta]\ntombstone_retention_min = 10\n",
+        );
+        assert_eq!(
+            Lake::load(&file, vec![])
+                .unwrap()
+                .delta
+                .tombstone_retention_min,
+            10
+        );
+        for (settings, problem) in [
+            (
+                "[delta]\ntombstone_retention_min = 0\n",
+                "delta.tombstone_retention_min must be at least 1",
+            ),
+            (
+                "[delta]\ntombstone_retention_min = 20160\n",
+                "is longer than maintenance.vacuum_retention_h (168 h)",
+            ),
+        ] {
+            let file = write(dir.path(), &format!("{MINIMAL}\n{settings}"));
+            let err = Config::load(&file, vec![]).unwrap_err().to_string();
+            assert!(err.contains(problem), "{err}");
+        }
+        let file = write(
+            dir.path(),
+            &format!(
+                "{MINIMAL}\n[delta]\ntombstone_retention_min = 20160\n\
+                 [maintenance]\nvacuum_retention_h = 336\n"
+            ),
+        );
+        assert!(Config::load(&file, vec![]).is_ok());
     }
 
     #[test]

@@ -172,13 +172,31 @@ pub struct DeltaConfig {
     /// zstd level of data files.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// Minutes checkpoints keep the `remove` tombstones of replaced files (the table's
+    /// `delta.deletedFileRetentionDuration`; Delta's default is a week). Every open of the
+    /// table reads them, so sub-second tables, whose compaction replaces files all the time,
+    /// keep them for minutes. Vacuum keeps the files themselves `vacuum_retention_h` from
+    /// when they were written either way.
+    #[serde(default = "default_tombstone_retention_min")]
+    pub tombstone_retention_min: u64,
 }
 
 impl DeltaConfig {
-    /// What is wrong with these settings, naming the key.
-    pub fn validate(&self) -> Result<(), String> {
+    /// What is wrong with these settings (and their vacuum retention), naming the key.
+    pub fn validate(&self, maintenance: &MaintenanceConfig) -> Result<(), String> {
         if self.checkpoint_interval == 0 {
             return Err("delta.checkpoint_interval must be at least 1".into());
+        }
+        if self.tombstone_retention_min == 0 {
+            return Err("delta.tombstone_retention_min must be at least 1".into());
+        }
+        if self.tombstone_retention_min > maintenance.vacuum_retention_h * 60 {
+            return Err(format!(
+                "delta.tombstone_retention_min ({} min) is longer than \
+                 maintenance.vacuum_retention_h ({} h): vacuum refuses a retention shorter \
+                 than the table's tombstone retention",
+                self.tombstone_retention_min, maintenance.vacuum_retention_h
+            ));
         }
         Ok(())
     }
@@ -186,6 +204,13 @@ impl DeltaConfig {
 
 fn default_checkpoint_interval() -> u64 {
     DEFAULT_CHECKPOINT_INTERVAL
+}
+
+/// Delta's default tombstone retention, a week, in minutes.
+pub const DEFAULT_TOMBSTONE_RETENTION_MIN: u64 = 7 * 24 * 60;
+
+fn default_tombstone_retention_min() -> u64 {
+    DEFAULT_TOMBSTONE_RETENTION_MIN
 }
 
 fn default_zstd_level() -> i32 {
@@ -197,6 +222,7 @@ impl Default for DeltaConfig {
         DeltaConfig {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            tombstone_retention_min: DEFAULT_TOMBSTONE_RETENTION_MIN,
         }
     }
 }

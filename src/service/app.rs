@@ -11,7 +11,7 @@ use futures::future::{FutureExt, Shared};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, TableConfig};
+use crate::config::{Config, DeltaConfig, TableConfig};
 use crate::contract::dead_letters;
 use crate::contract::mapping::{Mapping, MappingError};
 use crate::contract::schema::{SchemaError, TableSchema};
@@ -22,7 +22,7 @@ use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
 use crate::service::background::Maintenance;
 use crate::service::health::{Health, probe_loop};
-use crate::table::delta::{DeltaSink, table_location};
+use crate::table::delta::{DeltaSink, TableSettings, table_location};
 use deltalake::logstore::ObjectStoreRef;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
@@ -132,6 +132,15 @@ pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
     Ok(names)
 }
 
+/// How the configuration's `[delta]` section sets up each table.
+pub fn table_settings(delta: &DeltaConfig) -> TableSettings {
+    TableSettings {
+        checkpoint_interval: delta.checkpoint_interval,
+        zstd_level: delta.zstd_level,
+        tombstone_retention: Duration::from_secs(delta.tombstone_retention_min * 60),
+    }
+}
+
 /// Opens (creating them when absent) a table and its dead-letter table, both recording
 /// positions under the configured group's txn app ids.
 pub async fn open_sinks(
@@ -144,8 +153,7 @@ pub async fn open_sinks(
             config.storage_options(),
             schema,
             &config.kafka.group_id,
-            config.delta.checkpoint_interval,
-            config.delta.zstd_level,
+            table_settings(&config.delta),
         )
         .await
         .map_err(|e| AppError::from(PipelineError::from(e)))

@@ -8,6 +8,7 @@ use std::time::Duration;
 use deltalake::arrow::array::{Array, AsArray};
 use deltalake::arrow::datatypes::Int32Type;
 use deltalake::datafusion::prelude::SessionContext;
+use deltalake::operations::vacuum::VacuumMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
@@ -71,8 +72,18 @@ pub struct VacuumReport {
     pub dry_run: bool,
 }
 
-/// Deletes data files that no version within `retention` references. Shorter than
+/// Deletes the data files the table no longer references once they are older than
+/// `retention` and any tombstone of theirs has expired; shorter than
 /// [`DEFAULT_VACUUM_RETENTION`] only with `allow_short`.
+///
+/// It lists the table's folder (delta-rs' full mode) rather than reading the checkpoint's
+/// tombstones alone, for two reasons: files a writer wrote but never committed (a crash
+/// between upload and commit) are found too, and a table may keep tombstones for less time
+/// than the files themselves (`delta.deletedFileRetentionDuration` of minutes, so sub-second
+/// tables open fast): a file whose tombstone left the checkpoint is still kept until it is
+/// `retention` old. A file replaced soon after it was written (every flush compaction merges)
+/// therefore stays readable for `retention`; an older one for the table's tombstone retention
+/// after it was replaced.
 pub async fn vacuum(
     location: &str,
     storage_options: HashMap<String, String>,
@@ -94,6 +105,7 @@ pub async fn vacuum(
     })?;
     let (_, metrics) = table
         .vacuum()
+        .with_mode(VacuumMode::Full)
         .with_retention_period(retention)
         .with_enforce_retention_duration(!allow_short)
         .with_dry_run(dry_run)

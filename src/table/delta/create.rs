@@ -2,10 +2,14 @@
 //! (never retyping one), and refusing a store that cannot put-if-absent, which Delta commits
 //! rely on.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{MetadataValue, StructField};
-use deltalake::{DeltaTable, DeltaTableError};
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::{DeltaTable, DeltaTableError, TableProperty};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::contract::schema::{TableSchema, type_name};
@@ -13,10 +17,55 @@ use crate::contract::schema::{TableSchema, type_name};
 use super::DeltaError;
 use super::read::arrow_schema_of;
 
+/// How sluice sets up the tables it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSettings {
+    /// `delta.checkpointInterval`: a checkpoint every this many commits.
+    pub checkpoint_interval: u64,
+    /// zstd level of data files.
+    pub zstd_level: i32,
+    /// `delta.deletedFileRetentionDuration`: how long checkpoints keep the `remove` tombstones
+    /// of replaced files. Every reader of the table pays for each tombstone a checkpoint holds,
+    /// so tables committing every second keep them for minutes, not Delta's default week
+    /// (vacuum still keeps the files themselves for its own retention; see `maintain::vacuum`).
+    pub tombstone_retention: Duration,
+}
+
+/// Delta's own default of `delta.deletedFileRetentionDuration`.
+pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl TableSettings {
+    /// The table properties these settings stand for, as Delta spells them.
+    fn properties(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (
+                TableProperty::CheckpointInterval.as_ref().to_string(),
+                self.checkpoint_interval.to_string(),
+            ),
+            (
+                TableProperty::DeletedFileRetentionDuration
+                    .as_ref()
+                    .to_string(),
+                interval(self.tombstone_retention),
+            ),
+        ])
+    }
+}
+
+/// A duration as a Delta interval, in the largest unit that divides it.
+fn interval(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        s if s > 0 && s % 3600 == 0 => format!("interval {} hours", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("interval {} minutes", s / 60),
+        s => format!("interval {s} seconds"),
+    }
+}
+
 pub(super) async fn create_table(
     table: &DeltaTable,
     schema: &TableSchema,
-    checkpoint_interval: u64,
+    settings: &TableSettings,
 ) -> Result<DeltaTable, DeltaTableError> {
     let arrow = schema.arrow_schema();
     let mut fields = Vec::with_capacity(arrow.fields().len());
@@ -30,9 +79,11 @@ pub(super) async fn create_table(
         .with_commit_properties(CommitProperties::default().with_max_retries(0))
         .with_table_name(&schema.name)
         .with_columns(fields)
-        .with_configuration_property(
-            deltalake::TableProperty::CheckpointInterval,
-            Some(checkpoint_interval.to_string()),
+        .with_configuration(
+            settings
+                .properties()
+                .into_iter()
+                .map(|(key, value)| (key, Some(value))),
         )
         // Log cleanup lists the whole _delta_log; maintenance does it, not the commit path.
         .with_configuration_property(
@@ -46,6 +97,41 @@ pub(super) async fn create_table(
         create = create.with_partition_columns([part.clone()]);
     }
     create.await
+}
+
+/// Brings an existing table's checkpoint interval and tombstone retention in line with the
+/// settings (a configuration change applies to tables created before it). Returns whether it
+/// committed a change.
+pub(super) async fn align_properties(
+    table: &mut DeltaTable,
+    settings: &TableSettings,
+) -> Result<bool, DeltaTableError> {
+    let differs = |table: &DeltaTable| -> Result<bool, DeltaTableError> {
+        let config = table.snapshot()?.table_config();
+        Ok(
+            config.checkpoint_interval().get() != settings.checkpoint_interval
+                || config.deleted_file_retention_duration() != settings.tombstone_retention,
+        )
+    };
+    if !differs(table)? {
+        return Ok(false);
+    }
+    match table
+        .clone()
+        .set_tbl_properties()
+        .with_properties(settings.properties())
+        .await
+    {
+        Ok(updated) => {
+            *table = updated;
+            Ok(true)
+        }
+        // Another instance, started with the same settings, changed them first.
+        Err(e) => {
+            table.update_incremental(None).await?;
+            if differs(table)? { Err(e) } else { Ok(false) }
+        }
+    }
 }
 
 /// Brings the table's columns in line with the schema file: columns added to the file are

@@ -15,7 +15,9 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use crate::contract::schema::TableSchema;
 
-use super::create::{create_table, evolve_schema, probe_conditional_put};
+use super::create::{
+    TableSettings, align_properties, create_table, evolve_schema, probe_conditional_put,
+};
 use super::parquet::parquet_properties;
 use super::read::{arrow_schema_of, table_url};
 use super::txn::{app_id, log_app_id};
@@ -51,8 +53,7 @@ impl DeltaSink {
         storage_options: HashMap<String, String>,
         schema: Arc<TableSchema>,
         group_id: &str,
-        checkpoint_interval: u64,
-        zstd_level: i32,
+        settings: TableSettings,
     ) -> Result<Self, DeltaError> {
         let name = schema.name.clone();
         let url = table_url(location).map_err(|reason| DeltaError::Location {
@@ -79,7 +80,7 @@ impl DeltaSink {
         match table.load().await {
             Ok(()) => {}
             Err(DeltaTableError::NotATable(_)) => {
-                match create_table(&table, &schema, checkpoint_interval).await {
+                match create_table(&table, &schema, &settings).await {
                     Ok(created) => {
                         table = created;
                         tracing::info!(table = %name, location, "created Delta table");
@@ -98,12 +99,23 @@ impl DeltaSink {
             }
             Err(e) => return Err(delta_err("load")(e)),
         }
+        if align_properties(&mut table, &settings)
+            .await
+            .map_err(delta_err("set table properties"))?
+        {
+            tracing::info!(
+                table = %name,
+                checkpoint_interval = settings.checkpoint_interval,
+                tombstone_retention_s = settings.tombstone_retention.as_secs(),
+                "table properties brought in line with the configuration"
+            );
+        }
         evolve_schema(&mut table, &schema).await?;
         // The table's own Arrow schema names the Parquet columns as delta-rs writes them
         // (`embedding.list.element`; the schema file's lists say `item`).
         let written = arrow_schema_of(&table).map_err(delta_err("read schema"))?;
         let writer_properties =
-            parquet_properties(zstd_level, &written).map_err(|e| DeltaError::Delta {
+            parquet_properties(settings.zstd_level, &written).map_err(|e| DeltaError::Delta {
                 table: name.clone(),
                 operation: "configure zstd",
                 source: DeltaTableError::Generic(e.to_string()).into(),
