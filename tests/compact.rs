@@ -28,6 +28,37 @@ async fn session(root: &Path) -> Session {
     Session::open(&cfg, &TimeTravel::default()).await.unwrap()
 }
 
+/// The count `sql` answers in `sluice sql` over the tables under `root`.
+async fn count(root: &Path, sql: &str) -> Result<i64, sluice::query::sql::SqlError> {
+    session(root)
+        .await
+        .run(sql)
+        .await
+        .map(|r| scalar_i64(&r[0].batches))
+}
+
+/// Counts the posts of `version`, reading the rows themselves (a bare count(*) is answered
+/// from statistics).
+fn rows_of_version(version: i64) -> String {
+    format!(
+        "SELECT count(*) FROM version_as_of('enriched_posts', {version}) WHERE length(text) > 0"
+    )
+}
+
+/// Vacuums with the default retention (a week); returns how many files it deleted.
+async fn vacuum_a_week(location: &str) -> usize {
+    sluice::table::maintain::vacuum(
+        location,
+        Default::default(),
+        sluice::table::maintain::DEFAULT_VACUUM_RETENTION,
+        false,
+        false,
+    )
+    .await
+    .unwrap()
+    .files
+}
+
 /// Every query of `sql/` with its result as text.
 async fn library(root: &Path) -> BTreeMap<String, String> {
     let session = session(root).await;
@@ -441,29 +472,11 @@ async fn vacuum_keeps_time_travel_within_retention_and_inspect_reports_the_table
             .await
             .unwrap(),
     );
-    // Reads the rows themselves (a bare count(*) is answered from statistics).
-    let old = format!(
-        "SELECT count(*) FROM version_as_of('enriched_posts', {before_compaction}) WHERE length(text) > 0"
-    );
-    let count = async |sql: &str| {
-        session(dir.path())
-            .await
-            .run(sql)
-            .await
-            .map(|r| scalar_i64(&r[0].batches))
-    };
+    let old = rows_of_version(before_compaction);
+    let count = async |sql: &str| count(dir.path(), sql).await;
 
     // The default retention keeps every file a week-old reader could need.
-    let kept = sluice::table::maintain::vacuum(
-        &location,
-        Default::default(),
-        sluice::table::maintain::DEFAULT_VACUUM_RETENTION,
-        false,
-        false,
-    )
-    .await
-    .unwrap();
-    assert_eq!(kept.files, 0);
+    assert_eq!(vacuum_a_week(&location).await, 0);
     assert_eq!(count(&old).await.unwrap(), 300);
     // Shorter only when asked for explicitly; then the old state is gone.
     let refused = sluice::table::maintain::vacuum(
@@ -564,25 +577,13 @@ async fn vacuum_keeps_replaced_files_for_the_retention_after_their_tombstones_ex
     let schema =
         sluice::contract::schema::TableSchema::load(&repo().join("schemas/enriched_posts.toml"))
             .unwrap();
-    sluice::table::delta::DeltaSink::open_or_create(
-        &location,
-        Default::default(),
-        std::sync::Arc::new(schema),
-        "sluice-test",
-        sluice::table::delta::TableSettings {
-            checkpoint_interval: 100,
-            zstd_level: 1,
-            tombstone_retention: Duration::ZERO,
-        },
-    )
-    .await
-    .unwrap();
+    open_sink(dir.path(), schema, Duration::ZERO).await.unwrap();
     let table = open_table(&location, Default::default()).await.unwrap();
     {
         use deltalake::table::config::TablePropertiesExt;
         let properties = table.snapshot().unwrap().table_config();
         assert_eq!(properties.deleted_file_retention_duration(), Duration::ZERO);
-        assert_eq!(properties.checkpoint_interval().get(), 100);
+        assert_eq!(properties.checkpoint_interval().get(), 5);
     }
     let before_compaction = table.version().unwrap();
     let written = parquet_paths(&table_dir);
@@ -617,28 +618,9 @@ async fn vacuum_keeps_replaced_files_for_the_retention_after_their_tombstones_ex
     std::fs::copy(live.iter().next().unwrap(), &fresh).unwrap();
     written_days_ago(&stale, 8);
 
-    let old_rows = format!(
-        "SELECT count(*) FROM version_as_of('enriched_posts', {before_compaction}) WHERE length(text) > 0"
-    );
-    let rows = async |sql: &str| {
-        session(dir.path())
-            .await
-            .run(sql)
-            .await
-            .map(|r| scalar_i64(&r[0].batches))
-    };
-    let vacuum = async || {
-        sluice::table::maintain::vacuum(
-            &location,
-            Default::default(),
-            sluice::table::maintain::DEFAULT_VACUUM_RETENTION,
-            false,
-            false,
-        )
-        .await
-        .unwrap()
-        .files
-    };
+    let old_rows = rows_of_version(before_compaction as i64);
+    let rows = async |sql: &str| count(dir.path(), sql).await;
+    let vacuum = async || vacuum_a_week(&location).await;
 
     // The replaced files were written moments ago: kept, and the old version reads in full.
     assert_eq!(vacuum().await, 1, "only last week's orphan goes");

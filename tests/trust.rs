@@ -451,17 +451,10 @@ async fn open_with_schema(
     let file = dir.join(name);
     std::fs::write(&file, text).unwrap();
     let schema = sluice::contract::schema::TableSchema::load(&file).unwrap();
-    let location = sluice::table::delta::table_location(&dir.to_string_lossy(), "enriched_posts");
-    sluice::table::delta::DeltaSink::open_or_create(
-        &location,
-        Default::default(),
-        std::sync::Arc::new(schema),
-        "sluice-test",
-        sluice::table::delta::TableSettings {
-            checkpoint_interval: 5,
-            zstd_level: 1,
-            tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
-        },
+    open_sink(
+        dir,
+        schema,
+        sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
     )
     .await
 }

@@ -273,6 +273,27 @@ impl Writer {
     }
 }
 
+/// Opens (creating it when absent) the `enriched_posts` table under `root` for writing, with
+/// `schema` and a checkpoint every 5 commits.
+pub async fn open_sink(
+    root: &Path,
+    schema: sluice::contract::schema::TableSchema,
+    tombstone_retention: Duration,
+) -> Result<sluice::table::delta::DeltaSink, sluice::table::delta::DeltaError> {
+    sluice::table::delta::DeltaSink::open_or_create(
+        &table_location(&root.to_string_lossy(), "enriched_posts"),
+        Default::default(),
+        std::sync::Arc::new(schema),
+        "sluice-test",
+        sluice::table::delta::TableSettings {
+            checkpoint_interval: 5,
+            zstd_level: 1,
+            tombstone_retention,
+        },
+    )
+    .await
+}
+
 /// (topic, partition, offset) of every row in the table.
 pub async fn table_offsets(root: &Path) -> Vec<(String, i32, i64)> {
     offsets_in_table(root, "enriched_posts").await
