@@ -97,6 +97,14 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
 }
 
+/// Builds the error for a problem with the contents of `file`.
+fn invalid_in(file: &Path) -> impl Fn(String) -> ConfigError + Copy + '_ {
+    move |message| ConfigError::Invalid {
+        file: file.to_path_buf(),
+        message,
+    }
+}
+
 /// The text of `file`, its TOML with `env`'s `SLUICE_*` overrides applied, and the overrides.
 fn read_with_env(
     file: &Path,
@@ -106,10 +114,8 @@ fn read_with_env(
         file: file.to_path_buf(),
         source,
     })?;
-    let mut value: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-        file: file.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let mut value: toml::Table =
+        toml::from_str(&text).map_err(|e| invalid_in(file)(e.to_string()))?;
     let overrides = apply_env(&mut value, env)?;
     Ok((text, value, overrides))
 }
@@ -147,10 +153,7 @@ impl Lake {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Lake, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            message,
-        };
+        let invalid = invalid_in(file);
         let (_, value, _) = read_with_env(file, env)?;
         let mut lake: Lake = toml::Value::Table(value)
             .try_into()
@@ -168,10 +171,7 @@ impl Config {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            message,
-        };
+        let invalid = invalid_in(file);
         let (text, value, overrides) = read_with_env(file, env)?;
         let mut config: Config =
             toml::Value::Table(value)

@@ -207,7 +207,8 @@ fn default_checkpoint_interval() -> u64 {
 }
 
 /// Delta's default tombstone retention, a week, in minutes.
-pub const DEFAULT_TOMBSTONE_RETENTION_MIN: u64 = 7 * 24 * 60;
+pub const DEFAULT_TOMBSTONE_RETENTION_MIN: u64 =
+    crate::table::delta::DEFAULT_TOMBSTONE_RETENTION.as_secs() / 60;
 
 fn default_tombstone_retention_min() -> u64 {
     DEFAULT_TOMBSTONE_RETENTION_MIN

@@ -54,10 +54,9 @@ impl TableSettings {
 
 /// A duration as a Delta interval, in the largest unit that divides it.
 fn interval(duration: Duration) -> String {
-    let seconds = duration.as_secs();
-    match seconds {
-        s if s > 0 && s % 3600 == 0 => format!("interval {} hours", s / 3600),
-        s if s > 0 && s % 60 == 0 => format!("interval {} minutes", s / 60),
+    match duration.as_secs() {
+        s if s % 3600 == 0 => format!("interval {} hours", s / 3600),
+        s if s % 60 == 0 => format!("interval {} minutes", s / 60),
         s => format!("interval {s} seconds"),
     }
 }
