@@ -705,6 +705,73 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_checkpoints_as_commits_reach_the_interval_not_at_its_next_pass() {
+    // Compaction passes an hour apart: the checkpoints cannot wait for one. Every reader that
+    // opens the table replays the commits after the last checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = Kafka::new(&["posts.mastodon"], 2);
+    let repo = repo();
+    let repo = repo.display();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "checkpointed"
+[kafka.properties]
+"session.timeout.ms" = "6000"
+[storage]
+root = "lake"
+[batch]
+max_rows = 40
+max_age_ms = 1000
+[delta]
+checkpoint_interval = 5
+[maintenance]
+interval_s = 3600
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
+"#,
+            kafka.brokers()
+        ),
+    )
+    .unwrap();
+    let report = publish(&kafka.brokers(), &[Shape::Mastodon], 600, 9, 0).await;
+    let root = dir.path().join("lake");
+    let location = main_table(&root);
+    let rows = async || {
+        let Ok(table) = open_table(&location, Default::default()).await else {
+            return 0;
+        };
+        let parts = sluice::table::compact::partitions(&table, u64::MAX).unwrap();
+        parts.iter().map(|p| p.rows).sum::<u64>()
+    };
+    assert!(
+        run_until(&config, async || rows().await == 600).await,
+        "the service wrote every message"
+    );
+
+    // The service has stopped: its last commits are within one interval of a checkpoint.
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let version = table.version().unwrap() as i64;
+    let checkpoint = sluice::table::maintain::last_checkpoint(&table).await;
+    assert!(version >= 15, "600 posts in batches of 40: {version}");
+    assert!(
+        checkpoint.is_some_and(|c| c >= 5 && version - c < 5),
+        "version {version}, last checkpoint {checkpoint:?}"
+    );
+    assert_eq!(rewrites_change_no_data(&location), 0, "no compaction ran");
+    assert_exactly_once(
+        &table_offsets(&root).await,
+        &report.last_offsets,
+        &BTreeSet::new(),
+    );
+}
+
 /// `count` Mastodon posts of one calendar day (2026-11-29, whatever the hour the test runs: a
 /// split over two days made each partition's size depend on the clock), in commits of 1,000;
 /// 48 Kafka partitions keep each under the mock cluster's retention.

@@ -20,7 +20,7 @@ use crate::ingest::decode::BodyDecoder;
 use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
 use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
-use crate::service::background::Maintenance;
+use crate::service::background::{MaintainedTable, Maintenance};
 use crate::service::health::{Health, probe_loop};
 use crate::table::delta::{DeltaSink, TableSettings, table_location};
 use deltalake::logstore::ObjectStoreRef;
@@ -178,20 +178,24 @@ pub async fn start(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<RunningTable>, AppError> {
-    start_writers(config, shutdown, true).await
+    let (running, _) = start_writers(config, shutdown, false).await?;
+    Ok(running)
 }
 
+/// [`start`]; with `maintained`, commits write no checkpoints and tell the returned
+/// [`MaintainedTable`]s each version instead (two per table: it and its dead letters).
 async fn start_writers(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    checkpoints_on_commit: bool,
-) -> Result<Vec<RunningTable>, AppError> {
+    maintained: bool,
+) -> Result<(Vec<RunningTable>, Vec<MaintainedTable>), AppError> {
     let shutdown: Shared<_> = shutdown.boxed().shared();
     let mut loaded = Vec::new();
     for table in &config.tables {
         loaded.push((load_table(config, table)?, table));
     }
     let mut running = Vec::new();
+    let mut checkpointed = Vec::new();
     for (table, table_config) in loaded {
         let name = table.schema.name.clone();
         let location = table_location(&config.storage.root, &name);
@@ -205,19 +209,25 @@ async fn start_writers(
         };
         let Some(opened) = opened else {
             tracing::info!(table = %name, "shutdown requested while opening the table; nothing was consumed");
-            return Ok(running);
+            return Ok((running, checkpointed));
         };
-        let (sink, dead_letter_sink) = opened?;
-        let sink = if checkpoints_on_commit {
-            sink
-        } else {
-            sink.without_checkpoints()
-        };
-        let dead_letter_sink = if checkpoints_on_commit {
-            dead_letter_sink
-        } else {
-            dead_letter_sink.without_checkpoints()
-        };
+        let (mut sink, mut dead_letter_sink) = opened?;
+        if maintained {
+            let (tx, commits) = watch::channel(sink.version());
+            sink = sink.checkpointed_by(tx);
+            checkpointed.push(MaintainedTable {
+                name: name.clone(),
+                zorder: true,
+                commits,
+            });
+            let (tx, commits) = watch::channel(dead_letter_sink.version());
+            dead_letter_sink = dead_letter_sink.checkpointed_by(tx);
+            checkpointed.push(MaintainedTable {
+                name: dead_letters::table_name(&name),
+                zorder: false,
+                commits,
+            });
+        }
         let topics: Vec<String> = table_config
             .sources
             .iter()
@@ -267,26 +277,17 @@ async fn start_writers(
             store,
         });
     }
-    Ok(running)
+    Ok((running, checkpointed))
 }
 
-/// [`start`] as the service does it: with `maintenance.enabled`, the maintenance thread
-/// compacts and checkpoints the tables (and their dead letters), and commits write no
-/// checkpoints. Stop the thread after the writers.
+/// [`start`] as the service does it: with `maintenance.enabled`, the maintenance threads
+/// compact and checkpoint the tables (and their dead letters), and commits write no
+/// checkpoints. Stop the threads after the writers.
 pub async fn start_maintained(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(Vec<RunningTable>, Option<Maintenance>), AppError> {
-    let running = start_writers(config, shutdown, !config.maintenance.enabled).await?;
-    let tables = running
-        .iter()
-        .flat_map(|t| {
-            [
-                (t.name.clone(), true),
-                (dead_letters::table_name(&t.name), false),
-            ]
-        })
-        .collect();
+    let (running, tables) = start_writers(config, shutdown, config.maintenance.enabled).await?;
     Ok((running, Maintenance::start(config, tables)))
 }
 

@@ -1,10 +1,17 @@
-//! Background maintenance in the service: every `interval_s`, each table (and its dead
-//! letters) is compacted under its lease, and vacuumed once a `vacuum_every_h`. Checkpoints
-//! (every `delta.checkpoint_interval` versions, checked every 30 s at most) and expired-log
-//! cleanup are written here too, so commits never pay for them.
+//! Background maintenance in the service, on two threads of their own (each with its own
+//! single-threaded runtime, so neither Parquet rewrites nor checkpoints take CPU time slices
+//! from the writers' runtime, and a long compaction pass never delays a checkpoint).
 //!
-//! It runs on its own thread with its own single-threaded runtime, so Parquet rewrites never
-//! take CPU time slices from the writers' runtime. Compaction commits are `dataChange=false`
+//! **Checkpoints.** The writers tell the checkpoint thread each version they commit; once a
+//! table is `delta.checkpoint_interval` versions past its last checkpoint, the thread writes
+//! one at once (and checks every 30 s for commits of other processes). Every reader opening
+//! the table replays each commit after the last checkpoint, ~1 ms each, so at sub-second
+//! freshness a checkpoint that waits for a compaction pass or a polling tick costs every open.
+//! Expired log files are removed hourly: that lists the whole `_delta_log`. When the service
+//! stops, a table past its interval is checkpointed before the thread ends.
+//!
+//! **Compaction.** Every `interval_s`, each table (and its dead letters) is compacted under
+//! its lease, and vacuumed once a `vacuum_every_h`. Compaction commits are `dataChange=false`
 //! and do not conflict with appends. Today's partition, which the writer is still filling,
 //! is left alone until it has `hot_small_files` small files; older partitions are compacted
 //! as soon as they have two. A partition still being written (a file in the last two
@@ -26,62 +33,209 @@ use crate::config::{Config, MaintenanceConfig};
 use crate::table::compact::{CompactOptions, CompactOutcome, compact};
 use crate::table::delta::{open_table, table_location};
 use crate::table::lease;
-use crate::table::maintain::{checkpoint_table, last_checkpoint, vacuum};
+use crate::table::maintain::{last_checkpoint, remove_expired_logs, vacuum, write_checkpoint};
 
-/// A running maintenance thread; dropping the handle's sender stops it after the current pass.
+/// A table the service writes, as maintenance sees it.
+pub struct MaintainedTable {
+    /// The table's name.
+    pub name: String,
+    /// Whether `maintenance.zorder` applies (dead-letter tables do not have those columns).
+    pub zorder: bool,
+    /// Each version the table's writer commits (see `DeltaSink::checkpointed_by`).
+    pub commits: watch::Receiver<i64>,
+}
+
+/// The running maintenance threads; [`Maintenance::stop`] ends them after their current work.
 pub struct Maintenance {
     stop: watch::Sender<bool>,
-    thread: JoinHandle<()>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Maintenance {
-    /// Starts the thread for `tables` of `config`, or returns `None` when disabled. Each
-    /// table comes with whether `maintenance.zorder` applies to it (dead-letter tables do not
-    /// have those columns).
-    pub fn start(config: &Config, tables: Vec<(String, bool)>) -> Option<Maintenance> {
+    /// Starts the compaction and checkpoint threads for `tables` of `config`, or returns
+    /// `None` when maintenance is disabled (the writers then checkpoint on their commit path).
+    pub fn start(config: &Config, tables: Vec<MaintainedTable>) -> Option<Maintenance> {
         if !config.maintenance.enabled {
             return None;
         }
         let (stop, stopped) = watch::channel(false);
-        let settings = config.maintenance.clone();
-        let checkpoint_interval = config.delta.checkpoint_interval.max(1) as i64;
-        let zstd_level = config.delta.zstd_level;
         let root = config.storage.root.clone();
         let storage = config.storage_options();
-        let thread = std::thread::Builder::new()
-            .name("sluice-maintenance".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("maintenance runtime starts");
-                runtime.block_on(run(
-                    settings,
-                    checkpoint_interval,
-                    zstd_level,
-                    root,
-                    storage,
-                    tables,
-                    stopped,
-                ));
+        let checkpoints = {
+            let interval = config.delta.checkpoint_interval.max(1) as i64;
+            let tables: Vec<_> = tables
+                .iter()
+                .map(|t| {
+                    (
+                        table_location(&root, &t.name),
+                        t.name.clone(),
+                        t.commits.clone(),
+                    )
+                })
+                .collect();
+            let (storage, stopped) = (storage.clone(), stopped.clone());
+            spawn_with_runtime("sluice-checkpoints", async move {
+                let tasks = tables.into_iter().map(|(location, name, commits)| {
+                    keep_checkpointed(name, location, &storage, interval, commits, stopped.clone())
+                });
+                futures::future::join_all(tasks).await;
             })
-            .expect("maintenance thread starts");
-        Some(Maintenance { stop, thread })
+        };
+        let compaction = {
+            let settings = config.maintenance.clone();
+            let zstd_level = config.delta.zstd_level;
+            let tables = tables.into_iter().map(|t| (t.name, t.zorder)).collect();
+            spawn_with_runtime(
+                "sluice-maintenance",
+                compact_and_vacuum(settings, zstd_level, root, storage, tables, stopped),
+            )
+        };
+        Some(Maintenance {
+            stop,
+            threads: vec![checkpoints, compaction],
+        })
     }
 
-    /// Stops after the current pass and waits for the thread.
+    /// Stops after the current pass (and a last due checkpoint) and waits for the threads.
     pub fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.thread.join();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
     }
 }
 
-/// How often checkpoints are checked for when compaction runs less often.
+/// Runs `work` on a thread named `name` with a single-threaded runtime of its own.
+fn spawn_with_runtime(
+    name: &str,
+    work: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("maintenance runtime starts")
+                .block_on(work)
+        })
+        .expect("maintenance thread starts")
+}
+
+/// How often a table is checked for a due checkpoint without news from its writer: commits
+/// of other processes (a scheduled `sluice compact`) count towards the interval too.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(30);
 
-async fn run(
+/// How often expired log files are removed.
+const LOG_CLEANUP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Keeps one table within `interval` versions of a checkpoint until `stopped`, then writes
+/// a last one if due. A failure is logged and retried at the next commit or tick.
+async fn keep_checkpointed(
+    name: String,
+    location: String,
+    storage: &HashMap<String, String>,
+    interval: i64,
+    mut commits: watch::Receiver<i64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut table: Option<DeltaTable> = None;
+    // The version the interval counts from (the last checkpoint's), once read.
+    let mut counted_from: Option<i64> = None;
+    let mut logs_cleaned: Option<Instant> = None;
+    let mut writer_alive = true;
+    let mut ticked = true;
+    loop {
+        let committed = *commits.borrow_and_update();
+        let may_be_due = counted_from.is_none_or(|from| committed - from >= interval);
+        if ticked || may_be_due {
+            match checkpoint_if_due(&mut table, &location, storage, interval).await {
+                Ok(outcome) => {
+                    counted_from = Some(outcome.counted_from);
+                    if outcome.written {
+                        metrics::counter!("sluice_checkpoints_total", "table" => name.clone())
+                            .increment(1);
+                    }
+                }
+                Err(e) => {
+                    counted_from = None;
+                    tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying");
+                }
+            }
+        }
+        if let Some(table) = &table
+            && counted_from.is_some()
+            && logs_cleaned.is_none_or(|at| at.elapsed() >= LOG_CLEANUP_EVERY)
+        {
+            logs_cleaned = Some(Instant::now());
+            if let Err(e) = remove_expired_logs(table, &location).await {
+                tracing::warn!(table = %name, error = %e, "log cleanup failed; retrying in an hour");
+            }
+        }
+        if *stopped.borrow() {
+            break;
+        }
+        ticked = false;
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => {}
+            changed = commits.changed(), if writer_alive => writer_alive = changed.is_ok(),
+            _ = tokio::time::sleep(CHECKPOINT_TICK) => ticked = true,
+        }
+    }
+}
+
+/// What [`checkpoint_if_due`] found and did.
+struct CheckpointOutcome {
+    /// The version the interval counts from: the last checkpoint's (this one's if it wrote
+    /// one), 0 for a table without.
+    counted_from: i64,
+    /// Whether it wrote one.
+    written: bool,
+}
+
+/// Writes a checkpoint once the table is `interval` versions past its last checkpoint. The
+/// table is loaded at the first call and brought forward incrementally after: reading only
+/// the commits since.
+async fn checkpoint_if_due(
+    loaded: &mut Option<DeltaTable>,
+    location: &str,
+    storage: &HashMap<String, String>,
+    interval: i64,
+) -> Result<CheckpointOutcome, String> {
+    let table = match loaded {
+        Some(table) => {
+            table
+                .update_incremental(None)
+                .await
+                .map_err(|e| e.to_string())?;
+            table
+        }
+        None => loaded.insert(
+            open_table(location, storage.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let version = table.version().unwrap_or(0) as i64;
+    let counted_from = last_checkpoint(table).await.unwrap_or(0);
+    if version - counted_from < interval {
+        return Ok(CheckpointOutcome {
+            counted_from,
+            written: false,
+        });
+    }
+    let written = write_checkpoint(table, location)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(CheckpointOutcome {
+        counted_from: written,
+        written: true,
+    })
+}
+
+/// Compacts every `interval_s` and vacuums every `vacuum_every_h` until `stopped`.
+async fn compact_and_vacuum(
     settings: MaintenanceConfig,
-    checkpoint_interval: i64,
     zstd_level: i32,
     root: String,
     storage: HashMap<String, String>,
@@ -91,32 +245,13 @@ async fn run(
     let owner = lease::owner_id();
     let interval = Duration::from_secs(settings.interval_s.max(1));
     let vacuum_every = Duration::from_secs(settings.vacuum_every_h * 3600);
-    let tick = interval.min(CHECKPOINT_TICK);
     let mut last_vacuum = Instant::now();
-    let mut last_compaction = Instant::now();
-    // Loaded once, then brought forward incrementally each tick: reading only new commits.
-    let mut loaded: HashMap<String, DeltaTable> = HashMap::new();
     tracing::info!(interval_s = settings.interval_s, %owner, "maintenance started");
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = stopped.wait_for(|s| *s) => break,
         }
-        for (name, _) in &tables {
-            let location = table_location(&root, name);
-            match checkpoint_if_due(&mut loaded, &location, &storage, checkpoint_interval).await {
-                Ok(true) => metrics::counter!("sluice_checkpoints_total", "table" => name.clone())
-                    .increment(1),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(table = %name, error = %e, "checkpoint failed; retrying next tick")
-                }
-            }
-        }
-        if last_compaction.elapsed() < interval {
-            continue;
-        }
-        last_compaction = Instant::now();
         for (name, zorder) in &tables {
             let location = table_location(&root, name);
             if let Err(e) = pass(
@@ -148,43 +283,6 @@ async fn run(
         }
     }
     tracing::info!("maintenance stopped");
-}
-
-/// Writes a checkpoint (and removes expired logs) once the table is `interval` versions past
-/// its last checkpoint; says whether it wrote one. `loaded` keeps each table between ticks.
-async fn checkpoint_if_due(
-    loaded: &mut HashMap<String, DeltaTable>,
-    location: &str,
-    storage: &HashMap<String, String>,
-    interval: i64,
-) -> Result<bool, String> {
-    let table = match loaded.get_mut(location) {
-        Some(table) => {
-            table
-                .update_incremental(None)
-                .await
-                .map_err(|e| e.to_string())?;
-            table
-        }
-        None => {
-            let table = open_table(location, storage.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            loaded.entry(location.to_string()).or_insert(table)
-        }
-    };
-    let version = table.version().unwrap_or(0) as i64;
-    let due = match last_checkpoint(table).await {
-        Some(last) => version - last >= interval,
-        None => version >= interval,
-    };
-    if !due {
-        return Ok(false);
-    }
-    checkpoint_table(table, location)
-        .await
-        .map(|_| true)
-        .map_err(|e| e.to_string())
 }
 
 /// One compaction pass over a table: cold partitions with small files, and today's once it

@@ -140,26 +140,34 @@ pub async fn checkpoint(
     let table = open_table(location, storage_options)
         .await
         .map_err(delta(location, "open"))?;
-    checkpoint_table(&table, location).await
+    Ok(CheckpointReport {
+        version: write_checkpoint(&table, location).await?,
+        logs_removed: remove_expired_logs(&table, location).await?,
+    })
 }
 
-/// [`checkpoint`] for a table already loaded at the version to checkpoint.
-pub async fn checkpoint_table(
-    table: &DeltaTable,
-    location: &str,
-) -> Result<CheckpointReport, MaintainError> {
+/// Writes a checkpoint of `table` at the version it is loaded at; returns that version.
+pub async fn write_checkpoint(table: &DeltaTable, location: &str) -> Result<i64, MaintainError> {
     deltalake::checkpoints::create_checkpoint(table, None)
         .await
         .map_err(delta(location, "checkpoint"))?;
-    let logs_removed = deltalake::checkpoints::cleanup_metadata(table, None)
+    let version = table.version().unwrap_or_default() as i64;
+    tracing::info!(table = location, version, "checkpoint");
+    Ok(version)
+}
+
+/// Removes the log files older than the table's `delta.logRetentionDuration` that no version
+/// inside it needs; returns how many. It lists the whole `_delta_log`: a month of sub-second
+/// commits is millions of files, so the service does it hourly, not at every checkpoint.
+pub async fn remove_expired_logs(
+    table: &DeltaTable,
+    location: &str,
+) -> Result<usize, MaintainError> {
+    let removed = deltalake::checkpoints::cleanup_metadata(table, None)
         .await
         .map_err(delta(location, "clean up expired logs"))?;
-    let version = table.version().unwrap_or_default() as i64;
-    tracing::info!(table = location, version, logs_removed, "checkpoint");
-    Ok(CheckpointReport {
-        version,
-        logs_removed,
-    })
+    tracing::info!(table = location, removed, "expired logs removed");
+    Ok(removed)
 }
 
 /// The version of the table's last checkpoint, from `_delta_log/_last_checkpoint`.

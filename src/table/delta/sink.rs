@@ -12,6 +12,7 @@ use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, OutputMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use tokio::sync::watch;
 
 use crate::contract::schema::TableSchema;
 
@@ -41,9 +42,9 @@ pub struct DeltaSink {
     writer_properties: WriterProperties,
     group_id: String,
     query_id: String,
-    /// Whether commits write checkpoints (every `delta.checkpointInterval` versions). Off when
-    /// the service's maintenance thread writes them instead, off the commit path.
-    checkpoints_on_commit: bool,
+    /// `None`: commits write checkpoints (every `delta.checkpointInterval` versions). `Some`:
+    /// someone else does (the service's checkpoint thread), told of each committed version.
+    checkpointer: Option<watch::Sender<i64>>,
 }
 
 impl DeltaSink {
@@ -126,13 +127,14 @@ impl DeltaSink {
             writer_properties,
             group_id: group_id.to_string(),
             query_id: format!("sluice-{group_id}-{name}"),
-            checkpoints_on_commit: true,
+            checkpointer: None,
         })
     }
 
-    /// Leaves checkpoints to someone else (the maintenance thread) instead of the commit path.
-    pub fn without_checkpoints(mut self) -> Self {
-        self.checkpoints_on_commit = false;
+    /// Leaves checkpoints to whoever holds the receiver of `checkpointer` (the service's
+    /// checkpoint thread) instead of the commit path, and sends it each version committed.
+    pub fn checkpointed_by(mut self, checkpointer: watch::Sender<i64>) -> Self {
+        self.checkpointer = Some(checkpointer);
         self
     }
 
@@ -338,7 +340,7 @@ impl DeltaSink {
         let properties = CommitProperties::default()
             .with_application_transactions(txns)
             .with_metadata([("sluice".to_string(), info)])
-            .with_create_checkpoint(self.checkpoints_on_commit)
+            .with_create_checkpoint(self.checkpointer.is_none())
             .with_cleanup_expired_logs(Some(false));
         let operation = DeltaOperation::StreamingUpdate {
             output_mode: OutputMode::Append,
@@ -355,6 +357,9 @@ impl DeltaSink {
                 let version = finalized.version() as i64;
                 tracing::Span::current().record("version", version);
                 self.table.state = Some(finalized.snapshot());
+                if let Some(checkpointer) = &self.checkpointer {
+                    checkpointer.send_replace(version);
+                }
                 Ok(version)
             }
             Err(DeltaTableError::Transaction {
