@@ -643,6 +643,88 @@ async fn vacuum_keeps_replaced_files_for_the_retention_after_their_tombstones_ex
     );
 }
 
+/// Old checkpoints are thinned (a sub-second table writes one every ~10 s, kept with the log
+/// for 30 days): every version the log holds must stay readable, from the checkpoint below it.
+#[tokio::test(flavor = "multi_thread")]
+async fn thinned_checkpoints_leave_every_version_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    fragmented_table(dir.path(), 300).await;
+    let location = main_table(dir.path());
+    let log = dir.path().join("enriched_posts/_delta_log");
+    let latest = open_table(&location, Default::default())
+        .await
+        .unwrap()
+        .version()
+        .unwrap() as i64;
+    assert!(latest >= 8, "300 posts in commits of 40: {latest}");
+    // A checkpoint at every version, all written two hours ago.
+    for version in 1..=latest {
+        let table = deltalake::DeltaTableBuilder::from_url(
+            sluice::table::delta::table_url(&location).unwrap(),
+        )
+        .unwrap()
+        .with_version(version as u64)
+        .load()
+        .await
+        .unwrap();
+        sluice::table::maintain::write_checkpoint(&table, &location)
+            .await
+            .unwrap();
+    }
+    let checkpoints = || {
+        let mut versions: Vec<i64> = std::fs::read_dir(&log)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".checkpoint.parquet")?.parse().ok()
+            })
+            .collect();
+        versions.sort();
+        versions
+    };
+    for version in checkpoints() {
+        let file = log.join(format!("{version:020}.checkpoint.parquet"));
+        File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+    }
+    let rows = async |version: i64| count(dir.path(), &rows_of_version(version)).await;
+    let mut before = Vec::new();
+    for version in 1..=latest {
+        before.push(rows(version).await.unwrap());
+    }
+
+    let table = open_table(&location, Default::default()).await.unwrap();
+    let thinned = sluice::table::maintain::thin_checkpoints(
+        &table,
+        &location,
+        chrono::Utc::now() - chrono::Duration::hours(1),
+        3,
+    )
+    .await
+    .unwrap();
+    // The oldest, one per three versions after it, and the newest.
+    let mut kept: Vec<i64> = (1..=latest).step_by(3).collect();
+    if kept.last() != Some(&latest) {
+        kept.push(latest);
+    }
+    assert_eq!(checkpoints(), kept);
+    assert_eq!(thinned, latest as usize - kept.len());
+
+    // Log cleanup then drops the commit before the oldest checkpoint: each later version reads
+    // from the checkpoint at or below it plus the commits after that.
+    std::fs::remove_file(log.join(format!("{:020}.json", 0))).unwrap();
+    let mut after = Vec::new();
+    for version in 1..=latest {
+        after.push(rows(version).await.unwrap());
+    }
+    assert_eq!(after, before);
+    assert_eq!(*after.last().unwrap(), 300);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_compacts_in_the_background_while_it_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use deltalake::arrow::datatypes::Int32Type;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::{DeltaTable, DeltaTableError};
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
@@ -157,17 +158,106 @@ pub async fn write_checkpoint(table: &DeltaTable, location: &str) -> Result<i64,
 }
 
 /// Removes the log files older than the table's `delta.logRetentionDuration` that no version
-/// inside it needs; returns how many. It lists the whole `_delta_log`: a month of sub-second
-/// commits is millions of files, so the service does it hourly, not at every checkpoint.
+/// inside it needs, then thins the checkpoints older than [`CHECKPOINTS_THINNED_AFTER`] to one
+/// per [`CHECKPOINTS_KEPT_EVERY`] versions; returns how many files went. It lists the whole
+/// `_delta_log`: a month of sub-second commits is millions of files, so the service does it
+/// hourly, not at every checkpoint.
 pub async fn remove_expired_logs(
     table: &DeltaTable,
     location: &str,
 ) -> Result<usize, MaintainError> {
-    let removed = deltalake::checkpoints::cleanup_metadata(table, None)
+    let expired = deltalake::checkpoints::cleanup_metadata(table, None)
         .await
         .map_err(delta(location, "clean up expired logs"))?;
-    tracing::info!(table = location, removed, "expired logs removed");
-    Ok(removed)
+    let thinned = thin_checkpoints(
+        table,
+        location,
+        chrono::Utc::now() - CHECKPOINTS_THINNED_AFTER,
+        CHECKPOINTS_KEPT_EVERY,
+    )
+    .await?;
+    tracing::info!(table = location, expired, thinned, "log cleaned");
+    Ok(expired + thinned)
+}
+
+/// Checkpoints younger than this are all kept: readers of the latest versions use them.
+pub const CHECKPOINTS_THINNED_AFTER: chrono::Duration = chrono::Duration::hours(1);
+
+/// Older checkpoints are kept one per this many versions. At sub-second freshness a table
+/// commits ~2 versions a second and checkpoints every 20: kept for the log's 30 days, those
+/// would be ~4 GB a day. A reader travelling further back than the hour replays at most this
+/// many commits after the checkpoint it starts from (~1 ms each).
+pub const CHECKPOINTS_KEPT_EVERY: i64 = 1000;
+
+/// Deletes the checkpoints written before `before`, except the oldest one, then one per
+/// `keep_every` versions, and the newest; returns how many it deleted. Every version the log still holds
+/// stays readable: the commits are all kept, and each version has a kept checkpoint at or
+/// below it (the oldest one is never deleted, so neither is the one log cleanup starts from).
+/// Checkpoints are an optimisation in the Delta protocol; readers pick the newest one at or
+/// below the version they read.
+pub async fn thin_checkpoints(
+    table: &DeltaTable,
+    location: &str,
+    before: chrono::DateTime<chrono::Utc>,
+    keep_every: i64,
+) -> Result<usize, MaintainError> {
+    let store = table.object_store();
+    let mut checkpoints = Vec::new();
+    let mut listing = store.list(Some(&Path::from("_delta_log")));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| MaintainError::Other {
+            table: location.to_string(),
+            reason: format!("listing the log: {e}"),
+        })?;
+        if let Some(version) = checkpoint_version(meta.location.filename().unwrap_or_default()) {
+            checkpoints.push((version, meta.last_modified));
+        }
+    }
+    let doomed = checkpoints_to_thin(checkpoints, before, keep_every);
+    for version in &doomed {
+        let path = Path::from(format!("_delta_log/{version:020}.checkpoint.parquet"));
+        store
+            .delete(&path)
+            .await
+            .map_err(|e| MaintainError::Other {
+                table: location.to_string(),
+                reason: format!("deleting {path}: {e}"),
+            })?;
+    }
+    Ok(doomed.len())
+}
+
+/// The version of a single-file checkpoint's file name (`00000000000000000120.checkpoint.parquet`).
+/// Multi-part and V2 checkpoints are left alone (sluice writes neither).
+fn checkpoint_version(name: &str) -> Option<i64> {
+    let digits = name.strip_suffix(".checkpoint.parquet")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// Which of `checkpoints` (version, written at) [`thin_checkpoints`] deletes.
+fn checkpoints_to_thin(
+    mut checkpoints: Vec<(i64, chrono::DateTime<chrono::Utc>)>,
+    before: chrono::DateTime<chrono::Utc>,
+    keep_every: i64,
+) -> Vec<i64> {
+    checkpoints.sort();
+    // The newest is what `_last_checkpoint` names, however old: every reader starts there.
+    checkpoints.pop();
+    let mut kept: Option<i64> = None;
+    let mut doomed = Vec::new();
+    for (version, written) in checkpoints {
+        // Versions only grow with time: the first young checkpoint ends the old ones.
+        if written >= before {
+            break;
+        }
+        match kept {
+            Some(k) if version - k < keep_every => doomed.push(version),
+            _ => kept = Some(version),
+        }
+    }
+    doomed
 }
 
 /// The version of the table's last checkpoint, from `_delta_log/_last_checkpoint`.
@@ -344,5 +434,63 @@ impl Inspection {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, TimeZone, Utc};
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, 0, minute, 0).unwrap()
+    }
+
+    #[test]
+    fn old_checkpoints_thin_to_one_per_interval_keeping_the_oldest_and_the_newest() {
+        // A checkpoint every 20 versions, one a minute.
+        let every_20 = |versions: std::ops::Range<i64>| {
+            versions
+                .step_by(20)
+                .enumerate()
+                .map(|(minute, v)| (v, at(minute as u32)))
+                .collect::<Vec<_>>()
+        };
+        // Versions 100..1300: 60 checkpoints, the last 10 written after minute 50.
+        let doomed = checkpoints_to_thin(every_20(100..1300), at(50), 500);
+        let kept: Vec<i64> = every_20(100..1300)
+            .into_iter()
+            .map(|(v, _)| v)
+            .filter(|v| !doomed.contains(v))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                100, 600, 1100, 1120, 1140, 1160, 1180, 1200, 1220, 1240, 1260, 1280
+            ]
+        );
+        // An idle table: its newest checkpoint is old but stays.
+        assert_eq!(
+            checkpoints_to_thin(every_20(0..100), at(59), 1000),
+            [20, 40, 60]
+        );
+        assert!(checkpoints_to_thin(Vec::new(), at(59), 1000).is_empty());
+    }
+
+    #[test]
+    fn only_single_file_checkpoints_are_recognised() {
+        assert_eq!(
+            checkpoint_version("00000000000000000120.checkpoint.parquet"),
+            Some(120)
+        );
+        for other in [
+            "00000000000000000120.json",
+            "00000000000000000120.checkpoint.0000000001.0000000002.parquet",
+            "00000000000000000120.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.parquet",
+            "_last_checkpoint",
+            "120.checkpoint.parquet",
+        ] {
+            assert_eq!(checkpoint_version(other), None, "{other}");
+        }
     }
 }
