@@ -72,14 +72,14 @@ pub async fn vacuum(args: VacuumArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes a checkpoint of each table and removes expired log files.
+/// Writes a checkpoint of each table, removes expired log files and thins old checkpoints.
 pub async fn checkpoint(args: TableArgs) -> anyhow::Result<ExitCode> {
     let TableArgs { config, table } = args;
     let cfg = load_config(&config, None)?;
     for (name, location) in table_locations(&cfg, table.as_deref(), &config)? {
         let report = maintain::checkpoint(&location, cfg.storage_options()).await?;
         println!(
-            "{name}: checkpoint at version {}, {} expired log files removed",
+            "{name}: checkpoint at version {}, {} expired log files and old checkpoints removed",
             report.version, report.logs_removed
         );
     }

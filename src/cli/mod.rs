@@ -73,7 +73,7 @@ pub enum Command {
     /// a writer that crashed before its commit) once they are older than the retention
     /// (default 7 days) and the table's tombstone for them has expired.
     Vacuum(maintain::VacuumArgs),
-    /// Write a checkpoint at the current version and remove expired log files.
+    /// Write a checkpoint now, remove expired log files and thin old checkpoints.
     Checkpoint(maintain::TableArgs),
     /// Show per partition files, small files, bytes and rows; version, last checkpoint,
     /// committed Kafka positions and the compaction lease.
