@@ -812,6 +812,7 @@ max_rows = 40
 max_age_ms = 1000
 [delta]
 checkpoint_interval = 5
+log_retention_h = 48
 [maintenance]
 interval_s = 3600
 [[tables]]
@@ -847,6 +848,14 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         "version {version}, last checkpoint {checkpoint:?}"
     );
     assert_eq!(rewrites_change_no_data(&location), 0, "no compaction ran");
+    {
+        use deltalake::table::config::TablePropertiesExt;
+        let properties = table.snapshot().unwrap().table_config();
+        assert_eq!(
+            properties.log_retention_duration(),
+            Duration::from_secs(48 * 3600)
+        );
+    }
     assert_exactly_once(
         &table_offsets(&root).await,
         &report.last_offsets,

@@ -577,6 +577,7 @@ async fn writers_starting_together_on_a_new_table_all_open_it() {
                         checkpoint_interval: 5,
                         zstd_level: 1,
                         tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
+                        log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
                     },
                 )
                 .await

@@ -520,6 +520,43 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
     }
 
     #[test]
+    fn the_log_is_kept_thirty_days_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), MINIMAL);
+        assert_eq!(
+            Config::load(&file, vec![]).unwrap().delta.log_retention_h,
+            30 * 24
+        );
+        let file = write(
+            dir.path(),
+            &format!(
+                "{MINIMAL}
+[delta]
+log_retention_h = 48
+"
+            ),
+        );
+        assert_eq!(
+            Config::load(&file, vec![]).unwrap().delta.log_retention_h,
+            48
+        );
+        let file = write(
+            dir.path(),
+            &format!(
+                "{MINIMAL}
+[delta]
+log_retention_h = 0
+"
+            ),
+        );
+        let err = Config::load(&file, vec![]).unwrap_err().to_string();
+        assert!(
+            err.contains("delta.log_retention_h must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), &format!("{MINIMAL}\n[batch]\nmax_rowz = 5\n"));

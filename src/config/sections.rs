@@ -179,6 +179,11 @@ pub struct DeltaConfig {
     /// when they were written either way.
     #[serde(default = "default_tombstone_retention_min")]
     pub tombstone_retention_min: u64,
+    /// Hours commits stay in the log (the table's `delta.logRetentionDuration`; Delta's
+    /// default is 30 days): how far back time travel reaches. A sub-second table writes ~3 GB
+    /// of commits a day.
+    #[serde(default = "default_log_retention_h")]
+    pub log_retention_h: u64,
 }
 
 impl DeltaConfig {
@@ -189,6 +194,9 @@ impl DeltaConfig {
         }
         if self.tombstone_retention_min == 0 {
             return Err("delta.tombstone_retention_min must be at least 1".into());
+        }
+        if self.log_retention_h == 0 {
+            return Err("delta.log_retention_h must be at least 1".into());
         }
         if self.tombstone_retention_min > maintenance.vacuum_retention_h * 60 {
             return Err(format!(
@@ -214,6 +222,14 @@ fn default_tombstone_retention_min() -> u64 {
     DEFAULT_TOMBSTONE_RETENTION_MIN
 }
 
+/// Delta's default log retention, 30 days, in hours.
+pub const DEFAULT_LOG_RETENTION_H: u64 =
+    crate::table::delta::DEFAULT_LOG_RETENTION.as_secs() / 3600;
+
+fn default_log_retention_h() -> u64 {
+    DEFAULT_LOG_RETENTION_H
+}
+
 fn default_zstd_level() -> i32 {
     DEFAULT_ZSTD_LEVEL
 }
@@ -224,6 +240,7 @@ impl Default for DeltaConfig {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             tombstone_retention_min: DEFAULT_TOMBSTONE_RETENTION_MIN,
+            log_retention_h: DEFAULT_LOG_RETENTION_H,
         }
     }
 }

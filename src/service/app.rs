@@ -138,6 +138,7 @@ pub fn table_settings(delta: &DeltaConfig) -> TableSettings {
         checkpoint_interval: delta.checkpoint_interval,
         zstd_level: delta.zstd_level,
         tombstone_retention: Duration::from_secs(delta.tombstone_retention_min * 60),
+        log_retention: Duration::from_secs(delta.log_retention_h * 3600),
     }
 }
 

@@ -7,8 +7,9 @@
 //! one at once (and checks every 30 s for commits of other processes). Every reader opening
 //! the table replays each commit after the last checkpoint, ~1 ms each, so at sub-second
 //! freshness a checkpoint that waits for a compaction pass or a polling tick costs every open.
-//! Expired log files are removed hourly: that lists the whole `_delta_log`. When the service
-//! stops, a table past its interval is checkpointed before the thread ends.
+//! Expired log files are removed and old checkpoints thinned hourly: that lists the whole
+//! `_delta_log`. When the service stops, a table past its interval is checkpointed before the
+//! thread ends.
 //!
 //! **Compaction.** Every `interval_s`, each table (and its dead letters) is compacted under
 //! its lease, and vacuumed once a `vacuum_every_h`. Compaction commits are `dataChange=false`
@@ -126,7 +127,8 @@ fn spawn_with_runtime(
 /// of other processes (a scheduled `sluice compact`) count towards the interval too.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(30);
 
-/// How often expired log files are removed.
+/// How often expired log files are removed and old checkpoints thinned (both list the whole
+/// `_delta_log`).
 const LOG_CLEANUP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Keeps one table within `interval` versions of a checkpoint until `stopped`, then writes

@@ -289,6 +289,7 @@ pub async fn open_sink(
             checkpoint_interval: 5,
             zstd_level: 1,
             tombstone_retention,
+            log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
         },
     )
     .await

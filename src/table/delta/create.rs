@@ -29,10 +29,17 @@ pub struct TableSettings {
     /// so tables committing every second keep them for minutes, not Delta's default week
     /// (vacuum still keeps the files themselves for its own retention; see `maintain::vacuum`).
     pub tombstone_retention: Duration,
+    /// `delta.logRetentionDuration`: how long commits (and the checkpoints log cleanup keeps)
+    /// stay in `_delta_log`, which is how far back time travel reaches. A table committing
+    /// twice a second writes ~3 GB of commits a day.
+    pub log_retention: Duration,
 }
 
 /// Delta's own default of `delta.deletedFileRetentionDuration`.
 pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Delta's own default of `delta.logRetentionDuration`.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl TableSettings {
     /// The table properties these settings stand for, as Delta spells them.
@@ -47,6 +54,10 @@ impl TableSettings {
                     .as_ref()
                     .to_string(),
                 interval(self.tombstone_retention),
+            ),
+            (
+                TableProperty::LogRetentionDuration.as_ref().to_string(),
+                interval(self.log_retention),
             ),
         ])
     }
@@ -98,8 +109,8 @@ pub(super) async fn create_table(
     create.await
 }
 
-/// Brings an existing table's checkpoint interval and tombstone retention in line with the
-/// settings (a configuration change applies to tables created before it). Returns whether it
+/// Brings an existing table's checkpoint interval, tombstone and log retention in line with
+/// the settings (a configuration change applies to tables created before it). Returns whether it
 /// committed a change.
 pub(super) async fn align_properties(
     table: &mut DeltaTable,
@@ -109,7 +120,8 @@ pub(super) async fn align_properties(
         let config = table.snapshot()?.table_config();
         Ok(
             config.checkpoint_interval().get() != settings.checkpoint_interval
-                || config.deleted_file_retention_duration() != settings.tombstone_retention,
+                || config.deleted_file_retention_duration() != settings.tombstone_retention
+                || config.log_retention_duration() != settings.log_retention,
         )
     };
     if !differs(table)? {

@@ -16,7 +16,7 @@ use deltalake::parquet::errors::ParquetError;
 
 use crate::table::problem::StorageError;
 
-pub use create::{DEFAULT_TOMBSTONE_RETENTION, TableSettings};
+pub use create::{DEFAULT_LOG_RETENTION, DEFAULT_TOMBSTONE_RETENTION, TableSettings};
 pub use parquet::{DEFAULT_ZSTD_LEVEL, parquet_properties, vector_columns};
 pub use read::{
     arrow_schema_of, open_table, register_table, table_location, table_provider, table_url,
