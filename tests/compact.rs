@@ -729,36 +729,11 @@ async fn thinned_checkpoints_leave_every_version_readable() {
 async fn the_service_compacts_in_the_background_while_it_writes() {
     let dir = tempfile::tempdir().unwrap();
     let kafka = Kafka::new(&["posts.mastodon"], 2);
-    let repo = repo();
-    let repo = repo.display();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[kafka]
-brokers = "{}"
-group_id = "maintained"
-[kafka.properties]
-"session.timeout.ms" = "6000"
-[storage]
-root = "lake"
-[batch]
-max_rows = 40
-max_age_ms = 1000
-[delta]
-checkpoint_interval = 5
-[maintenance]
-interval_s = 1
-hot_small_files = 2
-[[tables]]
-schema = "{repo}/schemas/enriched_posts.toml"
-sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
-"#,
-            kafka.brokers()
-        ),
-    )
-    .unwrap();
+    let config = service_config(
+        dir.path(),
+        &kafka,
+        "[delta]\ncheckpoint_interval = 5\n[maintenance]\ninterval_s = 1\nhot_small_files = 2\n",
+    );
     let report = publish(&kafka.brokers(), &[Shape::Mastodon], 600, 9, 0).await;
     let root = dir.path().join("lake");
     let location = main_table(&root);
@@ -793,36 +768,11 @@ async fn the_service_checkpoints_as_commits_reach_the_interval_not_at_its_next_p
     // opens the table replays the commits after the last checkpoint.
     let dir = tempfile::tempdir().unwrap();
     let kafka = Kafka::new(&["posts.mastodon"], 2);
-    let repo = repo();
-    let repo = repo.display();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[kafka]
-brokers = "{}"
-group_id = "checkpointed"
-[kafka.properties]
-"session.timeout.ms" = "6000"
-[storage]
-root = "lake"
-[batch]
-max_rows = 40
-max_age_ms = 1000
-[delta]
-checkpoint_interval = 5
-log_retention_h = 48
-[maintenance]
-interval_s = 3600
-[[tables]]
-schema = "{repo}/schemas/enriched_posts.toml"
-sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
-"#,
-            kafka.brokers()
-        ),
-    )
-    .unwrap();
+    let config = service_config(
+        dir.path(),
+        &kafka,
+        "[delta]\ncheckpoint_interval = 5\nlog_retention_h = 48\n[maintenance]\ninterval_s = 3600\n",
+    );
     let report = publish(&kafka.brokers(), &[Shape::Mastodon], 600, 9, 0).await;
     let root = dir.path().join("lake");
     let location = main_table(&root);
@@ -861,6 +811,39 @@ sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/masto
         &report.last_offsets,
         &BTreeSet::new(),
     );
+}
+
+/// A service config for `sluice run` in `dir`: Mastodon posts from `kafka` in batches of 40
+/// rows, into a lake under `dir`, with `sections` (the `[delta]` and `[maintenance]` a test
+/// is about) added.
+fn service_config(dir: &Path, kafka: &Kafka, sections: &str) -> PathBuf {
+    let repo = repo();
+    let repo = repo.display();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "maintained"
+[kafka.properties]
+"session.timeout.ms" = "6000"
+[storage]
+root = "lake"
+[batch]
+max_rows = 40
+max_age_ms = 1000
+{sections}
+[[tables]]
+schema = "{repo}/schemas/enriched_posts.toml"
+sources = [{{ topic = "posts.mastodon", mapping = "{repo}/schemas/mappings/mastodon.toml" }}]
+"#,
+            kafka.brokers()
+        ),
+    )
+    .unwrap();
+    config
 }
 
 /// `count` Mastodon posts of one calendar day (2026-11-29, whatever the hour the test runs: a
