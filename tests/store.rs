@@ -115,12 +115,7 @@ async fn a_store_that_ignores_if_none_match_is_refused_before_any_commit() {
         Default::default(),
         Arc::new(schema),
         "sluice-test",
-        sluice::table::delta::TableSettings {
-            checkpoint_interval: 5,
-            zstd_level: 1,
-            tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
-            log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
-        },
+        sink_settings(),
     )
     .await
     {

@@ -573,12 +573,7 @@ async fn writers_starting_together_on_a_new_table_all_open_it() {
                     Default::default(),
                     schema,
                     "sluice-test",
-                    sluice::table::delta::TableSettings {
-                        checkpoint_interval: 5,
-                        zstd_level: 1,
-                        tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
-                        log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
-                    },
+                    sink_settings(),
                 )
                 .await
                 .map(|sink| sink.table().version())

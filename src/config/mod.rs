@@ -522,34 +522,19 @@ sources = [{ topic = "posts", mapping = "m.toml" }]
     #[test]
     fn the_log_is_kept_thirty_days_unless_set() {
         let dir = tempfile::tempdir().unwrap();
-        let file = write(dir.path(), MINIMAL);
+        let load =
+            |delta: &str| Config::load(&write(dir.path(), &format!("{MINIMAL}\n{delta}")), vec![]);
+        assert_eq!(load("").unwrap().delta.log_retention_h, 30 * 24);
         assert_eq!(
-            Config::load(&file, vec![]).unwrap().delta.log_retention_h,
-            30 * 24
-        );
-        let file = write(
-            dir.path(),
-            &format!(
-                "{MINIMAL}
-[delta]
-log_retention_h = 48
-"
-            ),
-        );
-        assert_eq!(
-            Config::load(&file, vec![]).unwrap().delta.log_retention_h,
+            load("[delta]\nlog_retention_h = 48\n")
+                .unwrap()
+                .delta
+                .log_retention_h,
             48
         );
-        let file = write(
-            dir.path(),
-            &format!(
-                "{MINIMAL}
-[delta]
-log_retention_h = 0
-"
-            ),
-        );
-        let err = Config::load(&file, vec![]).unwrap_err().to_string();
+        let err = load("[delta]\nlog_retention_h = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("delta.log_retention_h must be at least 1"),
             "{err}"

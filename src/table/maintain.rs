@@ -184,14 +184,14 @@ pub async fn remove_expired_logs(
 pub const CHECKPOINTS_THINNED_AFTER: chrono::Duration = chrono::Duration::hours(1);
 
 /// Older checkpoints are kept one per this many versions. At sub-second freshness a table
-/// commits ~2 versions a second and checkpoints every 20: kept for the log's 30 days, those
-/// would be ~4 GB a day. A reader travelling further back than the hour replays at most this
+/// commits ~2 versions a second and checkpoints every 10: kept for the log's 30 days, those
+/// would be ~9 GB a day. A reader travelling further back than the hour replays at most this
 /// many commits after the checkpoint it starts from (~1 ms each).
 pub const CHECKPOINTS_KEPT_EVERY: i64 = 1000;
 
 /// Deletes the checkpoints written before `before`, except the oldest one, then one per
-/// `keep_every` versions, and the newest; returns how many it deleted. Every version the log still holds
-/// stays readable: the commits are all kept, and each version has a kept checkpoint at or
+/// `keep_every` versions, and the newest; returns how many it deleted. Every version the log
+/// still holds stays readable: the commits are all kept, and each version has a kept checkpoint at or
 /// below it (the oldest one is never deleted, so neither is the one log cleanup starts from).
 /// Checkpoints are an optimisation in the Delta protocol; readers pick the newest one at or
 /// below the version they read.
@@ -201,14 +201,15 @@ pub async fn thin_checkpoints(
     before: chrono::DateTime<chrono::Utc>,
     keep_every: i64,
 ) -> Result<usize, MaintainError> {
+    let failed = |reason: String| MaintainError::Other {
+        table: location.to_string(),
+        reason,
+    };
     let store = table.object_store();
     let mut checkpoints = Vec::new();
     let mut listing = store.list(Some(&Path::from("_delta_log")));
     while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(|e| MaintainError::Other {
-            table: location.to_string(),
-            reason: format!("listing the log: {e}"),
-        })?;
+        let meta = meta.map_err(|e| failed(format!("listing the log: {e}")))?;
         if let Some(version) = checkpoint_version(meta.location.filename().unwrap_or_default()) {
             checkpoints.push((version, meta.last_modified));
         }
@@ -219,10 +220,7 @@ pub async fn thin_checkpoints(
         store
             .delete(&path)
             .await
-            .map_err(|e| MaintainError::Other {
-                table: location.to_string(),
-                reason: format!("deleting {path}: {e}"),
-            })?;
+            .map_err(|e| failed(format!("deleting {path}: {e}")))?;
     }
     Ok(doomed.len())
 }

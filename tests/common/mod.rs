@@ -273,8 +273,19 @@ impl Writer {
     }
 }
 
+/// How the tests' writers set up a table: a checkpoint every 5 commits, zstd level 1, Delta's
+/// retentions.
+pub fn sink_settings() -> sluice::table::delta::TableSettings {
+    sluice::table::delta::TableSettings {
+        checkpoint_interval: 5,
+        zstd_level: 1,
+        tombstone_retention: sluice::table::delta::DEFAULT_TOMBSTONE_RETENTION,
+        log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
+    }
+}
+
 /// Opens (creating it when absent) the `enriched_posts` table under `root` for writing, with
-/// `schema` and a checkpoint every 5 commits.
+/// `schema`, [`sink_settings`] and `tombstone_retention`.
 pub async fn open_sink(
     root: &Path,
     schema: sluice::contract::schema::TableSchema,
@@ -286,10 +297,8 @@ pub async fn open_sink(
         std::sync::Arc::new(schema),
         "sluice-test",
         sluice::table::delta::TableSettings {
-            checkpoint_interval: 5,
-            zstd_level: 1,
             tombstone_retention,
-            log_retention: sluice::table::delta::DEFAULT_LOG_RETENTION,
+            ..sink_settings()
         },
     )
     .await
