@@ -591,6 +591,7 @@ async fn a_failed_writer_ends_the_service_with_its_error_while_another_table_run
             sources: vec![sluice::config::SourceConfig {
                 topic: shape.default_topic().to_string(),
                 mapping,
+                format: Default::default(),
             }],
             dead_letter_topic: None,
         }

@@ -221,7 +221,7 @@ async fn files_uploaded_but_never_committed_are_not_read_and_not_rewritten_twice
     // The state a writer leaves when it dies after uploading Parquet but before its commit:
     // data files for the next offsets in the table folder, referenced by no commit.
     let second = publish(&kafka.brokers(), &[Shape::Tweets], 300, 6, 0).await;
-    let loaded = load_table(&config, &config.tables[0]).unwrap();
+    let loaded = load_table(&config, &config.tables[0], None).unwrap();
     let decoder = loaded.decoders.values().next().unwrap();
     let mut chunk = Chunk::new(Arc::from(Shape::Tweets.default_topic()), 0);
     let mut generator = Generator::new(6, 16, chrono::Utc::now().timestamp_millis(), 3);
@@ -399,7 +399,7 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
 /// A writer fed directly (no broker) that owns `partitions` of the Mastodon topic, starting
 /// from the table's positions as an assignment would.
 async fn fed_writer(config: &sluice::config::Config, partitions: &[i32]) -> TableWriter {
-    let loaded = load_table(config, &config.tables[0]).unwrap();
+    let loaded = load_table(config, &config.tables[0], None).unwrap();
     let (table, dead_letters) = open_sinks(config, &loaded.schema).await.unwrap();
     let owned = partitions
         .iter()

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::batch::BatchLimits;
+use crate::ingest::decode::Format;
 use crate::ingest::kafka::is_secret_key;
 
 use env::apply_env;
@@ -20,8 +21,8 @@ pub use sections::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_COMMIT_STALL_S, DEFAULT_DECODE_CHUNK, DEFAULT_GROUP_ID,
     DEFAULT_HOT_SMALL_FILES, DEFAULT_LAG_INTERVAL_S, DEFAULT_MAINTENANCE_INTERVAL_S,
     DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PROBE_INTERVAL_S, DeltaConfig,
-    HealthConfig, IngestConfig, KafkaConfig, MaintenanceConfig, MetricsConfig, S3Config,
-    SourceConfig, StorageConfig, TableConfig,
+    DEFAULT_REGISTRY_TIMEOUT_MS, HealthConfig, IngestConfig, KafkaConfig, MaintenanceConfig,
+    MetricsConfig, RegistryConfig, S3Config, SourceConfig, StorageConfig, TableConfig,
 };
 
 mod env;
@@ -93,6 +94,9 @@ pub struct Config {
     /// Background compaction and vacuum in the service.
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    /// The schema registry of `avro`, `protobuf` and `json-schema` sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryConfig>,
     /// Tables to write, each fed by one or more topics.
     pub tables: Vec<TableConfig>,
 }
@@ -224,12 +228,29 @@ impl Config {
         {
             return Err(invalid(problem));
         }
+        let framed = config
+            .tables
+            .iter()
+            .flat_map(|t| &t.sources)
+            .find(|s| s.format != Format::Json);
+        if let Some(source) = framed
+            && config.registry.is_none()
+        {
+            return Err(invalid(format!(
+                "topic {} has format = \"{}\", which needs a [registry] section with its url",
+                source.topic,
+                source.format.as_str()
+            )));
+        }
         let base = file.parent().unwrap_or(Path::new("."));
         for table in &mut config.tables {
             table.schema = base.join(&table.schema);
             for source in &mut table.sources {
                 source.mapping = base.join(&source.mapping);
             }
+        }
+        if let Some(ca_file) = config.registry.as_mut().and_then(|r| r.ca_file.as_mut()) {
+            *ca_file = base.join(&*ca_file);
         }
         resolve_root(&mut config.storage, base);
         Ok(config)
@@ -262,6 +283,9 @@ impl Config {
             if is_secret_key(key) {
                 *value = "<redacted>".into();
             }
+        }
+        if let Some(password) = copy.registry.as_mut().and_then(|r| r.password.as_mut()) {
+            *password = "<redacted>".into();
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
     }

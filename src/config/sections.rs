@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::decode::InputLimits;
+use crate::ingest::decode::{Format, InputLimits};
 use crate::ingest::kafka::Connection;
 use crate::ingest::pipeline::Decoding;
+use crate::ingest::registry::RegistrySettings;
 use crate::ingest::source::StartFrom;
 use crate::table::delta::DEFAULT_ZSTD_LEVEL;
 
@@ -411,6 +412,54 @@ pub struct TableConfig {
 pub struct SourceConfig {
     /// Kafka topic.
     pub topic: String,
-    /// Mapping file for the topic's JSON shape (relative to the config file).
+    /// Mapping file for the topic's shape (relative to the config file).
     pub mapping: PathBuf,
+    /// How the topic's messages are encoded: `json` (plain, the default), or `avro`,
+    /// `protobuf`, `json-schema` in the schema registry's wire format (needs `[registry]`).
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// The schema registry holding the schemas of `avro`, `protobuf` and `json-schema` sources:
+/// any Confluent-compatible API (Confluent Schema Registry, Karapace, Redpanda, Apicurio's
+/// `/apis/ccompat/v7`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL, `http://` or `https://`.
+    pub url: String,
+    /// HTTP basic authentication user (Confluent Cloud: the API key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// HTTP basic authentication password: set it with `SLUICE_REGISTRY__PASSWORD`, never in
+    /// the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// PEM file of the CA that signed the registry's certificate, when the system's trust
+    /// store lacks it (relative to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Milliseconds one registry request may take before it is retried.
+    #[serde(default = "default_registry_timeout")]
+    pub timeout_ms: u64,
+}
+
+/// Default milliseconds per registry request.
+pub const DEFAULT_REGISTRY_TIMEOUT_MS: u64 = 10_000;
+
+fn default_registry_timeout() -> u64 {
+    DEFAULT_REGISTRY_TIMEOUT_MS
+}
+
+impl RegistryConfig {
+    /// The client settings.
+    pub fn settings(&self) -> RegistrySettings {
+        RegistrySettings {
+            url: self.url.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            ca_file: self.ca_file.clone(),
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+        }
+    }
 }

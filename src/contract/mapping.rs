@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, StringArray, StructArray, make_array, new_null_array,
+    Array, ArrayRef, AsArray, ListArray, RecordBatchOptions, StringArray, StructArray, make_array,
+    new_null_array,
 };
 use deltalake::arrow::buffer::NullBuffer;
-use deltalake::arrow::compute::cast;
+use deltalake::arrow::compute::{CastOptions, cast, cast_with_options};
 use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
@@ -279,6 +280,110 @@ impl Mapping {
             projected.columns.insert(name.clone(), array);
         }
         Ok(projected)
+    }
+
+    /// Reshapes a batch decoded from a schema'd format (Avro, Protobuf) into
+    /// [`Self::source_schema`], so it maps like decoded JSON: each path is looked up by name
+    /// (see [`segment_matches`]), fields the mapping does not name are dropped, missing ones are
+    /// null, and leaves are cast to the types JSON decoding would give them. A value that does
+    /// not fit its column fails the whole batch, naming the path: the caller retries row by
+    /// row to find the messages to reject.
+    pub fn conform(&self, decoded: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+        let rows = decoded.num_rows();
+        let columns = self
+            .source_schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let found = decoded
+                    .schema()
+                    .fields()
+                    .iter()
+                    .position(|f| segment_matches(field.name(), f.name()))
+                    .map(|i| decoded.column(i));
+                match found {
+                    Some(array) => conform_array(array, field.data_type(), field.name()),
+                    None => Ok(new_null_array(field.data_type(), rows)),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new_with_options(
+            self.source_schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+    }
+}
+
+/// Whether a mapping path segment names a field. Avro and Protobuf names allow only letters,
+/// digits and `_`, so a segment such as `appropriate language` also matches the field whose
+/// name has each other character replaced by `_` (`appropriate_language`), the scrubbing
+/// Confluent's converters apply.
+pub fn segment_matches(segment: &str, field: &str) -> bool {
+    segment == field
+        || (segment.len() == field.len()
+            && segment.bytes().zip(field.bytes()).all(|(s, f)| {
+                s == f || (f == b'_' && !(s.is_ascii_alphanumeric() || s == b'_'))
+            }))
+}
+
+/// One decoded array reshaped to `target`: structs field by field by name, lists item by
+/// item, leaves cast (strictly: a value that does not convert is an error naming `path`).
+fn conform_array(array: &ArrayRef, target: &DataType, path: &str) -> Result<ArrayRef, ArrowError> {
+    if array.data_type() == target {
+        return Ok(array.clone());
+    }
+    let mismatch = |detail: String| ArrowError::CastError(format!("`{path}`: {detail}"));
+    match target {
+        DataType::Struct(fields) => {
+            let Some(parent) = array.as_struct_opt() else {
+                return Err(mismatch(format!(
+                    "{} where an object is expected",
+                    array.data_type()
+                )));
+            };
+            let children = fields
+                .iter()
+                .map(|field| {
+                    let child_path = format!("{path}.{}", field.name());
+                    let found = parent
+                        .fields()
+                        .iter()
+                        .position(|f| segment_matches(field.name(), f.name()));
+                    match found {
+                        Some(i) => conform_array(parent.column(i), field.data_type(), &child_path),
+                        None => Ok(new_null_array(field.data_type(), parent.len())),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Arc::new(StructArray::try_new(
+                fields.clone(),
+                children,
+                parent.nulls().cloned(),
+            )?))
+        }
+        DataType::List(item) => {
+            let Some(list) = array.as_list_opt::<i32>() else {
+                return Err(mismatch(format!(
+                    "{} where a list is expected",
+                    array.data_type()
+                )));
+            };
+            let values = conform_array(list.values(), item.data_type(), &format!("{path}[]"))?;
+            Ok(Arc::new(ListArray::try_new(
+                item.clone(),
+                list.offsets().clone(),
+                values,
+                list.nulls().cloned(),
+            )?))
+        }
+        _ => {
+            let options = CastOptions {
+                safe: false,
+                ..Default::default()
+            };
+            cast_with_options(array, target, &options).map_err(|e| mismatch(e.to_string()))
+        }
     }
 }
 

@@ -7,4 +7,5 @@ pub mod decode;
 pub mod kafka;
 pub mod pipeline;
 pub mod progress;
+pub mod registry;
 pub mod source;

@@ -17,6 +17,7 @@ use crate::contract::mapping::{Mapping, MappingError};
 use crate::contract::schema::{SchemaError, TableSchema};
 use crate::ingest::dead_letters::Forwarder;
 use crate::ingest::decode::BodyDecoder;
+use crate::ingest::registry::{Registry, RegistryError};
 use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
 use crate::ingest::progress::Progress;
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
@@ -46,6 +47,9 @@ pub enum AppError {
     /// A writer stopped with an error.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// The `[registry]` settings cannot make a client.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// A writer task panicked; this is a bug.
     #[error("bug: writer task for table {table} panicked: {message}")]
     Panicked {
@@ -64,8 +68,21 @@ pub struct LoadedTable {
     pub decoders: HashMap<Arc<str>, BodyDecoder>,
 }
 
-/// Reads and cross-checks a table's schema and mappings.
-pub fn load_table(config: &Config, table: &TableConfig) -> Result<LoadedTable, AppError> {
+/// The client of the configured schema registry, if there is one; shared by every table.
+pub fn registry(config: &Config) -> Result<Option<Arc<Registry>>, AppError> {
+    match &config.registry {
+        None => Ok(None),
+        Some(r) => Ok(Some(Registry::new(r.settings())?)),
+    }
+}
+
+/// Reads and cross-checks a table's schema and mappings; sources in a registry format look
+/// their schemas up in `registry`.
+pub fn load_table(
+    config: &Config,
+    table: &TableConfig,
+    registry: Option<&Arc<Registry>>,
+) -> Result<LoadedTable, AppError> {
     let schema = Arc::new(TableSchema::load(&table.schema)?);
     if table.sources.is_empty() {
         return Err(AppError::Table {
@@ -76,7 +93,19 @@ pub fn load_table(config: &Config, table: &TableConfig) -> Result<LoadedTable, A
     let mut decoders = HashMap::new();
     for source in &table.sources {
         let mapping = Arc::new(Mapping::load(&source.mapping, &schema)?);
-        let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.input_limits());
+        let registry = match source.format.schema_kind() {
+            None => None,
+            Some(_) => Some(registry.cloned().ok_or_else(|| AppError::Table {
+                table: schema.name.clone(),
+                reason: format!(
+                    "topic {} has format = \"{}\", which needs a [registry] section",
+                    source.topic,
+                    source.format.as_str()
+                ),
+            })?),
+        };
+        let decoder = BodyDecoder::new(schema.clone(), mapping, config.ingest.input_limits())
+            .with_format(source.format, registry);
         if decoders
             .insert(Arc::from(source.topic.as_str()), decoder)
             .is_some()
@@ -102,6 +131,8 @@ pub struct RunningTable {
     pub consumer: Arc<StreamConsumer<RebalanceContext>>,
     /// The table's object store, for reachability probes.
     pub store: ObjectStoreRef,
+    /// The schema registry its sources read schemas from, if any.
+    pub registry: Option<Arc<Registry>>,
 }
 
 /// Checks everything `sluice run` would read before touching Kafka or storage: every schema
@@ -109,8 +140,9 @@ pub struct RunningTable {
 /// table names.
 pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
     let mut names = Vec::new();
+    let registry = registry(config)?;
     for table in &config.tables {
-        let loaded = load_table(config, table)?;
+        let loaded = load_table(config, table, registry.as_ref())?;
         for column in &config.maintenance.zorder {
             if !loaded.schema.columns.iter().any(|c| &c.name == column) {
                 return Err(AppError::Table {
@@ -191,9 +223,18 @@ async fn start_writers(
     maintained: bool,
 ) -> Result<(Vec<RunningTable>, Vec<MaintainedTable>), AppError> {
     let shutdown: Shared<_> = shutdown.boxed().shared();
+    let registry = registry(config)?;
+    if let Some(registry) = &registry {
+        // Lookups waiting for an unreachable registry give up when the service stops.
+        let (registry, stop) = (registry.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            stop.await;
+            registry.close();
+        });
+    }
     let mut loaded = Vec::new();
     for table in &config.tables {
-        loaded.push((load_table(config, table)?, table));
+        loaded.push((load_table(config, table, registry.as_ref())?, table));
     }
     let mut running = Vec::new();
     let mut checkpointed = Vec::new();
@@ -276,6 +317,7 @@ async fn start_writers(
             task,
             consumer,
             store,
+            registry: registry.clone(),
         });
     }
     Ok((running, checkpointed))
@@ -318,6 +360,9 @@ pub async fn run(
         if let Some(health) = &health {
             health.register(&table.name, table.progress.clone());
             health.watch_kafka(&table.name, table.consumer.context().watch().clone());
+            if let Some(registry) = &table.registry {
+                health.watch_registry(registry.clone());
+            }
             helpers.push(tokio::spawn(probe_loop(
                 health.clone(),
                 table.name.clone(),

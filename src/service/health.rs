@@ -6,8 +6,8 @@
 //! listener and the cause), the consumer group has given it an assignment (possibly empty:
 //! more instances than partitions is healthy), no buffered message has waited longer than
 //! `batch.max_age_ms + health.commit_stall_s` for a commit, the last commit did not fail, and
-//! the table's object store answered the last probe. Readiness drops as soon as shutdown
-//! starts, so a load balancer stops routing before the process exits.
+//! the table's object store answered the last probe; and the schema registry, when sources
+//! use one, answered its last lookup. Readiness drops as soon as shutdown starts, so a load balancer stops routing before the process exits.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::ingest::kafka::Watch;
 use crate::ingest::progress::Progress;
+use crate::ingest::registry::Registry;
 
 /// One readiness condition and how it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +81,8 @@ struct TableHealth {
 struct Inner {
     tables: BTreeMap<String, TableHealth>,
     stopping: bool,
+    /// The schema registry the sources read schemas from, if any.
+    registry: Option<Arc<Registry>>,
 }
 
 /// Shared by the writers' helper tasks (which report into it) and the HTTP endpoint.
@@ -100,6 +103,7 @@ impl Health {
             inner: Mutex::new(Inner {
                 tables: BTreeMap::new(),
                 stopping: false,
+                registry: None,
             }),
         })
     }
@@ -125,6 +129,11 @@ impl Health {
         if let Some(t) = self.lock().tables.get_mut(table) {
             t.kafka = Some(kafka);
         }
+    }
+
+    /// The sources read schemas from `registry`; readiness fails while it cannot be reached.
+    pub fn watch_registry(&self, registry: Arc<Registry>) {
+        self.lock().registry = Some(registry);
     }
 
     /// Shutdown has begun: not ready from now on.
@@ -163,6 +172,30 @@ impl Health {
         };
         if inner.stopping {
             checks.push(service(false, "shutting down".into()));
+        }
+        if let Some(registry) = &inner.registry {
+            checks.push(match registry.outage() {
+                None => Check {
+                    subject: "service".into(),
+                    name: "schema registry",
+                    ok: true,
+                    detail: format!("{} answers", registry.url()),
+                },
+                Some(outage) => Check {
+                    subject: "service".into(),
+                    name: "schema registry",
+                    ok: false,
+                    detail: format!(
+                        "{} has not answered for {:.0} s, decoding waits for it (nothing is \
+                         skipped): {}",
+                        registry.url(),
+                        now.duration_since(outage.since)
+                            .unwrap_or_default()
+                            .as_secs_f64(),
+                        outage.error
+                    ),
+                },
+            });
         }
         let open = inner.tables.len();
         if open < self.expected {

@@ -159,6 +159,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
         metrics: MetricsConfig::default(),
         health: Default::default(),
         maintenance: Default::default(),
+        registry: None,
         tables: vec![TableConfig {
             schema: repo().join("schemas/enriched_posts.toml"),
             sources: shapes
@@ -166,6 +167,7 @@ pub fn config(brokers: &str, root: &Path, shapes: &[Shape], limits: BatchLimits)
                 .map(|s| SourceConfig {
                     topic: s.default_topic().to_string(),
                     mapping: repo().join("schemas").join(s.mapping_file()),
+                    format: Default::default(),
                 })
                 .collect(),
             dead_letter_topic: None,

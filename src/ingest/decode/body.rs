@@ -13,7 +13,9 @@ use deltalake::arrow::record_batch::RecordBatch;
 use crate::contract::labels::Outcome;
 use crate::contract::mapping::Mapping;
 use crate::contract::schema::TableSchema;
+use crate::ingest::registry::Registry;
 
+use super::framed::{CompiledCache, Format, Schemas};
 use super::{Chunk, DecodeError, Decoded, InputLimits, RejectReason, Rejection};
 
 /// Decodes chunks of one upstream shape into rows of one table.
@@ -26,6 +28,12 @@ pub struct BodyDecoder {
     limits: InputLimits,
     /// The columns with labels, resolved once.
     pub(super) label_columns: Vec<LabelColumn>,
+    /// How the topic's messages are encoded.
+    pub(super) format: Format,
+    /// Where the schemas of framed formats come from.
+    pub(super) registry: Option<Arc<Registry>>,
+    /// Schemas compiled so far, by id.
+    pub(super) compiled: Arc<CompiledCache>,
 }
 
 /// A label column's place in the table and its counters, so canonicalizing a chunk needs no
@@ -72,7 +80,22 @@ impl BodyDecoder {
             mapping,
             limits,
             label_columns,
+            format: Format::Json,
+            registry: None,
+            compiled: Arc::default(),
         }
+    }
+
+    /// Reads messages in `format`, whose schemas `registry` holds (plain JSON needs none).
+    pub fn with_format(mut self, format: Format, registry: Option<Arc<Registry>>) -> Self {
+        self.format = format;
+        self.registry = registry;
+        self
+    }
+
+    /// How the topic's messages are encoded.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     fn json_decoder(&self, capacity: usize) -> Decoder {
@@ -83,16 +106,74 @@ impl BodyDecoder {
             .expect("mapping-derived schemas contain only types arrow-json decodes")
     }
 
-    /// Decodes every message of `chunk`; `ingested_at_us` stamps the rows.
+    /// Decodes every message of a plain JSON `chunk`; `ingested_at_us` stamps the rows.
     pub fn decode(&self, chunk: &Chunk, ingested_at_us: i64) -> Result<Decoded, DecodeError> {
+        self.decode_with(chunk, &Schemas::default(), ingested_at_us)
+    }
+
+    /// Decodes every message of `chunk` with the schemas [`Self::resolve`] looked up for it;
+    /// `ingested_at_us` stamps the rows.
+    pub fn decode_with(
+        &self,
+        chunk: &Chunk,
+        schemas: &Schemas,
+        ingested_at_us: i64,
+    ) -> Result<Decoded, DecodeError> {
         let mut rejections = Vec::new();
         let mut parts: Vec<(RecordBatch, Vec<usize>)> = Vec::new();
+        match self.format {
+            Format::Json | Format::JsonSchema => {
+                self.decode_json(chunk, schemas, &mut parts, &mut rejections)
+            }
+            Format::Avro => self.decode_avro(chunk, schemas, &mut parts, &mut rejections),
+            Format::Protobuf => self.decode_protobuf(chunk, schemas, &mut parts, &mut rejections),
+        }
+        let batch = self
+            .assemble(chunk, parts, ingested_at_us, &mut rejections)
+            .map_err(|source| DecodeError::Assemble {
+                table: self.table.name.clone(),
+                topic: chunk.topic.to_string(),
+                source,
+            })?;
+        rejections.sort_by_key(|r| r.offset);
+        Ok(Decoded { batch, rejections })
+    }
+
+    /// The JSON text of message `i`: the payload, or for JSON Schema what follows the frame.
+    fn json_body<'c>(
+        &self,
+        chunk: &'c Chunk,
+        i: usize,
+        schemas: &'c Schemas,
+    ) -> Result<Option<&'c [u8]>, (RejectReason, String)> {
+        match self.format {
+            Format::JsonSchema => self.framed(chunk, i, schemas).map(|(_, body, _)| Some(body)),
+            _ => Ok(chunk.payload(i)),
+        }
+    }
+
+    /// Decodes JSON messages with arrow-json, in segments between bad messages.
+    fn decode_json(
+        &self,
+        chunk: &Chunk,
+        schemas: &Schemas,
+        parts: &mut Vec<(RecordBatch, Vec<usize>)>,
+        rejections: &mut Vec<Rejection>,
+    ) {
         let mut segment: Vec<usize> = Vec::new();
         let mut decoder = self.json_decoder(chunk.len());
+        let body = |i: usize| {
+            self.json_body(chunk, i, schemas)
+                .expect("segment messages have a body")
+                .expect("segment messages have payloads")
+        };
 
         for i in 0..chunk.len() {
-            let key_bytes = chunk.key(&chunk.messages[i]).map_or(0, <[u8]>::len);
-            let payload = match self.precheck(key_bytes, chunk.payload(i)) {
+            let checked = self
+                .precheck_size(chunk, i)
+                .and_then(|()| self.json_body(chunk, i, schemas))
+                .and_then(|payload| self.precheck_json(payload));
+            let payload = match checked {
                 Ok(p) => p,
                 Err((reason, detail)) => {
                     rejections.push(self.reject(chunk, i, reason, detail));
@@ -129,38 +210,24 @@ impl BodyDecoder {
                     // at most once.
                     decoder = self.json_decoder(chunk.len());
                     for &j in &segment {
-                        let p = chunk.payload(j).expect("segment messages have payloads");
                         decoder
-                            .decode(p)
+                            .decode(body(j))
                             .expect("a message that decoded once decodes again");
                     }
-                    self.flush_segment(&mut decoder, chunk, &segment, &mut parts, &mut rejections);
+                    self.flush_segment(&mut decoder, chunk, schemas, &segment, parts, rejections);
                     segment.clear();
                 }
             }
         }
-        self.flush_segment(&mut decoder, chunk, &segment, &mut parts, &mut rejections);
-
-        let batch = self
-            .assemble(chunk, parts, ingested_at_us, &mut rejections)
-            .map_err(|source| DecodeError::Assemble {
-                table: self.table.name.clone(),
-                topic: chunk.topic.to_string(),
-                source,
-            })?;
-        rejections.sort_by_key(|r| r.offset);
-        Ok(Decoded { batch, rejections })
+        self.flush_segment(&mut decoder, chunk, schemas, &segment, parts, rejections);
     }
 
-    /// Cheap checks before any parsing, so hostile input costs little.
-    /// The limit is on the whole message, key and value, as Kafka's own is: a key is copied
-    /// into the row (`kafka_key`) and counts toward memory like the value.
-    fn precheck<'a>(
-        &self,
-        key_bytes: usize,
-        payload: Option<&'a [u8]>,
-    ) -> Result<&'a [u8], (RejectReason, String)> {
-        let value_bytes = payload.map_or(0, <[u8]>::len);
+    /// The size limit, checked before any parsing so hostile input costs little. It is on
+    /// the whole message, key and value, as Kafka's own is: a key is copied into the row
+    /// (`kafka_key`) and counts toward memory like the value.
+    pub(super) fn precheck_size(&self, chunk: &Chunk, i: usize) -> Result<(), (RejectReason, String)> {
+        let key_bytes = chunk.key(&chunk.messages[i]).map_or(0, <[u8]>::len);
+        let value_bytes = chunk.payload(i).map_or(0, <[u8]>::len);
         if key_bytes > 0 && key_bytes + value_bytes > self.limits.max_message_bytes {
             return Err((
                 RejectReason::TooLarge,
@@ -171,22 +238,29 @@ impl BodyDecoder {
                 ),
             ));
         }
+        if value_bytes > self.limits.max_message_bytes {
+            return Err((
+                RejectReason::TooLarge,
+                format!(
+                    "{value_bytes} bytes, over the limit of {} bytes",
+                    self.limits.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cheap checks of JSON text before parsing: encoding, nesting, the first byte.
+    fn precheck_json<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+    ) -> Result<&'a [u8], (RejectReason, String)> {
         let Some(payload) = payload else {
             return Err((
                 RejectReason::MalformedJson,
                 "empty message (tombstone)".into(),
             ));
         };
-        if payload.len() > self.limits.max_message_bytes {
-            return Err((
-                RejectReason::TooLarge,
-                format!(
-                    "{} bytes, over the limit of {} bytes",
-                    payload.len(),
-                    self.limits.max_message_bytes
-                ),
-            ));
-        }
         if let Err(e) = std::str::from_utf8(payload) {
             return Err((
                 RejectReason::InvalidUtf8,
@@ -226,6 +300,7 @@ impl BodyDecoder {
         &self,
         decoder: &mut Decoder,
         chunk: &Chunk,
+        schemas: &Schemas,
         segment: &[usize],
         parts: &mut Vec<(RecordBatch, Vec<usize>)>,
         rejections: &mut Vec<Rejection>,
@@ -243,7 +318,11 @@ impl BodyDecoder {
         }
         *decoder = self.json_decoder(chunk.len());
         for &i in segment {
-            let payload = chunk.payload(i).expect("segment messages have payloads");
+            let payload = self
+                .json_body(chunk, i, schemas)
+                .ok()
+                .flatten()
+                .expect("segment messages have a body");
             let result = decoder.decode(payload).and_then(|_| decoder.flush());
             match result {
                 Ok(Some(batch)) => parts.push((batch, vec![i])),
@@ -320,6 +399,14 @@ pub(super) fn too_deep(payload: &[u8], max_depth: usize) -> Option<usize> {
 fn json_error_text(e: &ArrowError) -> String {
     let text = e.to_string();
     text.strip_prefix("Json error: ")
+        .map(str::to_string)
+        .unwrap_or(text)
+}
+
+/// arrow's cast errors start with "Cast error: "; the reason code already says that.
+pub(super) fn cast_error_text(e: &ArrowError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("Cast error: ")
         .map(str::to_string)
         .unwrap_or(text)
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use deltalake::arrow::array::AsArray;
 use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Date32Array, Int32Array, Int64Array, StringArray,
-    TimestampMicrosecondArray, new_null_array,
+    TimestampMicrosecondArray, UInt32Array, new_null_array,
 };
-use deltalake::arrow::compute::{concat_batches, filter_record_batch};
+use deltalake::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
@@ -40,7 +40,14 @@ impl BodyDecoder {
             batches.push(batch);
             rows.extend(idx);
         }
-        let source = concat_batches(&self.source_schema, &batches)?;
+        let mut source = concat_batches(&self.source_schema, &batches)?;
+        if !rows.is_sorted() {
+            // Parts of several schemas interleave: put the rows back in offset order.
+            let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+            order.sort_by_key(|&k| rows[k as usize]);
+            source = take_record_batch(&source, &UInt32Array::from(order))?;
+            rows.sort_unstable();
+        }
         let n = source.num_rows();
         let projected = self.mapping.project(&source, &self.table)?;
         let mut mapped = projected.columns;

@@ -4,6 +4,8 @@
 //! The fast path feeds a whole chunk of messages to one arrow-json `Decoder`. Anything odd (a
 //! syntax error, two values in one message, a value of the wrong type) sends only the affected
 //! messages down a slower per-message path, so one bad record costs its neighbours nothing.
+//! Avro and Protobuf in the schema registry's wire format decode straight to Arrow too
+//! ([`framed`]), and every format then maps through the same mapping files.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,9 +14,12 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
 pub use body::BodyDecoder;
+pub use framed::{Format, Schemas};
 
 mod body;
 mod columns;
+mod framed;
+mod protobuf;
 
 /// Why a message did not become a row. The set is closed and documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,6 +46,14 @@ pub enum RejectReason {
     BadTimestamp,
     /// A list has another length than its column's dimension (embeddings).
     WrongDimension,
+    /// A source in a registry format got a message without the wire format's magic byte
+    /// and schema id.
+    NoSchemaId,
+    /// The registry has no usable schema under the message's id (unknown id, another format
+    /// than the source's, or a schema sluice cannot compile).
+    UnknownSchema,
+    /// The record does not decode with its schema (truncated, extra bytes, bad encoding).
+    SchemaMismatch,
     /// Messages the broker removed (retention) before sluice read them: one dead letter per
     /// lost range, at its first offset, with the range in its detail and no payload.
     Lost,
@@ -61,12 +74,15 @@ impl RejectReason {
             RejectReason::OutOfRange => "out_of_range",
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::WrongDimension => "wrong_dimension",
+            RejectReason::NoSchemaId => "no_schema_id",
+            RejectReason::UnknownSchema => "unknown_schema",
+            RejectReason::SchemaMismatch => "schema_mismatch",
             RejectReason::Lost => "lost",
         }
     }
 
     /// Every reason, in documentation order.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::MalformedJson,
         RejectReason::NotAnObject,
         RejectReason::MultipleValues,
@@ -78,6 +94,9 @@ impl RejectReason {
         RejectReason::OutOfRange,
         RejectReason::BadTimestamp,
         RejectReason::WrongDimension,
+        RejectReason::NoSchemaId,
+        RejectReason::UnknownSchema,
+        RejectReason::SchemaMismatch,
         RejectReason::Lost,
     ];
 }

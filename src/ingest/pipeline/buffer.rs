@@ -134,12 +134,15 @@ impl TableWriter {
             .expect("consumer only subscribes to configured topics")
             .decoder
             .clone();
+        // Schemas of registry formats are looked up here, waiting while the registry is
+        // unreachable (which holds back the consumer; readiness says why).
+        let schemas = decoder.resolve(&chunk).await?;
         let ingested_at = chrono::Utc::now().timestamp_micros();
         let task = tokio::task::spawn_blocking(move || {
             let _span =
                 tracing::debug_span!("decode", topic = %chunk.topic, partition = chunk.partition)
                     .entered();
-            decoder.decode(&chunk, ingested_at)
+            decoder.decode_with(&chunk, &schemas, ingested_at)
         });
         self.in_flight.push_back(InFlight {
             key,

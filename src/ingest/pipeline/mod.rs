@@ -26,6 +26,7 @@ use crate::ingest::batch::{BatchLimits, Batcher, FlushReason};
 use crate::ingest::dead_letters;
 use crate::ingest::decode::{BodyDecoder, DecodeError};
 use crate::ingest::progress::Progress;
+use crate::ingest::registry::RegistryError;
 use crate::ingest::source::{KafkaSource, PartitionEvent, SourceError};
 use crate::table::delta::{DeltaError, DeltaSink, Encoding, PartitionKey};
 
@@ -61,6 +62,9 @@ pub enum PipelineError {
     /// A decoder bug.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The service stopped while decoding waited for the schema registry.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// One Kafka record as the writer sees it: from the consumer, or from a caller feeding the

@@ -73,11 +73,12 @@ pub(super) fn stage_config(base: &Config, run: &str, stage: &str, profile: Profi
 }
 
 pub(super) fn decoders(config: &Config) -> Result<HashMap<Arc<str>, BodyDecoder>, BenchError> {
-    Ok(load_table(config, &config.tables[0])?.decoders)
+    let registry = app::registry(config)?;
+    Ok(load_table(config, &config.tables[0], registry.as_ref())?.decoders)
 }
 
 async fn open_destination(config: &Config) -> Result<Destination, BenchError> {
-    let loaded = load_table(config, &config.tables[0])?;
+    let loaded = load_table(config, &config.tables[0], None)?;
     let (table, dead_letters) = open_sinks(config, &loaded.schema)
         .await
         .map_err(|e| BenchError::Setup(e.to_string()))?;

@@ -1,0 +1,423 @@
+//! Protobuf messages: `.proto` schemas from the registry compiled with protox, messages decoded
+//! by reflection (prost-reflect), and the mapped fields built straight into Arrow arrays of
+//! the shape decoded JSON has.
+//!
+//! Fields with presence (`optional`, messages, proto2) that are unset are null; proto3 scalars
+//! without presence read as their default, as every Protobuf reader sees them. Enums land as
+//! their value names, `google.protobuf.Timestamp` as an instant.
+
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
+    StringArray, StructArray, new_null_array,
+};
+use deltalake::arrow::buffer::{NullBuffer, OffsetBuffer};
+use deltalake::arrow::datatypes::{DataType, Fields};
+use deltalake::arrow::record_batch::{RecordBatch, RecordBatchOptions};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value,
+};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
+
+use crate::contract::mapping::segment_matches;
+use crate::ingest::registry::RegisteredSchema;
+
+use super::body::BodyDecoder;
+use super::framed::{Compiled, Schemas};
+use super::{Chunk, RejectReason, Rejection};
+
+/// A compiled `.proto` schema: the pool of its file and imports, and the file's name in it.
+#[derive(Debug)]
+pub(super) struct ProtoSchema {
+    pool: DescriptorPool,
+    file: String,
+}
+
+/// The registry's schema and its references, served to protox by name.
+struct Sources(Vec<(String, String)>);
+
+impl FileResolver for Sources {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        match self.0.iter().find(|(n, _)| n == name) {
+            Some((_, text)) => File::from_source(name, text),
+            None => Err(protox::Error::file_not_found(name)),
+        }
+    }
+}
+
+impl ProtoSchema {
+    /// Compiles a registered `.proto` schema with its references (and Google's well-known
+    /// types).
+    pub(super) fn compile(schema: &RegisteredSchema) -> Result<ProtoSchema, String> {
+        let file = format!("sluice-registry-schema-{}.proto", schema.id);
+        let mut sources = schema.references.clone();
+        sources.push((file.clone(), schema.text.clone()));
+        let mut resolver = ChainFileResolver::new();
+        resolver.add(Sources(sources));
+        resolver.add(GoogleFileResolver::new());
+        let mut compiler = protox::Compiler::with_file_resolver(resolver);
+        compiler
+            .open_file(&file)
+            .map_err(|e| format!("Protobuf schema {} does not compile: {e}", schema.id))?;
+        let pool = compiler.descriptor_pool();
+        if pool
+            .get_file_by_name(&file)
+            .is_none_or(|f| f.messages().len() == 0)
+        {
+            return Err(format!("Protobuf schema {} declares no message", schema.id));
+        }
+        Ok(ProtoSchema { pool, file })
+    }
+
+    /// The message type the wire format's message indexes name: the first index picks a
+    /// top-level message of the file, each further one a message nested in the previous.
+    fn message(&self, indexes: &[i64]) -> Result<MessageDescriptor, String> {
+        let file = self
+            .pool
+            .get_file_by_name(&self.file)
+            .expect("the compiled file is in its pool");
+        let (first, rest) = indexes.split_first().expect("indexes are never empty");
+        let pick = |found: Option<MessageDescriptor>, index: i64| {
+            found.ok_or_else(|| format!("message index {index} is not in the schema"))
+        };
+        let mut message = pick(
+            usize::try_from(*first)
+                .ok()
+                .and_then(|k| file.messages().nth(k)),
+            *first,
+        )?;
+        for &index in rest {
+            message = pick(
+                usize::try_from(index)
+                    .ok()
+                    .and_then(|k| message.child_messages().nth(k)),
+                index,
+            )?;
+        }
+        Ok(message)
+    }
+}
+
+/// The message indexes after the schema id, and the message bytes after them. Confluent
+/// writes a zig-zag varint count, then that many zig-zag varints; a count of 0 means `[0]`.
+fn split_indexes(mut body: &[u8]) -> Result<(Vec<i64>, &[u8]), String> {
+    let mut next = || -> Result<i64, String> {
+        let raw = prost::encoding::decode_varint(&mut body)
+            .map_err(|_| "the message indexes after the schema id are cut off".to_string())?;
+        Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
+    };
+    let count = next()?;
+    if !(0..=100).contains(&count) {
+        return Err(format!("{count} message indexes after the schema id"));
+    }
+    let indexes = if count == 0 {
+        vec![0]
+    } else {
+        (0..count).map(|_| next()).collect::<Result<Vec<_>, _>>()?
+    };
+    Ok((indexes, body))
+}
+
+impl BodyDecoder {
+    /// Decodes a chunk of Protobuf messages into rows of the mapping's source shape.
+    pub(super) fn decode_protobuf(
+        &self,
+        chunk: &Chunk,
+        schemas: &Schemas,
+        parts: &mut Vec<(RecordBatch, Vec<usize>)>,
+        rejections: &mut Vec<Rejection>,
+    ) {
+        let mut messages: Vec<(usize, DynamicMessage)> = Vec::with_capacity(chunk.len());
+        for i in 0..chunk.len() {
+            let decoded = self.precheck_size(chunk, i).and_then(|()| {
+                let (id, body, compiled) = self.framed(chunk, i, schemas)?;
+                let Compiled::Protobuf(schema) = &**compiled else {
+                    unreachable!("a Protobuf source compiles Protobuf schemas only")
+                };
+                let mismatch = |detail: String| {
+                    (
+                        RejectReason::SchemaMismatch,
+                        format!("Protobuf schema {id}: {detail}"),
+                    )
+                };
+                let (indexes, bytes) = split_indexes(body).map_err(mismatch)?;
+                let descriptor = schema.message(&indexes).map_err(mismatch)?;
+                DynamicMessage::decode(descriptor.clone(), bytes).map_err(|e| {
+                    mismatch(format!("does not decode as {}: {e}", descriptor.full_name()))
+                })
+            });
+            match decoded {
+                Ok(message) => messages.push((i, message)),
+                Err((reason, detail)) => rejections.push(self.reject(chunk, i, reason, detail)),
+            }
+        }
+        // A value that does not fit its column rejects its message; build again without it.
+        while !messages.is_empty() {
+            match self.proto_batch(&messages) {
+                Ok(batch) => {
+                    parts.push((batch, messages.into_iter().map(|(i, _)| i).collect()));
+                    return;
+                }
+                Err((row, detail)) => {
+                    let (i, _) = messages.remove(row);
+                    rejections.push(self.reject(chunk, i, RejectReason::TypeMismatch, detail));
+                }
+            }
+        }
+    }
+
+    fn proto_batch(&self, messages: &[(usize, DynamicMessage)]) -> Result<RecordBatch, (usize, String)> {
+        let schema = self.mapping.source_schema();
+        let rows: Vec<usize> = (0..messages.len()).collect();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let values: Vec<Option<Value>> = messages
+                    .iter()
+                    .map(|(_, m)| field_value(m, field.name()))
+                    .collect();
+                build(&values, &rows, field.data_type(), field.name())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new_with_options(
+            schema,
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(messages.len())),
+        )
+        .map_err(|e| (0, format!("bug: assembling Protobuf rows: {e}")))
+    }
+}
+
+/// The value of the field `name` names, `None` when the message lacks the field or it is an
+/// unset field with presence. Enum numbers become their names.
+fn field_value(message: &DynamicMessage, name: &str) -> Option<Value> {
+    let descriptor = message.descriptor();
+    let field = descriptor
+        .get_field_by_name(name)
+        .or_else(|| descriptor.fields().find(|f| segment_matches(name, f.name())))?;
+    if field.supports_presence() && !message.has_field(&field) {
+        return None;
+    }
+    let value = message.get_field(&field).into_owned();
+    Some(enum_names(&field, value))
+}
+
+fn enum_names(field: &FieldDescriptor, value: Value) -> Value {
+    let Kind::Enum(e) = field.kind() else {
+        return value;
+    };
+    let name = |n: i32| match e.get_value(n) {
+        Some(v) => Value::String(v.name().to_string()),
+        None => Value::I32(n),
+    };
+    match value {
+        Value::EnumNumber(n) => name(n),
+        Value::List(items) => Value::List(
+            items
+                .into_iter()
+                .map(|v| match v {
+                    Value::EnumNumber(n) => name(n),
+                    other => other,
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// What a value is, for error messages.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Bool(_) => "a bool",
+        Value::I32(_) | Value::I64(_) | Value::U32(_) | Value::U64(_) => "an integer",
+        Value::F32(_) | Value::F64(_) => "a floating-point number",
+        Value::String(_) => "a string",
+        Value::Bytes(_) => "bytes",
+        Value::EnumNumber(_) => "an enum",
+        Value::Message(_) => "a message",
+        Value::List(_) => "a list",
+        Value::Map(_) => "a map",
+    }
+}
+
+/// `google.protobuf.Timestamp` as RFC 3339 text, which the timestamp columns parse.
+fn timestamp_text(message: &DynamicMessage) -> Option<String> {
+    if message.descriptor().full_name() != "google.protobuf.Timestamp" {
+        return None;
+    }
+    let seconds = message.get_field_by_name("seconds")?.as_i64()?;
+    let nanos = message.get_field_by_name("nanos")?.as_i32()?;
+    let instant = chrono::DateTime::from_timestamp(seconds, u32::try_from(nanos).ok()?)?;
+    Some(instant.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
+/// Builds the array of `ty` from one value per element; `rows` names each element's message
+/// (its index in the batch) for the error, which also names `path`.
+fn build(
+    values: &[Option<Value>],
+    rows: &[usize],
+    ty: &DataType,
+    path: &str,
+) -> Result<ArrayRef, (usize, String)> {
+    let wrong = |k: usize, v: &Value| {
+        (
+            rows[k],
+            format!("`{path}`: {} where {ty} is expected", kind_of(v)),
+        )
+    };
+    macro_rules! scalars {
+        ($array:ty, $convert:expr) => {{
+            let mut out = Vec::with_capacity(values.len());
+            for (k, v) in values.iter().enumerate() {
+                out.push(match v {
+                    None => None,
+                    Some(v) => Some($convert(v).ok_or_else(|| wrong(k, v))?),
+                });
+            }
+            Ok(Arc::new(<$array>::from(out)) as ArrayRef)
+        }};
+    }
+    match ty {
+        DataType::Utf8 => scalars!(StringArray, |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::I32(n) => Some(n.to_string()),
+            Value::I64(n) => Some(n.to_string()),
+            Value::U32(n) => Some(n.to_string()),
+            Value::U64(n) => Some(n.to_string()),
+            Value::F32(n) => Some(n.to_string()),
+            Value::F64(n) => Some(n.to_string()),
+            Value::Message(m) => timestamp_text(m),
+            _ => None,
+        }),
+        DataType::Int64 => scalars!(Int64Array, |v: &Value| match v {
+            Value::I32(n) => Some(i64::from(*n)),
+            Value::I64(n) => Some(*n),
+            Value::U32(n) => Some(i64::from(*n)),
+            Value::U64(n) => i64::try_from(*n).ok(),
+            _ => None,
+        }),
+        DataType::Int32 => scalars!(Int32Array, |v: &Value| match v {
+            Value::I32(n) => Some(*n),
+            Value::I64(n) => i32::try_from(*n).ok(),
+            Value::U32(n) => i32::try_from(*n).ok(),
+            Value::U64(n) => i32::try_from(*n).ok(),
+            _ => None,
+        }),
+        DataType::Float64 => scalars!(Float64Array, |v: &Value| match v {
+            Value::F32(n) => Some(f64::from(*n)),
+            Value::F64(n) => Some(*n),
+            Value::I32(n) => Some(f64::from(*n)),
+            Value::I64(n) => Some(*n as f64),
+            _ => None,
+        }),
+        DataType::Float32 => scalars!(Float32Array, |v: &Value| match v {
+            Value::F32(n) => Some(*n),
+            Value::F64(n) => Some(*n as f32),
+            _ => None,
+        }),
+        DataType::Boolean => scalars!(BooleanArray, |v: &Value| match v {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }),
+        DataType::Struct(fields) => build_struct(values, rows, fields, path),
+        DataType::List(item) => {
+            let mut offsets = Vec::with_capacity(values.len() + 1);
+            let mut items: Vec<Option<Value>> = Vec::new();
+            let mut item_rows: Vec<usize> = Vec::new();
+            let mut valid = Vec::with_capacity(values.len());
+            offsets.push(0i32);
+            for (k, v) in values.iter().enumerate() {
+                match v {
+                    None => valid.push(false),
+                    Some(Value::List(list)) => {
+                        valid.push(true);
+                        items.extend(list.iter().cloned().map(Some));
+                        item_rows.extend(std::iter::repeat_n(rows[k], list.len()));
+                    }
+                    Some(other) => return Err(wrong(k, other)),
+                }
+                offsets.push(
+                    i32::try_from(items.len())
+                        .map_err(|_| (rows[k], format!("`{path}`: too many items")))?,
+                );
+            }
+            let values = build(&items, &item_rows, item.data_type(), &format!("{path}[]"))?;
+            ListArray::try_new(
+                item.clone(),
+                OffsetBuffer::new(offsets.into()),
+                values,
+                Some(NullBuffer::from(valid)),
+            )
+            .map(|a| Arc::new(a) as ArrayRef)
+            .map_err(|e| (rows.first().copied().unwrap_or(0), format!("`{path}`: {e}")))
+        }
+        other => Ok(new_null_array(other, values.len())).and_then(|nulls| {
+            match values.iter().position(Option::is_some) {
+                None => Ok(nulls),
+                Some(k) => Err((
+                    rows[k],
+                    format!("`{path}`: sluice does not read Protobuf values into {other} columns"),
+                )),
+            }
+        }),
+    }
+}
+
+fn build_struct(
+    values: &[Option<Value>],
+    rows: &[usize],
+    fields: &Fields,
+    path: &str,
+) -> Result<ArrayRef, (usize, String)> {
+    let mut valid = Vec::with_capacity(values.len());
+    for (k, v) in values.iter().enumerate() {
+        match v {
+            None => valid.push(false),
+            Some(Value::Message(_)) => valid.push(true),
+            Some(other) => {
+                return Err((
+                    rows[k],
+                    format!("`{path}`: {} where a message is expected", kind_of(other)),
+                ));
+            }
+        }
+    }
+    let children = fields
+        .iter()
+        .map(|field| {
+            let child: Vec<Option<Value>> = values
+                .iter()
+                .map(|v| match v {
+                    Some(Value::Message(m)) => field_value(m, field.name()),
+                    _ => None,
+                })
+                .collect();
+            build(
+                &child,
+                rows,
+                field.data_type(),
+                &format!("{path}.{}", field.name()),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    StructArray::try_new(fields.clone(), children, Some(NullBuffer::from(valid)))
+        .map(|a| Arc::new(a) as ArrayRef)
+        .map_err(|e| (rows.first().copied().unwrap_or(0), format!("`{path}`: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_indexes_follow_confluent_framing() {
+        assert_eq!(split_indexes(&[0, 7]).unwrap(), (vec![0], &[7u8][..]));
+        // Count 2 (zig-zag 4), then 1 (2) and 0 (0).
+        assert_eq!(split_indexes(&[4, 2, 0, 9]).unwrap(), (vec![1, 0], &[9u8][..]));
+        assert!(split_indexes(&[]).unwrap_err().contains("cut off"));
+        assert!(split_indexes(&[3]).unwrap_err().contains("-2 message indexes"));
+    }
+}
