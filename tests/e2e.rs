@@ -520,6 +520,7 @@ sources = [{sources}]
             spread_days: 2,
             clock_ms: None,
             progress: false,
+            wire: None,
         };
         tokio::spawn(async move { produce(&options).await.expect("every message delivered") })
     }

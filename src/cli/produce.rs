@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sluice::config::RegistryConfig;
+use sluice::ingest::decode::Format;
 use sluice::ingest::kafka::Connection;
+use sluice::ingest::registry::Registry;
 use sluice::tools::generator::Shape;
 use sluice::tools::produce::{ProduceOptions, create_topics, produce};
+use sluice::tools::wire::{SubjectStrategy, WireEncoder};
 
 use super::load_config;
 
@@ -45,6 +49,19 @@ pub struct ProduceArgs {
     /// that do not create topics on first use, such as Tansu or a hardened Kafka).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     partitions: Option<i32>,
+    /// Message encoding: json, or avro, protobuf, json-schema in the schema registry's wire
+    /// format (the shapes' schemas in schemas/registry/ are registered first).
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    /// Schema registry URL (Confluent-compatible API) for the registry formats; default: the
+    /// config's [registry]. Credentials come from SLUICE_REGISTRY__USERNAME and
+    /// SLUICE_REGISTRY__PASSWORD.
+    #[arg(long, env = "SLUICE_REGISTRY__URL")]
+    registry: Option<String>,
+    /// Subject the schemas are registered under: topic (<topic>-value), record (the record's
+    /// full name) or topic-record.
+    #[arg(long, value_enum, default_value_t = SubjectStrategy::Topic)]
+    subject_strategy: SubjectStrategy,
 }
 
 /// Runs `sluice produce`.
@@ -60,6 +77,9 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         bad_every,
         seed,
         partitions,
+        format,
+        registry,
+        subject_strategy,
     } = args;
     let shapes: Vec<Shape> = if shape.is_empty() {
         Shape::ALL.to_vec()
@@ -80,12 +100,49 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             )
         })
         .collect::<Vec<_>>();
-    let connection = match &config {
-        Some(file) => load_config(file, brokers)?.kafka.connection(),
+    let loaded = config
+        .as_ref()
+        .map(|file| load_config(file, brokers.clone()))
+        .transpose()?;
+    let connection = match &loaded {
+        Some(config) => config.kafka.connection(),
         None => Connection {
             brokers: brokers.unwrap_or_else(|| "localhost:9092".into()),
             properties: sluice::config::kafka_properties_from_env(std::env::vars())?,
         },
+    };
+    let wire = match format {
+        Format::Json => None,
+        _ => {
+            let settings = match (registry, loaded.as_ref().and_then(|c| c.registry.as_ref())) {
+                (Some(url), _) => RegistryConfig {
+                    url,
+                    username: std::env::var("SLUICE_REGISTRY__USERNAME").ok(),
+                    password: std::env::var("SLUICE_REGISTRY__PASSWORD").ok(),
+                    ca_file: None,
+                    timeout_ms: sluice::config::DEFAULT_REGISTRY_TIMEOUT_MS,
+                },
+                (None, Some(configured)) => configured.clone(),
+                (None, None) => anyhow::bail!(
+                    "--format {} needs a schema registry: --registry URL, SLUICE_REGISTRY__URL or \
+                     a --config with [registry]",
+                    format.as_str()
+                ),
+            };
+            let registry = Registry::new(settings.settings())?;
+            let wire = WireEncoder::register(&registry, format, &shapes, subject_strategy).await?;
+            eprintln!(
+                "registered the {} schemas of {} with {}",
+                format.as_str(),
+                shapes
+                    .iter()
+                    .map(|(_, t)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                registry.url()
+            );
+            Some(wire)
+        }
     };
     if let Some(partitions) = partitions {
         let topics: Vec<String> = shapes.iter().map(|(_, t)| t.clone()).collect();
@@ -104,6 +161,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         spread_days: 3,
         clock_ms: None,
         progress: true,
+        wire,
     })
     .await?;
     let secs = report.elapsed.as_secs_f64().max(1e-9);

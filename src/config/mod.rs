@@ -20,9 +20,10 @@ pub use env::{ENV_PREFIX, KAFKA_PROPERTIES_ENV, kafka_properties_from_env};
 pub use sections::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_COMMIT_STALL_S, DEFAULT_DECODE_CHUNK, DEFAULT_GROUP_ID,
     DEFAULT_HOT_SMALL_FILES, DEFAULT_LAG_INTERVAL_S, DEFAULT_MAINTENANCE_INTERVAL_S,
-    DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PROBE_INTERVAL_S, DeltaConfig,
-    DEFAULT_REGISTRY_TIMEOUT_MS, HealthConfig, IngestConfig, KafkaConfig, MaintenanceConfig,
-    MetricsConfig, RegistryConfig, S3Config, SourceConfig, StorageConfig, TableConfig,
+    DEFAULT_MAX_DEPTH, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PROBE_INTERVAL_S,
+    DEFAULT_REGISTRY_TIMEOUT_MS, DeltaConfig, HealthConfig, IngestConfig, KafkaConfig,
+    MaintenanceConfig, MetricsConfig, RegistryConfig, S3Config, SourceConfig, StorageConfig,
+    TableConfig,
 };
 
 mod env;

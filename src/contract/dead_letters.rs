@@ -53,7 +53,7 @@ doc = "Size of the payload in bytes."
 name = "reason"
 type = "string"
 nullable = false
-doc = "Reason code: malformed_json, not_an_object, multiple_values, invalid_utf8, too_large, too_deep, missing_required, type_mismatch, out_of_range, bad_timestamp, wrong_dimension, lost."
+doc = "Reason code: malformed_json, not_an_object, multiple_values, invalid_utf8, too_large, too_deep, missing_required, type_mismatch, out_of_range, bad_timestamp, wrong_dimension, no_schema_id, unknown_schema, schema_mismatch, lost."
 
 [[columns]]
 name = "detail"

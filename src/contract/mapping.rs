@@ -322,9 +322,10 @@ impl Mapping {
 pub fn segment_matches(segment: &str, field: &str) -> bool {
     segment == field
         || (segment.len() == field.len()
-            && segment.bytes().zip(field.bytes()).all(|(s, f)| {
-                s == f || (f == b'_' && !(s.is_ascii_alphanumeric() || s == b'_'))
-            }))
+            && segment
+                .bytes()
+                .zip(field.bytes())
+                .all(|(s, f)| s == f || (f == b'_' && !(s.is_ascii_alphanumeric() || s == b'_'))))
 }
 
 /// One decoded array reshaped to `target`: structs field by field by name, lists item by

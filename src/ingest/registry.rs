@@ -225,7 +225,10 @@ impl Registry {
 
     /// The current outage, if lookups are failing.
     pub fn outage(&self) -> Option<Outage> {
-        self.outage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Abandons lookups that wait for the registry (the service is stopping).
@@ -338,10 +341,9 @@ impl Registry {
             };
         }
         match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(error) if SCHEMA_NOT_FOUND.contains(&error.error_code) => Answer::NotFound(format!(
-                "{} (error {})",
-                error.message, error.error_code
-            )),
+            Ok(error) if SCHEMA_NOT_FOUND.contains(&error.error_code) => {
+                Answer::NotFound(format!("{} (error {})", error.message, error.error_code))
+            }
             Ok(error) => Answer::Failed(format!(
                 "GET {path}: {status}: {} (error {})",
                 error.message, error.error_code
@@ -494,7 +496,10 @@ mod tests {
 
     #[test]
     fn frames_are_split_and_unframed_payloads_explained() {
-        assert_eq!(split_frame(&[0, 0, 0, 1, 2, 9, 9]), Ok((258, &[9u8, 9][..])));
+        assert_eq!(
+            split_frame(&[0, 0, 0, 1, 2, 9, 9]),
+            Ok((258, &[9u8, 9][..]))
+        );
         assert_eq!(split_frame(&[0, 0, 0, 0, 7]), Ok((7, &[][..])));
         assert!(split_frame(&[0, 1]).unwrap_err().contains("too short"));
         assert!(split_frame(b"{\"id\":1}").unwrap_err().contains("0x7b"));

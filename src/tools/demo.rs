@@ -188,6 +188,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         spread_days: 3,
         clock_ms: None,
         progress: false,
+        wire: None,
     })
     .await?;
 

@@ -11,6 +11,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, Connection, WatchContext};
 use crate::meter::Meter;
 use crate::tools::generator::{Generator, Shape};
+use crate::tools::wire::WireEncoder;
 
 /// Deliveries awaited in flight before the producer waits for the oldest.
 const MAX_IN_FLIGHT: usize = 20_000;
@@ -71,6 +72,8 @@ pub struct ProduceOptions {
     /// Draw a progress bar when stderr is a terminal (the CLI); otherwise progress is logged
     /// every 10 s.
     pub progress: bool,
+    /// Encode in a registry format with these registered schemas; `None` publishes JSON.
+    pub wire: Option<WireEncoder>,
 }
 
 /// What was published.
@@ -161,7 +164,10 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
         }
         let which = (n as usize) % options.shapes.len();
         let (shape, topic) = &options.shapes[which];
-        let (key, payload) = generator.next(*shape);
+        let (key, mut payload) = generator.next(*shape);
+        if let Some(wire) = &options.wire {
+            payload = wire.encode(topic, &payload);
+        }
         let len = payload.len();
         let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
         if options.clock_ms.is_some() {

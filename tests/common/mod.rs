@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod faulty;
+pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -90,6 +91,7 @@ async fn build_fixture(dir: PathBuf) -> PathBuf {
         spread_days: 3,
         clock_ms: Some(FIXTURE_CLOCK_MS),
         progress: false,
+        wire: None,
     })
     .await
     .expect("fixture published");
@@ -204,6 +206,7 @@ pub async fn publish(
         spread_days: 3,
         clock_ms: None,
         progress: false,
+        wire: None,
     })
     .await
     .expect("messages delivered")

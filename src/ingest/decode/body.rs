@@ -147,7 +147,9 @@ impl BodyDecoder {
         schemas: &'c Schemas,
     ) -> Result<Option<&'c [u8]>, (RejectReason, String)> {
         match self.format {
-            Format::JsonSchema => self.framed(chunk, i, schemas).map(|(_, body, _)| Some(body)),
+            Format::JsonSchema => self
+                .framed(chunk, i, schemas)
+                .map(|(_, body, _)| Some(body)),
             _ => Ok(chunk.payload(i)),
         }
     }
@@ -225,7 +227,11 @@ impl BodyDecoder {
     /// The size limit, checked before any parsing so hostile input costs little. It is on
     /// the whole message, key and value, as Kafka's own is: a key is copied into the row
     /// (`kafka_key`) and counts toward memory like the value.
-    pub(super) fn precheck_size(&self, chunk: &Chunk, i: usize) -> Result<(), (RejectReason, String)> {
+    pub(super) fn precheck_size(
+        &self,
+        chunk: &Chunk,
+        i: usize,
+    ) -> Result<(), (RejectReason, String)> {
         let key_bytes = chunk.key(&chunk.messages[i]).map_or(0, <[u8]>::len);
         let value_bytes = chunk.payload(i).map_or(0, <[u8]>::len);
         if key_bytes > 0 && key_bytes + value_bytes > self.limits.max_message_bytes {

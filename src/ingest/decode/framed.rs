@@ -10,14 +10,16 @@ use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaSt
 use deltalake::arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::registry::{Lookup, RegisteredSchema, Registry, RegistryError, SchemaKind, split_frame};
+use crate::ingest::registry::{
+    Lookup, RegisteredSchema, Registry, RegistryError, SchemaKind, split_frame,
+};
 
 use super::body::BodyDecoder;
 use super::protobuf::ProtoSchema;
 use super::{Chunk, RejectReason, Rejection};
 
 /// How a topic's messages are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// Plain JSON objects.
@@ -69,6 +71,17 @@ pub struct Schemas {
 }
 
 impl Schemas {
+    /// Schemas known up front rather than looked up (tests, benchmarks): each compiled for
+    /// `format`, or the reason it cannot be used.
+    pub fn known(format: Format, schemas: &[RegisteredSchema]) -> Schemas {
+        Schemas {
+            by_id: schemas
+                .iter()
+                .map(|s| (s.id, compile(format, s).map(Arc::new)))
+                .collect(),
+        }
+    }
+
     /// The schema for `id`, or why there is none.
     pub(super) fn get(&self, id: u32) -> Result<&Arc<Compiled>, String> {
         match self.by_id.get(&id) {
@@ -90,7 +103,9 @@ impl CompiledCache {
 }
 
 fn compile(format: Format, schema: &RegisteredSchema) -> Result<Compiled, String> {
-    let expected = format.schema_kind().expect("framed formats have a schema kind");
+    let expected = format
+        .schema_kind()
+        .expect("framed formats have a schema kind");
     if schema.kind != expected {
         return Err(format!(
             "schema {} is {}, but the source reads {}",
@@ -183,10 +198,7 @@ impl BodyDecoder {
         schemas: &'c Schemas,
     ) -> Result<(u32, &'c [u8], &'c Arc<Compiled>), (RejectReason, String)> {
         let Some(payload) = chunk.payload(i) else {
-            return Err((
-                RejectReason::NoSchemaId,
-                "empty message (tombstone)".into(),
-            ));
+            return Err((RejectReason::NoSchemaId, "empty message (tombstone)".into()));
         };
         let (id, body) = split_frame(payload).map_err(|e| (RejectReason::NoSchemaId, e))?;
         let compiled = schemas

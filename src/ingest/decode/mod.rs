@@ -15,6 +15,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 
 pub use body::BodyDecoder;
 pub use framed::{Format, Schemas};
+pub use protobuf::proto_pool;
 
 mod body;
 mod columns;

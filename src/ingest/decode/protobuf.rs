@@ -99,6 +99,11 @@ impl ProtoSchema {
     }
 }
 
+/// The descriptors of a registered `.proto` schema (for producers that encode with it).
+pub fn proto_pool(schema: &RegisteredSchema) -> Result<DescriptorPool, String> {
+    ProtoSchema::compile(schema).map(|s| s.pool)
+}
+
 /// The message indexes after the schema id, and the message bytes after them. Confluent
 /// writes a zig-zag varint count, then that many zig-zag varints; a count of 0 means `[0]`.
 fn split_indexes(mut body: &[u8]) -> Result<(Vec<i64>, &[u8]), String> {
@@ -144,7 +149,10 @@ impl BodyDecoder {
                 let (indexes, bytes) = split_indexes(body).map_err(mismatch)?;
                 let descriptor = schema.message(&indexes).map_err(mismatch)?;
                 DynamicMessage::decode(descriptor.clone(), bytes).map_err(|e| {
-                    mismatch(format!("does not decode as {}: {e}", descriptor.full_name()))
+                    mismatch(format!(
+                        "does not decode as {}: {e}",
+                        descriptor.full_name()
+                    ))
                 })
             });
             match decoded {
@@ -167,7 +175,10 @@ impl BodyDecoder {
         }
     }
 
-    fn proto_batch(&self, messages: &[(usize, DynamicMessage)]) -> Result<RecordBatch, (usize, String)> {
+    fn proto_batch(
+        &self,
+        messages: &[(usize, DynamicMessage)],
+    ) -> Result<RecordBatch, (usize, String)> {
         let schema = self.mapping.source_schema();
         let rows: Vec<usize> = (0..messages.len()).collect();
         let columns = schema
@@ -194,9 +205,11 @@ impl BodyDecoder {
 /// unset field with presence. Enum numbers become their names.
 fn field_value(message: &DynamicMessage, name: &str) -> Option<Value> {
     let descriptor = message.descriptor();
-    let field = descriptor
-        .get_field_by_name(name)
-        .or_else(|| descriptor.fields().find(|f| segment_matches(name, f.name())))?;
+    let field = descriptor.get_field_by_name(name).or_else(|| {
+        descriptor
+            .fields()
+            .find(|f| segment_matches(name, f.name()))
+    })?;
     if field.supports_presence() && !message.has_field(&field) {
         return None;
     }
@@ -416,8 +429,15 @@ mod tests {
     fn message_indexes_follow_confluent_framing() {
         assert_eq!(split_indexes(&[0, 7]).unwrap(), (vec![0], &[7u8][..]));
         // Count 2 (zig-zag 4), then 1 (2) and 0 (0).
-        assert_eq!(split_indexes(&[4, 2, 0, 9]).unwrap(), (vec![1, 0], &[9u8][..]));
+        assert_eq!(
+            split_indexes(&[4, 2, 0, 9]).unwrap(),
+            (vec![1, 0], &[9u8][..])
+        );
         assert!(split_indexes(&[]).unwrap_err().contains("cut off"));
-        assert!(split_indexes(&[3]).unwrap_err().contains("-2 message indexes"));
+        assert!(
+            split_indexes(&[3])
+                .unwrap_err()
+                .contains("-2 message indexes")
+        );
     }
 }

@@ -283,6 +283,7 @@ pub(super) fn produce_options(
         spread_days: 3,
         clock_ms: None,
         progress: false,
+        wire: None,
     }
 }
 
