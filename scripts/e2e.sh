@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The end-to-end suite against real servers (tests/e2e.rs): an Apache Kafka broker (KRaft, with
-# PLAINTEXT, SSL and SASL_SSL listeners; scripts/kafka.sh) and moto's S3 server on loopback, on
-# free ports; the `sluice` binary writing s3:// tables through faults.
+# PLAINTEXT, SSL and SASL_SSL listeners; scripts/kafka.sh), moto's S3 server and an Apicurio
+# schema registry (scripts/registry.sh) on loopback, on free ports; the `sluice` binary writing
+# s3:// tables through faults.
 #
 #   bash scripts/e2e.sh                     # install what is missing, start, test, stop
 #   SLUICE_E2E_SEED=123 bash scripts/e2e.sh # replay the random pauses of a failed run
 #   SLUICE_E2E_KEEP_LOGS=1 bash scripts/e2e.sh kill_9   # one scenario, logs kept
 #
-# Installs when missing: Apache Kafka's jars (Maven Central, under $HOME/.cache/), moto and the
+# Installs when missing: Apache Kafka's and Apicurio Registry's jars (Maven Central, under
+# $HOME/.cache/), moto and the
 # independent Delta reader every fault scenario's tables are checked with (pip).
 # Everything it starts is stopped by PID when it exits, also on failure; a failure prints the
 # tail of every process log (the folder is kept and named at the end).
@@ -60,6 +62,7 @@ trap finish EXIT
 source scripts/lib.sh
 
 bash scripts/kafka.sh install
+bash scripts/registry.sh install
 install_moto
 install_independent_reader
 
@@ -78,11 +81,20 @@ ln -sf "$logs/kafka/kafka.log" "$logs/kafka.log"
 # shellcheck disable=SC1091
 source "$logs/kafka/kafka.env"
 
+if ! bash scripts/registry.sh start "$logs/registry"; then
+  exit 1
+fi
+pids+=("$(cat "$logs/registry/registry.pid")")
+ln -sf "$logs/registry/registry.log" "$logs/registry.log"
+# shellcheck disable=SC1091
+source "$logs/registry/registry.env"
+export SLUICE_E2E_REGISTRY="$REGISTRY_URL"
+
 # moto does not check credentials, but the S3 client wants some.
 export AWS_ACCESS_KEY_ID=sluice-e2e AWS_SECRET_ACCESS_KEY=sluice-e2e AWS_REGION=us-east-1
 export SLUICE_E2E_KAFKA_ENV="$logs/kafka/kafka.env"
 export SLUICE_E2E_S3="$MOTO_ENDPOINT"
 export SLUICE_E2E_BUCKET=lakehouse
 export SLUICE_E2E_LOGS="$logs"
-echo "== end-to-end suite: broker $KAFKA_PLAINTEXT, S3 $SLUICE_E2E_S3, logs $logs"
+echo "== end-to-end suite: broker $KAFKA_PLAINTEXT, S3 $SLUICE_E2E_S3, registry $REGISTRY_URL, logs $logs"
 cargo test --release --test e2e -- --ignored --test-threads=1 --nocapture "$@" 2>&1 | tee "$logs/suite.out"

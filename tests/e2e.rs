@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use sluice::config::Config;
+use sluice::ingest::decode::Format;
 use sluice::ingest::kafka::Connection;
 use sluice::query::audit::audit_table;
 use sluice::table::delta::{committed_offset, open_table, table_location};
@@ -357,6 +358,8 @@ struct Scenario {
     servers: Servers,
     dir: tempfile::TempDir,
     topics: Vec<(Shape, String)>,
+    /// Topics in a registry format, and the format (the others are plain JSON).
+    formats: BTreeMap<String, Format>,
     rng: SmallRng,
     /// How its clients reach Kafka: brokers given to `config` are used with these properties,
     /// and the secrets go to every process as environment variables.
@@ -390,6 +393,7 @@ impl Scenario {
             access: Access::to(&servers.kafka, Listener::Plaintext),
             servers,
             topics,
+            formats: BTreeMap::new(),
         }
     }
 
@@ -434,9 +438,11 @@ impl Scenario {
             .topics
             .iter()
             .map(|(shape, topic)| {
+                let format = self.formats.get(topic).copied().unwrap_or_default();
                 format!(
-                    "{{ topic = \"{topic}\", mapping = \"{repo}/schemas/{}\" }}",
-                    shape.mapping_file()
+                    "{{ topic = \"{topic}\", mapping = \"{repo}/schemas/{}\", format = \"{}\" }}",
+                    shape.mapping_file(),
+                    format.as_str()
                 )
             })
             .collect();
@@ -1433,4 +1439,205 @@ async fn a_missing_bucket_is_one_line_naming_it_and_the_fix() {
             "{command:?}:\n{output}"
         );
     }
+}
+
+/// Scenario: the schema registry for real. Apicurio Registry (started by scripts/e2e.sh) holds
+/// the schemas: `sluice produce` registers them and writes Avro (Bluesky), Protobuf (tweets,
+/// subjects by record name) and JSON Schema (Mastodon) in the wire format; a second Avro
+/// version with an added field arrives while the writer runs, and a message with an id the
+/// registry does not have. Every offset lands exactly once, as a row or a dead letter with
+/// its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the servers of scripts/e2e.sh"]
+async fn registry_formats_land_exactly_once_through_apicurio() {
+    let registry_url = std::env::var("SLUICE_E2E_REGISTRY")
+        .expect("SLUICE_E2E_REGISTRY is not set: run the suite with `bash scripts/e2e.sh`");
+    let mut s = Scenario::new("registry").await;
+    let formats = [
+        (Shape::Bluesky, Format::Avro, "topic"),
+        (Shape::Tweets, Format::Protobuf, "record"),
+        (Shape::Mastodon, Format::JsonSchema, "topic"),
+    ];
+    let mut produced = 0;
+    for (shape, format, strategy) in formats {
+        let topic = s
+            .topics
+            .iter()
+            .find(|(sh, _)| *sh == shape)
+            .unwrap()
+            .1
+            .clone();
+        s.formats.insert(topic.clone(), format);
+        let mut producer = Proc::spawn(
+            &format!("registry-produce-{}", format.as_str()),
+            &s.servers.logs,
+            s.sluice().args([
+                "produce",
+                "--brokers",
+                &s.access.brokers,
+                "--shape",
+                &format!("{shape:?}").to_lowercase(),
+                "--topic",
+                &topic,
+                "--format",
+                format.as_str(),
+                "--registry",
+                &registry_url,
+                "--subject-strategy",
+                strategy,
+                "--count",
+                "1500",
+                "--rate",
+                "0",
+                "--bad-every",
+                &BAD_EVERY.to_string(),
+                "--embedding-dim",
+                "64",
+                "--seed",
+                &s.servers.seed.to_string(),
+            ]),
+        );
+        let status = producer.child.wait().unwrap();
+        let output = std::fs::read_to_string(&producer.log).unwrap();
+        assert!(
+            status.success(),
+            "sluice produce --format {format:?} failed:\n{output}"
+        );
+        assert!(output.contains("delivered 1500 messages"), "{output}");
+        produced += 1500;
+    }
+    let config = s.default_config(&format!("[registry]\nurl = \"{registry_url}\"\n"));
+    let writer = s.writer("writer", &config);
+    s.wait_audited(&config, produced).await;
+
+    // A new version with an optional field the table lacks, registered and produced while
+    // the writer runs; then a message whose schema id Apicurio does not have.
+    let bluesky = s
+        .topics
+        .iter()
+        .find(|(sh, _)| *sh == Shape::Bluesky)
+        .unwrap()
+        .1
+        .clone();
+    let registry =
+        sluice::ingest::registry::Registry::new(sluice::ingest::registry::RegistrySettings {
+            url: registry_url.clone(),
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+    let (shipped, record) =
+        sluice::tools::wire::shape_schema(Shape::Bluesky, Format::Avro).unwrap();
+    let mut v2: serde_json::Value = serde_json::from_str(shipped).unwrap();
+    v2["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "client", "type": ["null", "string"], "default": null}));
+    let v2 = v2.to_string();
+    let v2_id = registry
+        .register(
+            &format!("{bluesky}-value"),
+            sluice::ingest::registry::SchemaKind::Avro,
+            &v2,
+        )
+        .await
+        .expect("Apicurio accepts a compatible new version");
+    let mut encoder = sluice::tools::wire::WireEncoder::default();
+    encoder
+        .add(
+            &bluesky,
+            v2_id,
+            sluice::ingest::registry::SchemaKind::Avro,
+            &v2,
+            record,
+        )
+        .unwrap();
+    let options = ProduceOptions {
+        connection: s.connection(&s.access.brokers),
+        shapes: vec![(Shape::Bluesky, bluesky.clone())],
+        count: 500,
+        rate: 0,
+        seed: s.servers.seed.wrapping_add(1),
+        embedding_dim: 64,
+        bad_every: 0,
+        spread_days: 2,
+        clock_ms: None,
+        progress: false,
+        wire: Some(encoder),
+    };
+    produce(&options).await.expect("v2 messages delivered");
+    produced += 500;
+    let mut unknown = vec![0u8];
+    unknown.extend_from_slice(&(v2_id + 100_000).to_be_bytes());
+    unknown.extend_from_slice(&[2, b'x']);
+    let producer: rdkafka::producer::FutureProducer = s
+        .connection(&s.access.brokers)
+        .client_config(&[])
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<str, [u8]>::to(&bluesky)
+                .key("unknown-id")
+                .payload(&unknown),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("delivered");
+    produced += 1;
+    s.wait_audited(&config, produced).await;
+    let ready = writer.readyz().map(|(status, _)| status);
+    writer.stop();
+    assert_eq!(
+        ready,
+        Some(200),
+        "the writer is ready once the registry answered"
+    );
+
+    let ctx = deltalake::datafusion::prelude::SessionContext::new();
+    let root = format!("s3://{}/{}", s.servers.bucket, s.name);
+    let config = s.load(&config);
+    for name in ["enriched_posts", "enriched_posts_dead_letters"] {
+        let table = open_table(&table_location(&root, name), config.storage_options())
+            .await
+            .unwrap();
+        sluice::table::delta::register_table(&ctx, name, &table)
+            .await
+            .unwrap();
+    }
+    let count = |sql: String| {
+        let ctx = ctx.clone();
+        async move {
+            let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+            batches[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<deltalake::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0)
+        }
+    };
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM enriched_posts_dead_letters WHERE kafka_topic = '{bluesky}' \
+             AND reason = 'unknown_schema'"
+        ))
+        .await,
+        1
+    );
+    // Every platform landed rows through its registry format.
+    for platform in ["bluesky", "twitter", "mastodon"] {
+        let rows = count(format!(
+            "SELECT count(*) FROM enriched_posts WHERE platform = '{platform}'"
+        ))
+        .await;
+        assert!(rows > 1_000, "{platform}: {rows} rows");
+    }
+    s.audit(
+        &s.default_config(&format!("[registry]\nurl = \"{registry_url}\"\n")),
+        produced,
+    );
 }

@@ -18,7 +18,8 @@ pub struct BenchArgs {
     /// Stages to run, comma-separated. Default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     stage: Vec<Stage>,
-    /// Record profiles, comma-separated. Default: both.
+    /// Record profiles, comma-separated. Default: posts and embeddings (JSON); avro and
+    /// protobuf measure the limit stage (decoding) only.
     #[arg(long, value_enum, value_delimiter = ',')]
     profile: Vec<Profile>,
     /// Write the tables where this config's [storage] says (e.g. s3:// on MinIO) instead of

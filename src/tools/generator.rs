@@ -131,12 +131,23 @@ impl Generator {
 
     /// The next message of `shape`: its key and JSON payload.
     pub fn next(&mut self, shape: Shape) -> (String, Vec<u8>) {
+        let (key, message) = self.next_value(shape);
+        let payload = match message {
+            Ok(value) => serde_json::to_vec(&value).expect("generated JSON serializes"),
+            Err(hostile) => hostile,
+        };
+        (key, payload)
+    }
+
+    /// The next message of `shape`: its key and the post as a JSON value, or a hostile
+    /// payload's bytes (every `bad_every`-th message).
+    pub fn next_value(&mut self, shape: Shape) -> (String, Result<Value, Vec<u8>>) {
         self.count += 1;
         let seq = self.count;
         if let Some(n) = self.bad_every
             && seq.is_multiple_of(n)
         {
-            return (format!("bad-{seq}"), self.bad_payload(seq / n, shape));
+            return (format!("bad-{seq}"), Err(self.bad_payload(seq / n, shape)));
         }
         let created_ms =
             self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
@@ -145,10 +156,7 @@ impl Generator {
             Shape::Bluesky => self.bluesky(seq, created_ms),
             Shape::Tweets => self.tweet(seq, created_ms),
         };
-        (
-            key,
-            serde_json::to_vec(&value).expect("generated JSON serializes"),
-        )
+        (key, Ok(value))
     }
 
     /// A hostile payload of kind `k % 8`, shaped for `shape` where the kind needs a field.

@@ -164,10 +164,14 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
         }
         let which = (n as usize) % options.shapes.len();
         let (shape, topic) = &options.shapes[which];
-        let (key, mut payload) = generator.next(*shape);
-        if let Some(wire) = &options.wire {
-            payload = wire.encode(topic, &payload);
-        }
+        let (key, message) = generator.next_value(*shape);
+        let payload = match (&options.wire, message) {
+            (Some(wire), Ok(post)) => wire.encode(topic, &post),
+            (None, Ok(post)) => serde_json::to_vec(&post).expect("generated JSON serializes"),
+            // Hostile payloads go out as generated: in a registry format, unframed, as a
+            // broken producer on the topic would send them.
+            (_, Err(hostile)) => hostile,
+        };
         let len = payload.len();
         let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
         if options.clock_ms.is_some() {

@@ -154,33 +154,31 @@ impl WireEncoder {
         Ok(())
     }
 
-    /// `json` (a generated post) in `topic`'s format behind the wire header. A payload that is
-    /// not an object of the schema's shape (the generator's hostile ones) is sent unframed,
-    /// as a broken producer would: sluice dead-letters it as `no_schema_id`.
-    pub fn encode(&self, topic: &str, json: &[u8]) -> Vec<u8> {
+    /// `post` (a generated post) in `topic`'s format behind the wire header. A post that does
+    /// not fit the schema comes back as JSON text, unframed, as a broken producer would send
+    /// it: sluice dead-letters it as `no_schema_id`. Fields the schema lacks are dropped.
+    pub fn encode(&self, topic: &str, post: &Value) -> Vec<u8> {
+        let json = || serde_json::to_vec(post).expect("JSON values serialize");
         let Some((id, writer)) = self.by_topic.get(topic) else {
-            return json.to_vec();
-        };
-        let Ok(value) = serde_json::from_slice::<Value>(json) else {
-            return json.to_vec();
+            return json();
         };
         let mut out = vec![MAGIC];
         out.extend_from_slice(&id.to_be_bytes());
         let encoded = match writer {
-            Writer::Avro(schema) => avro(schema, &value, &mut HashMap::new(), &mut out),
-            Writer::Protobuf(descriptor) => proto_message(descriptor, &value).map(|message| {
+            Writer::Avro(schema) => avro(schema, post, &mut HashMap::new(), &mut out),
+            Writer::Protobuf(descriptor) => proto_message(descriptor, post).map(|message| {
                 // Message indexes [0]: the file's first message, written as the single byte 0.
                 out.push(0);
                 out.extend(message.encode_to_vec());
             }),
-            Writer::Json => value
+            Writer::Json => post
                 .is_object()
-                .then(|| out.extend_from_slice(json))
+                .then(|| out.extend(json()))
                 .ok_or_else(|| "not an object".to_string()),
         };
         match encoded {
             Ok(()) => out,
-            Err(_) => json.to_vec(),
+            Err(_) => json(),
         }
     }
 }

@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use crate::ingest::decode::Format;
 use crate::ingest::pipeline::Record;
+use crate::ingest::registry::RegisteredSchema;
 use crate::table::delta::PartitionKey;
-use crate::tools::generator::Generator;
+use crate::tools::generator::{Generator, Shape};
+use crate::tools::wire::{WireEncoder, shape_schema};
 
 use super::{Profile, partitions_per_topic};
 
@@ -36,12 +39,28 @@ impl Corpus {
         let shapes = profile.shapes();
         // A multiple of the shape count, so that record i and its pool entry share a shape.
         let size = (records.min(POOL) / shapes.len() as u64).max(1) * shapes.len() as u64;
+        let format = profile.format();
+        let mut wire = WireEncoder::default();
+        for schema in registered(format) {
+            let shape = Shape::ALL[schema.id as usize - 1];
+            let (_, record) = shape_schema(shape, format).expect("registry formats have schemas");
+            wire.add(
+                shape.default_topic(),
+                schema.id,
+                schema.kind,
+                &schema.text,
+                record,
+            )
+            .expect("the shipped schemas compile");
+        }
         let pool = (0..size as usize)
             .map(|i| {
-                let (key, value) = generator.next(shapes[i % shapes.len()]);
+                let shape = shapes[i % shapes.len()];
+                let (key, post) = generator.next_value(shape);
+                let post = post.expect("the bench generates no hostile payloads");
                 Payload {
                     key: key.into_bytes(),
-                    value,
+                    value: wire.encode(shape.default_topic(), &post),
                 }
             })
             .collect();
@@ -94,4 +113,23 @@ impl Corpus {
             })
             .collect()
     }
+}
+
+/// The shipped schemas of a registry format as a registry would hold them: shape `k` of
+/// [`Shape::ALL`] under id `k + 1`. None for plain JSON.
+pub(super) fn registered(format: Format) -> Vec<RegisteredSchema> {
+    let Some(kind) = format.schema_kind() else {
+        return Vec::new();
+    };
+    (Shape::ALL.iter().enumerate())
+        .map(|(k, shape)| RegisteredSchema {
+            id: k as u32 + 1,
+            kind,
+            text: shape_schema(*shape, format)
+                .expect("registry formats have schemas")
+                .0
+                .to_string(),
+            references: Vec::new(),
+        })
+        .collect()
 }

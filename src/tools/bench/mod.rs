@@ -18,7 +18,7 @@
 //! CPU time and peak RSS come from `/proc/self` (Linux): CPU seconds per million records
 //! compare runs whatever caps them; peak RSS is reset before each measured stage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::parquet::arrow::ArrowWriter;
 
 use crate::config::Config;
-use crate::ingest::decode::Chunk;
+use crate::ingest::decode::{BodyDecoder, Chunk, Format, Schemas};
 use crate::ingest::kafka::Connection;
 use crate::service::app::AppError;
 use crate::table::delta::parquet_properties;
@@ -103,24 +103,42 @@ pub enum Profile {
     Posts,
     /// Tweets with 384-dimension embeddings (~8 KB of JSON).
     Embeddings,
+    /// The posts profile in Avro, in the registry's wire format (the limit stage only).
+    Avro,
+    /// The posts profile in Protobuf, in the registry's wire format (the limit stage only).
+    Protobuf,
 }
 
 impl Profile {
-    /// Both profiles.
+    /// The JSON profiles, which every stage measures (the default).
     pub const ALL: [Profile; 2] = [Profile::Posts, Profile::Embeddings];
 
     fn shapes(self) -> &'static [Shape] {
         match self {
-            Profile::Posts => &Shape::ALL,
+            Profile::Posts | Profile::Avro | Profile::Protobuf => &Shape::ALL,
             Profile::Embeddings => &[Shape::Tweets],
         }
     }
 
     fn embedding_dim(self) -> usize {
         match self {
-            Profile::Posts => 32,
+            Profile::Posts | Profile::Avro | Profile::Protobuf => 32,
             Profile::Embeddings => 384,
         }
+    }
+
+    /// How the profile's messages are encoded.
+    pub fn format(self) -> Format {
+        match self {
+            Profile::Posts | Profile::Embeddings => Format::Json,
+            Profile::Avro => Format::Avro,
+            Profile::Protobuf => Format::Protobuf,
+        }
+    }
+
+    /// Whether the profile measures `stage`: the registry formats measure decoding only.
+    pub fn measures(self, stage: Stage) -> bool {
+        self.format() == Format::Json || stage == Stage::Limit
     }
 
     /// Name on the command line.
@@ -128,6 +146,8 @@ impl Profile {
         match self {
             Profile::Posts => "posts",
             Profile::Embeddings => "embeddings",
+            Profile::Avro => "avro",
+            Profile::Protobuf => "protobuf",
         }
     }
 
@@ -136,6 +156,8 @@ impl Profile {
         match self {
             Profile::Posts => "posts",
             Profile::Embeddings => "384-dim embeddings",
+            Profile::Avro => "posts in Avro",
+            Profile::Protobuf => "posts in Protobuf",
         }
     }
 }
@@ -262,7 +284,7 @@ pub async fn run(
     stages.dedup();
     for stage in stages {
         let mut section = header(stage, options, &base);
-        for &profile in &options.profiles {
+        for &profile in options.profiles.iter().filter(|p| p.measures(stage)) {
             let runs = if stage == Stage::Freshness {
                 options.runs.max(1)
             } else {
@@ -395,6 +417,12 @@ pub async fn row(
 ) -> Result<String, BenchError> {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{run}-{}", std::process::id()));
     let base = bench_config(&dir, options, run)?;
+    if !profile.measures(stage) {
+        return Err(BenchError::Setup(format!(
+            "the {} profile measures decoding only: run it with --stage limit",
+            profile.name()
+        )));
+    }
     let row = match stage {
         Stage::Limit => limit_row(&base, options, profile),
         Stage::Pipeline => pipeline_row(&base, run, options, profile).await,
@@ -469,7 +497,12 @@ fn limit_row(
     options: &BenchOptions,
     profile: Profile,
 ) -> Result<String, BenchError> {
-    let decoders = decoders(base)?;
+    let format = profile.format();
+    let decoders: HashMap<Arc<str>, BodyDecoder> = decoders(base)?
+        .into_iter()
+        .map(|(topic, decoder)| (topic, decoder.with_format(format, None)))
+        .collect();
+    let schemas = Schemas::known(format, &corpus::registered(format));
     let corpus = Corpus::new(profile, options.records, options.seed);
     let n = corpus.records;
     let now_us = chrono::Utc::now().timestamp_micros();
@@ -478,7 +511,7 @@ fn limit_row(
     let mut batches: Vec<RecordBatch> = Vec::new();
     let decode = |chunk: &Chunk, batches: &mut Vec<RecordBatch>| -> Result<(), BenchError> {
         let decoded = decoders[&chunk.topic]
-            .decode(chunk, now_us)
+            .decode_with(chunk, &schemas, now_us)
             .map_err(|e| BenchError::Setup(e.to_string()))?;
         batches.extend(decoded.batch);
         Ok(())
