@@ -149,7 +149,7 @@ impl BodyDecoder {
         match self.format {
             Format::JsonSchema => self
                 .framed(chunk, i, schemas)
-                .map(|(_, body, _)| Some(body)),
+                .map(|framed| Some(framed.body)),
             _ => Ok(chunk.payload(i)),
         }
     }

@@ -92,6 +92,13 @@ impl Schemas {
     }
 }
 
+/// A message in the wire format: its schema id, the record after the header, its schema.
+pub(super) struct Framed<'c> {
+    pub(super) id: u32,
+    pub(super) body: &'c [u8],
+    pub(super) schema: &'c Arc<Compiled>,
+}
+
 /// Compiled schemas by id, shared by every chunk of a topic.
 #[derive(Debug, Default)]
 pub(super) struct CompiledCache(Mutex<HashMap<u32, Arc<Compiled>>>);
@@ -196,7 +203,7 @@ impl BodyDecoder {
         chunk: &'c Chunk,
         i: usize,
         schemas: &'c Schemas,
-    ) -> Result<(u32, &'c [u8], &'c Arc<Compiled>), (RejectReason, String)> {
+    ) -> Result<Framed<'c>, (RejectReason, String)> {
         let Some(payload) = chunk.payload(i) else {
             return Err((RejectReason::NoSchemaId, "empty message (tombstone)".into()));
         };
@@ -204,7 +211,11 @@ impl BodyDecoder {
         let compiled = schemas
             .get(id)
             .map_err(|why| (RejectReason::UnknownSchema, why))?;
-        Ok((id, body, compiled))
+        Ok(Framed {
+            id,
+            body,
+            schema: compiled,
+        })
     }
 
     /// Decodes a chunk of Avro messages: one arrow-avro decoder per schema id, each message
@@ -224,7 +235,8 @@ impl BodyDecoder {
         let mut groups: BTreeMap<u32, Group> = BTreeMap::new();
         for i in 0..chunk.len() {
             let checked = self.precheck_size(chunk, i).and_then(|()| {
-                let (id, _, compiled) = self.framed(chunk, i, schemas)?;
+                let framed = self.framed(chunk, i, schemas)?;
+                let (id, compiled) = (framed.id, framed.schema);
                 match &**compiled {
                     Compiled::Avro(schema) => Ok((id, schema)),
                     _ => unreachable!("an Avro source compiles Avro schemas only"),

@@ -6,17 +6,18 @@
 //! without presence read as their default, as every Protobuf reader sees them. Enums land as
 //! their value names, `google.protobuf.Timestamp` as an instant.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
-    StringArray, StructArray, new_null_array,
+    StringBuilder, StructArray, new_null_array,
 };
 use deltalake::arrow::buffer::{NullBuffer, OffsetBuffer};
 use deltalake::arrow::datatypes::{DataType, Fields};
 use deltalake::arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value,
+    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage, Value,
 };
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 
@@ -136,7 +137,8 @@ impl BodyDecoder {
         let mut messages: Vec<(usize, DynamicMessage)> = Vec::with_capacity(chunk.len());
         for i in 0..chunk.len() {
             let decoded = self.precheck_size(chunk, i).and_then(|()| {
-                let (id, body, compiled) = self.framed(chunk, i, schemas)?;
+                let framed = self.framed(chunk, i, schemas)?;
+                let (id, body, compiled) = (framed.id, framed.body, framed.schema);
                 let Compiled::Protobuf(schema) = &**compiled else {
                     unreachable!("a Protobuf source compiles Protobuf schemas only")
                 };
@@ -185,7 +187,7 @@ impl BodyDecoder {
             .fields()
             .iter()
             .map(|field| {
-                let values: Vec<Option<Value>> = messages
+                let values: Vec<Slot<'_>> = messages
                     .iter()
                     .map(|(_, m)| field_value(m, field.name()))
                     .collect();
@@ -201,9 +203,12 @@ impl BodyDecoder {
     }
 }
 
+/// A field's value in one message, borrowed from the message where it can be.
+type Slot<'a> = Option<Cow<'a, Value>>;
+
 /// The value of the field `name` names, `None` when the message lacks the field or it is an
 /// unset field with presence. Enum numbers become their names.
-fn field_value(message: &DynamicMessage, name: &str) -> Option<Value> {
+fn field_value<'a>(message: &'a DynamicMessage, name: &str) -> Slot<'a> {
     let descriptor = message.descriptor();
     let field = descriptor.get_field_by_name(name).or_else(|| {
         descriptor
@@ -213,14 +218,14 @@ fn field_value(message: &DynamicMessage, name: &str) -> Option<Value> {
     if field.supports_presence() && !message.has_field(&field) {
         return None;
     }
-    let value = message.get_field(&field).into_owned();
-    Some(enum_names(&field, value))
+    let value = message.get_field(&field);
+    Some(match field.kind() {
+        Kind::Enum(e) => Cow::Owned(enum_names(&e, value.into_owned())),
+        _ => value,
+    })
 }
 
-fn enum_names(field: &FieldDescriptor, value: Value) -> Value {
-    let Kind::Enum(e) = field.kind() else {
-        return value;
-    };
+fn enum_names(e: &prost_reflect::EnumDescriptor, value: Value) -> Value {
     let name = |n: i32| match e.get_value(n) {
         Some(v) => Value::String(v.name().to_string()),
         None => Value::I32(n),
@@ -269,7 +274,7 @@ fn timestamp_text(message: &DynamicMessage) -> Option<String> {
 /// Builds the array of `ty` from one value per element; `rows` names each element's message
 /// (its index in the batch) for the error, which also names `path`.
 fn build(
-    values: &[Option<Value>],
+    values: &[Slot<'_>],
     rows: &[usize],
     ty: &DataType,
     path: &str,
@@ -284,7 +289,7 @@ fn build(
         ($array:ty, $convert:expr) => {{
             let mut out = Vec::with_capacity(values.len());
             for (k, v) in values.iter().enumerate() {
-                out.push(match v {
+                out.push(match v.as_deref() {
                     None => None,
                     Some(v) => Some($convert(v).ok_or_else(|| wrong(k, v))?),
                 });
@@ -293,18 +298,27 @@ fn build(
         }};
     }
     match ty {
-        DataType::Utf8 => scalars!(StringArray, |v: &Value| match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Bool(b) => Some(b.to_string()),
-            Value::I32(n) => Some(n.to_string()),
-            Value::I64(n) => Some(n.to_string()),
-            Value::U32(n) => Some(n.to_string()),
-            Value::U64(n) => Some(n.to_string()),
-            Value::F32(n) => Some(n.to_string()),
-            Value::F64(n) => Some(n.to_string()),
-            Value::Message(m) => timestamp_text(m),
-            _ => None,
-        }),
+        DataType::Utf8 => {
+            let mut out = StringBuilder::with_capacity(values.len(), values.len() * 16);
+            for (k, v) in values.iter().enumerate() {
+                match v.as_deref() {
+                    None => out.append_null(),
+                    Some(Value::String(s)) => out.append_value(s),
+                    Some(Value::Bool(b)) => out.append_value(if *b { "true" } else { "false" }),
+                    Some(Value::I32(n)) => out.append_value(n.to_string()),
+                    Some(Value::I64(n)) => out.append_value(n.to_string()),
+                    Some(Value::U32(n)) => out.append_value(n.to_string()),
+                    Some(Value::U64(n)) => out.append_value(n.to_string()),
+                    Some(Value::F32(n)) => out.append_value(n.to_string()),
+                    Some(Value::F64(n)) => out.append_value(n.to_string()),
+                    Some(v @ Value::Message(m)) => {
+                        out.append_value(timestamp_text(m).ok_or_else(|| wrong(k, v))?)
+                    }
+                    Some(v) => return Err(wrong(k, v)),
+                }
+            }
+            Ok(Arc::new(out.finish()) as ArrayRef)
+        }
         DataType::Int64 => scalars!(Int64Array, |v: &Value| match v {
             Value::I32(n) => Some(i64::from(*n)),
             Value::I64(n) => Some(*n),
@@ -338,16 +352,16 @@ fn build(
         DataType::Struct(fields) => build_struct(values, rows, fields, path),
         DataType::List(item) => {
             let mut offsets = Vec::with_capacity(values.len() + 1);
-            let mut items: Vec<Option<Value>> = Vec::new();
+            let mut items: Vec<Slot<'_>> = Vec::new();
             let mut item_rows: Vec<usize> = Vec::new();
             let mut valid = Vec::with_capacity(values.len());
             offsets.push(0i32);
             for (k, v) in values.iter().enumerate() {
-                match v {
+                match v.as_deref() {
                     None => valid.push(false),
                     Some(Value::List(list)) => {
                         valid.push(true);
-                        items.extend(list.iter().cloned().map(Some));
+                        items.extend(list.iter().map(|item| Some(Cow::Borrowed(item))));
                         item_rows.extend(std::iter::repeat_n(rows[k], list.len()));
                     }
                     Some(other) => return Err(wrong(k, other)),
@@ -367,27 +381,25 @@ fn build(
             .map(|a| Arc::new(a) as ArrayRef)
             .map_err(|e| (rows.first().copied().unwrap_or(0), format!("`{path}`: {e}")))
         }
-        other => Ok(new_null_array(other, values.len())).and_then(|nulls| {
-            match values.iter().position(Option::is_some) {
-                None => Ok(nulls),
-                Some(k) => Err((
-                    rows[k],
-                    format!("`{path}`: sluice does not read Protobuf values into {other} columns"),
-                )),
-            }
-        }),
+        other => match values.iter().position(Option::is_some) {
+            None => Ok(new_null_array(other, values.len())),
+            Some(k) => Err((
+                rows[k],
+                format!("`{path}`: sluice does not read Protobuf values into {other} columns"),
+            )),
+        },
     }
 }
 
 fn build_struct(
-    values: &[Option<Value>],
+    values: &[Slot<'_>],
     rows: &[usize],
     fields: &Fields,
     path: &str,
 ) -> Result<ArrayRef, (usize, String)> {
     let mut valid = Vec::with_capacity(values.len());
     for (k, v) in values.iter().enumerate() {
-        match v {
+        match v.as_deref() {
             None => valid.push(false),
             Some(Value::Message(_)) => valid.push(true),
             Some(other) => {
@@ -401,9 +413,9 @@ fn build_struct(
     let children = fields
         .iter()
         .map(|field| {
-            let child: Vec<Option<Value>> = values
+            let child: Vec<Slot<'_>> = values
                 .iter()
-                .map(|v| match v {
+                .map(|v| match v.as_deref() {
                     Some(Value::Message(m)) => field_value(m, field.name()),
                     _ => None,
                 })
