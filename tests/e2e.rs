@@ -1506,9 +1506,19 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
         assert!(output.contains("delivered 1500 messages"), "{output}");
         produced += 1500;
     }
-    let config = s.default_config(&format!("[registry]\nurl = \"{registry_url}\"\n"));
+    // The writer reaches the registry through a proxy that can refuse connections.
+    let (registry_addr, api) = registry_url
+        .trim_start_matches("http://")
+        .split_once('/')
+        .expect("the registry URL has the API's path");
+    let proxy = Outage::start(registry_addr.parse().unwrap()).await;
+    let proxied = format!("{}/{api}", proxy.endpoint());
+    let config = s.default_config(&format!("[registry]\nurl = \"{proxied}\"\n"));
     let writer = s.writer("writer", &config);
     s.wait_audited(&config, produced).await;
+
+    // The registry goes away before the new version's first message arrives.
+    proxy.down();
 
     // A new version with an optional field the table lacks, registered and produced while
     // the writer runs; then a message whose schema id Apicurio does not have.
@@ -1569,6 +1579,24 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
     };
     produce(&options).await.expect("v2 messages delivered");
     produced += 500;
+    let waiting = |w: &Writer| {
+        w.readyz().is_some_and(|(status, body)| {
+            status == 503 && body.contains("schema registry") && body.contains(&proxied)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || waiting(&writer)).await,
+        "/readyz did not name the unreachable registry: {:?}",
+        writer.readyz()
+    );
+    assert_eq!(
+        writer
+            .metric("sluice_dead_letters_total", &[("reason", "unknown_schema")])
+            .unwrap_or(0.0),
+        0.0,
+        "an outage is not bad input"
+    );
+    proxy.up();
     let mut unknown = vec![0u8];
     unknown.extend_from_slice(&(v2_id + 100_000).to_be_bytes());
     unknown.extend_from_slice(&[2, b'x']);

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sluice::ingest::decode::Format;
 use sluice::tools::demo::{DemoOptions, run as run_demo};
 
 /// `sluice demo` flags.
@@ -29,6 +30,13 @@ pub struct DemoArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Message encoding: json, or avro, protobuf, json-schema in the schema registry's wire
+    /// format (the shapes' schemas are registered first; needs --registry).
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    /// Schema registry URL (Confluent-compatible API) for the registry formats.
+    #[arg(long, env = "SLUICE_REGISTRY__URL")]
+    registry: Option<String>,
 }
 
 impl From<DemoArgs> for DemoOptions {
@@ -41,6 +49,8 @@ impl From<DemoArgs> for DemoOptions {
             embedding_dim: a.embedding_dim,
             bad_every: a.bad_every,
             seed: a.seed,
+            format: a.format,
+            registry: a.registry,
         }
     }
 }

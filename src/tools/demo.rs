@@ -18,12 +18,15 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
 use crate::config::Config;
+use crate::ingest::decode::Format;
 use crate::ingest::progress::Progress;
+use crate::ingest::registry::Registry;
 use crate::query::audit::audit_table;
 use crate::service::app;
 use crate::table::delta::{open_table, register_table, table_location};
 use crate::tools::generator::Shape;
 use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
+use crate::tools::wire::{SubjectStrategy, WireEncoder};
 
 /// First line of a demo-written config; marks a folder the demo may reset.
 const DEMO_MARKER: &str = "# Written by `sluice demo`.";
@@ -88,6 +91,9 @@ pub enum DemoError {
         timeout: Duration,
     },
     /// Querying the result failed.
+    /// The registry format's schemas could not be registered.
+    #[error(transparent)]
+    Wire(#[from] crate::tools::wire::WireError),
     #[error("summary query: {0}")]
     Query(String),
 }
@@ -109,6 +115,10 @@ pub struct DemoOptions {
     pub bad_every: u64,
     /// Generator seed.
     pub seed: u64,
+    /// How the posts are encoded: JSON, or a registry format whose schemas go to `registry`.
+    pub format: Format,
+    /// The schema registry's URL (Confluent-compatible API) for a registry format.
+    pub registry: Option<String>,
 }
 
 /// What the demo did.
@@ -136,9 +146,32 @@ pub struct DemoReport {
 
 /// Runs the demo and returns its report.
 pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
+    if options.format != Format::Json && options.registry.is_none() {
+        return Err(DemoError::Wire(crate::tools::wire::WireError::Schema {
+            subject: "the demo's topics".into(),
+            problem: format!(
+                "--format {} needs --registry URL (e.g. `bash scripts/registry.sh start DIR`)",
+                options.format.as_str()
+            ),
+        }));
+    }
     prepare_folder(&options.dir)?;
-    let config_file = write_config(&options.dir)?;
+    let config_file = write_config(&options.dir, options.format, options.registry.as_deref())?;
     let mut config = Config::load(&config_file, std::env::vars())?;
+    let wire = match &config.registry {
+        Some(registry) if options.format != Format::Json => {
+            let registry = Registry::new(registry.settings()).map_err(app::AppError::from)?;
+            let topics: Vec<(Shape, String)> = Shape::ALL
+                .iter()
+                .map(|s| (*s, s.default_topic().to_string()))
+                .collect();
+            Some(
+                WireEncoder::register(&registry, options.format, &topics, SubjectStrategy::Topic)
+                    .await?,
+            )
+        }
+        _ => None,
+    };
 
     let cluster = MockCluster::new(1)?;
     for shape in Shape::ALL {
@@ -188,7 +221,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         spread_days: 3,
         clock_ms: None,
         progress: false,
-        wire: None,
+        wire,
     })
     .await?;
 
@@ -274,7 +307,11 @@ fn prepare_folder(dir: &Path) -> Result<(), DemoError> {
 
 /// Writes the embedded flagship schema, its mappings and a `sluice.toml` for them into `dir`
 /// (whose `schemas/mappings` folder exists); returns the config's path.
-pub(crate) fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
+pub(crate) fn write_config(
+    dir: &Path,
+    format: Format,
+    registry: Option<&str>,
+) -> Result<PathBuf, DemoError> {
     let write = |path: PathBuf, text: &str| {
         std::fs::write(&path, text).map_err(|source| DemoError::Io { path, source })
     };
@@ -286,11 +323,16 @@ pub(crate) fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
     for shape in Shape::ALL {
         let _ = writeln!(
             sources,
-            "  {{ topic = \"{}\", mapping = \"schemas/{}\" }},",
+            "  {{ topic = \"{}\", mapping = \"schemas/{}\", format = \"{}\" }},",
             shape.default_topic(),
-            shape.mapping_file()
+            shape.mapping_file(),
+            format.as_str()
         );
     }
+    let registry = match registry {
+        Some(url) => format!("[registry]\nurl = \"{url}\"\n\n"),
+        None => String::new(),
+    };
     let config = format!(
         "{DEMO_MARKER} Tables live next to this file; point other commands here with\n\
          # `--config {}`. The demo's Kafka was in-process and is gone: to keep ingesting,\n\
@@ -298,7 +340,7 @@ pub(crate) fn write_config(dir: &Path) -> Result<PathBuf, DemoError> {
          [kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"sluice-demo\"\n\n\
          [storage]\nroot = \".\"\n\n\
          [batch]\nmax_age_ms = 1000\n\n\
-         [[tables]]\nschema = \"schemas/enriched_posts.toml\"\nsources = [\n{sources}]\n",
+         {registry}[[tables]]\nschema = \"schemas/enriched_posts.toml\"\nsources = [\n{sources}]\n",
         dir.join("sluice.toml").display()
     );
     let file = dir.join("sluice.toml");

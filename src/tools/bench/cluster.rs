@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, KAFKA_PROPERTIES_ENV};
 use crate::ingest::batch::BatchLimits;
-use crate::ingest::decode::BodyDecoder;
+use crate::ingest::decode::{BodyDecoder, Format};
 use crate::ingest::kafka::Connection;
 use crate::ingest::pipeline::{Destination, TableWriter};
 use crate::ingest::progress::Progress;
@@ -41,8 +41,8 @@ pub(super) fn bench_config(
 ) -> Result<Config, BenchError> {
     std::fs::create_dir_all(dir.join("schemas/mappings"))
         .map_err(|e| BenchError::Setup(format!("{}: {e}", dir.display())))?;
-    let file =
-        crate::tools::demo::write_config(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let file = crate::tools::demo::write_config(dir, Format::Json, None)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
     // librdkafka properties (a secured `--brokers`, or tuning) come from the environment, as
     // for the service; nothing else does.
     let properties = std::env::vars().filter(|(k, _)| k.starts_with(KAFKA_PROPERTIES_ENV));
