@@ -216,10 +216,7 @@ fn avro(
             let (index, branch) = branches
                 .iter()
                 .enumerate()
-                .find(|(_, b)| {
-                    let mut probe = Vec::new();
-                    avro(b, value, &mut names.clone(), &mut probe).is_ok()
-                })
+                .find(|(_, b)| avro(b, value, names, &mut Vec::new()).is_ok())
                 .ok_or_else(wrong)?;
             zigzag(index as i64, out);
             avro(branch, value, names, out)
