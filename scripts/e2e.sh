@@ -88,7 +88,8 @@ pids+=("$(cat "$logs/registry/registry.pid")")
 ln -sf "$logs/registry/registry.log" "$logs/registry.log"
 # shellcheck disable=SC1091
 source "$logs/registry/registry.env"
-export SLUICE_E2E_REGISTRY="$REGISTRY_URL"
+export SLUICE_E2E_REGISTRY="$REGISTRY_URL" SLUICE_E2E_REGISTRY_TLS="$REGISTRY_TLS_URL"
+export SLUICE_E2E_REGISTRY_CA="$REGISTRY_CA"
 
 # moto does not check credentials, but the S3 client wants some.
 export AWS_ACCESS_KEY_ID=sluice-e2e AWS_SECRET_ACCESS_KEY=sluice-e2e AWS_REGION=us-east-1

@@ -8,7 +8,9 @@
 #   bash scripts/registry.sh stop DIR    # stop it by its PID
 #
 # `start` writes DIR/registry.env (sourceable): REGISTRY_URL (the Confluent API's base, as
-# `[registry] url` takes it), REGISTRY_PID, REGISTRY_LOG.
+# `[registry] url` takes it), REGISTRY_TLS_URL (the same over HTTPS, with a certificate for
+# 127.0.0.1 made at start time) and REGISTRY_CA (the PEM of the CA that signed it, for
+# `[registry] ca_file`), REGISTRY_PID, REGISTRY_LOG.
 set -euo pipefail
 
 APICURIO_VERSION=3.3.3
@@ -45,6 +47,24 @@ install() {
   touch "$HOME_DIR/.complete"
 }
 
+# A CA and a server certificate for 127.0.0.1, made at start time (nothing is committed).
+make_certificates() {
+  local tls=$1
+  mkdir -p "$tls"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 7 \
+      -subj "/CN=sluice registry test CA" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout registry.key -out registry.csr \
+      -subj "/CN=127.0.0.1" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >registry.ext
+    openssl x509 -req -in registry.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+      -out registry.crt -days 7 -extfile registry.ext 2>/dev/null
+    rm -f ./*.csr ./*.srl registry.ext
+    chmod 600 ./*.key
+  )
+}
+
 start() {
   local dir=$1
   install
@@ -53,8 +73,10 @@ start() {
   [ -e "$dir/registry.env" ] && die "$dir already holds a registry"
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
-  local port management
-  read -r port management < <(free_ports 2)
+  command -v openssl >/dev/null || die "openssl is not installed (it makes the TLS certificate)"
+  make_certificates "$dir/tls"
+  local port management tls_port
+  read -r port management tls_port < <(free_ports 3)
   local log="$dir/registry.log"
   # Quarkus writes its work files in the working directory: keep them in DIR. No subshell:
   # $! must be the JVM's PID, and nothing but the JVM may hold the caller's stdout.
@@ -62,12 +84,17 @@ start() {
   setsid "$APICURIO_JAVA_HOME/bin/java" "-Xmx$HEAP" \
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$port" \
     -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port="$management" \
+    -Dquarkus.http.ssl-port="$tls_port" \
+    -Dquarkus.http.ssl.certificate.files="$dir/tls/registry.crt" \
+    -Dquarkus.http.ssl.certificate.key-files="$dir/tls/registry.key" \
     -jar "$HOME_DIR/quarkus-run.jar" >"$log" 2>&1 </dev/null &
   local pid=$!
   cd - >/dev/null
   echo "$pid" >"$dir/registry.pid"
   cat >"$dir/registry.env" <<EOF
 REGISTRY_URL=http://127.0.0.1:$port/apis/ccompat/v7
+REGISTRY_TLS_URL=https://127.0.0.1:$tls_port/apis/ccompat/v7
+REGISTRY_CA=$dir/tls/ca.pem
 REGISTRY_PID=$pid
 REGISTRY_LOG=$log
 EOF
@@ -76,7 +103,9 @@ EOF
       tail -n 40 "$log" >&2
       die "the registry exited while starting; log $log"
     fi
-    if curl -fsS "http://127.0.0.1:$port/apis/registry/v3/system/info" >/dev/null 2>&1; then
+    if curl -fsS "http://127.0.0.1:$port/apis/registry/v3/system/info" >/dev/null 2>&1 &&
+      curl -fsS --cacert "$dir/tls/ca.pem" \
+        "https://127.0.0.1:$tls_port/apis/registry/v3/system/info" >/dev/null 2>&1; then
       return 0
     fi
     sleep 0.1

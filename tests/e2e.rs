@@ -1506,14 +1506,23 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
         assert!(output.contains("delivered 1500 messages"), "{output}");
         produced += 1500;
     }
-    // The writer reaches the registry through a proxy that can refuse connections.
-    let (registry_addr, api) = registry_url
-        .trim_start_matches("http://")
+    // The writer reaches the registry over HTTPS (its certificate signed by a CA of the
+    // test's, given as ca_file) through a proxy that can refuse connections.
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run scripts/e2e.sh"))
+    };
+    let (tls_url, ca_file) = (
+        var("SLUICE_E2E_REGISTRY_TLS"),
+        var("SLUICE_E2E_REGISTRY_CA"),
+    );
+    let (registry_addr, api) = tls_url
+        .trim_start_matches("https://")
         .split_once('/')
         .expect("the registry URL has the API's path");
     let proxy = Outage::start(registry_addr.parse().unwrap()).await;
-    let proxied = format!("{}/{api}", proxy.endpoint());
-    let config = s.default_config(&format!("[registry]\nurl = \"{proxied}\"\n"));
+    let proxied = format!("https://{}/{api}", proxy.addr);
+    let registry_section = format!("[registry]\nurl = \"{proxied}\"\nca_file = \"{ca_file}\"\n");
+    let config = s.default_config(&registry_section);
     let writer = s.writer("writer", &config);
     s.wait_audited(&config, produced).await;
 
@@ -1564,6 +1573,11 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
             record,
         )
         .unwrap();
+    // A v2 record cut short: a producer that lost its tail.
+    let (_, post) = sluice::tools::generator::Generator::new(1, 64, 1_763_942_400_000, 2)
+        .next_value(Shape::Bluesky);
+    let mut truncated = encoder.encode(&bluesky, &post.unwrap());
+    truncated.truncate(truncated.len() - 4);
     let options = ProduceOptions {
         connection: s.connection(&s.access.brokers),
         shapes: vec![(Shape::Bluesky, bluesky.clone())],
@@ -1605,17 +1619,19 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
         .client_config(&[])
         .create()
         .unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::<str, [u8]>::to(&bluesky)
-                .key("unknown-id")
-                .payload(&unknown),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .expect("delivered");
-    produced += 1;
+    for (key, payload) in [("unknown-id", &unknown), ("truncated", &truncated)] {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<str, [u8]>::to(&bluesky)
+                    .key(key)
+                    .payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+        produced += 1;
+    }
     s.wait_audited(&config, produced).await;
     let ready = writer.readyz().map(|(status, _)| status);
     writer.stop();
@@ -1656,6 +1672,14 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
         .await,
         1
     );
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM enriched_posts_dead_letters WHERE kafka_topic = '{bluesky}' \
+             AND reason = 'schema_mismatch'"
+        ))
+        .await,
+        1
+    );
     // Every platform landed rows through its registry format.
     for platform in ["bluesky", "twitter", "mastodon"] {
         let rows = count(format!(
@@ -1664,8 +1688,20 @@ async fn registry_formats_land_exactly_once_through_apicurio() {
         .await;
         assert!(rows > 1_000, "{platform}: {rows} rows");
     }
-    s.audit(
-        &s.default_config(&format!("[registry]\nurl = \"{registry_url}\"\n")),
-        produced,
-    );
+    s.audit(&s.default_config(&registry_section), produced);
+
+    // Without the CA, the registry's certificate is refused: an outage that names the cause.
+    let untrusted =
+        sluice::ingest::registry::Registry::new(sluice::ingest::registry::RegistrySettings {
+            url: tls_url.clone(),
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+    let lookup = tokio::time::timeout(Duration::from_secs(3), untrusted.schema(v2_id)).await;
+    assert!(lookup.is_err(), "an untrusted registry must not answer");
+    let outage = untrusted.outage().expect("the refusal is an outage");
+    assert!(outage.error.contains("certificate"), "{}", outage.error);
 }

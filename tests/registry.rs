@@ -497,3 +497,29 @@ async fn a_registry_without_the_id_or_of_another_format_is_told_apart_from_an_ou
     assert!(lookup.is_err(), "a wrong URL must be retried, not answered");
     assert!(wrong.outage().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_in_avro() {
+    let test_registry = TestRegistry::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = sluice::tools::demo::DemoOptions {
+        dir: dir.path().join("lakehouse"),
+        records: 1500,
+        rate: 0,
+        partitions: 2,
+        embedding_dim: 8,
+        bad_every: 100,
+        seed: 11,
+        format: Format::Avro,
+        registry: Some(test_registry.url()),
+    };
+    let report = sluice::tools::demo::run(&options).await.expect("demo runs");
+    assert_eq!(report.table_rows, 1485);
+    assert_eq!(report.dead_letters, vec![("no_schema_id".to_string(), 15)]);
+    assert!(report.audit.starts_with("CLEAN"), "{}", report.audit);
+    let config = std::fs::read_to_string(&report.config_file).unwrap();
+    assert!(
+        config.contains("format = \"avro\"") && config.contains("[registry]"),
+        "{config}"
+    );
+}

@@ -365,6 +365,8 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
         embedding_dim: 8,
         bad_every: 100,
         seed: 11,
+        format: Default::default(),
+        registry: None,
     };
     let report = sluice::tools::demo::run(&options).await.expect("demo runs");
     assert_eq!(report.produced.delivered, 1500);
