@@ -15,7 +15,7 @@ use crate::contract::mapping::Mapping;
 use crate::contract::schema::TableSchema;
 use crate::ingest::registry::Registry;
 
-use super::framed::{CompiledCache, Format, Schemas};
+use super::schemas::{CompiledCache, Format, Schemas};
 use super::{Chunk, DecodeError, Decoded, InputLimits, RejectReason, Rejection};
 
 /// Decodes chunks of one upstream shape into rows of one table.

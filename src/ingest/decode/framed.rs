@@ -2,159 +2,23 @@
 //! encoded record): schemas are looked up by id before a chunk decodes, compiled once, and
 //! Avro records decode straight to Arrow with arrow-avro.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use arrow_avro::reader::ReaderBuilder;
-use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
+use arrow_avro::schema::AvroSchema;
 use deltalake::arrow::record_batch::RecordBatch;
-use serde::{Deserialize, Serialize};
 
-use crate::ingest::registry::{
-    Lookup, RegisteredSchema, Registry, RegistryError, SchemaKind, split_frame,
-};
+use crate::ingest::registry::{Lookup, Registry, RegistryError, split_frame};
 
 use super::body::BodyDecoder;
-use super::protobuf::ProtoSchema;
+use super::schemas::{Compiled, Schemas, avro_decoder, compile};
 use super::{Chunk, RejectReason, Rejection};
-
-/// How a topic's messages are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Format {
-    /// Plain JSON objects.
-    #[default]
-    Json,
-    /// Avro in the registry's wire format.
-    Avro,
-    /// Protocol Buffers in the registry's wire format (with message indexes).
-    Protobuf,
-    /// JSON in the registry's wire format (JSON Schema).
-    JsonSchema,
-}
-
-impl Format {
-    /// The name used in configuration files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Avro => "avro",
-            Format::Protobuf => "protobuf",
-            Format::JsonSchema => "json-schema",
-        }
-    }
-
-    /// The registry schema type this format's messages are written with, if it uses one.
-    pub fn schema_kind(self) -> Option<SchemaKind> {
-        match self {
-            Format::Json => None,
-            Format::Avro => Some(SchemaKind::Avro),
-            Format::Protobuf => Some(SchemaKind::Protobuf),
-            Format::JsonSchema => Some(SchemaKind::Json),
-        }
-    }
-}
-
-/// A registered schema made ready to decode with.
-#[derive(Debug)]
-pub(super) enum Compiled {
-    Avro(AvroSchema),
-    Protobuf(ProtoSchema),
-    /// JSON Schema messages decode as JSON; the schema itself is not needed.
-    Json,
-}
-
-/// The schemas of one chunk's ids: compiled, or why a message with that id is a dead letter.
-#[derive(Debug, Default)]
-pub struct Schemas {
-    by_id: HashMap<u32, Result<Arc<Compiled>, String>>,
-}
-
-impl Schemas {
-    /// Schemas known up front rather than looked up (tests, benchmarks): each compiled for
-    /// `format`, or the reason it cannot be used.
-    pub fn known(format: Format, schemas: &[RegisteredSchema]) -> Schemas {
-        Schemas {
-            by_id: schemas
-                .iter()
-                .map(|s| (s.id, compile(format, s).map(Arc::new)))
-                .collect(),
-        }
-    }
-
-    /// The schema for `id`, or why there is none.
-    pub(super) fn get(&self, id: u32) -> Result<&Arc<Compiled>, String> {
-        match self.by_id.get(&id) {
-            Some(Ok(compiled)) => Ok(compiled),
-            Some(Err(why)) => Err(why.clone()),
-            None => Err(format!("schema {id} was not looked up (a bug in sluice)")),
-        }
-    }
-}
 
 /// A message in the wire format: its schema id, the record after the header, its schema.
 pub(super) struct Framed<'c> {
     pub(super) id: u32,
     pub(super) body: &'c [u8],
     pub(super) schema: &'c Arc<Compiled>,
-}
-
-/// Compiled schemas by id, shared by every chunk of a topic.
-#[derive(Debug, Default)]
-pub(super) struct CompiledCache(Mutex<HashMap<u32, Arc<Compiled>>>);
-
-impl CompiledCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Compiled>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn compile(format: Format, schema: &RegisteredSchema) -> Result<Compiled, String> {
-    let expected = format
-        .schema_kind()
-        .expect("framed formats have a schema kind");
-    if schema.kind != expected {
-        return Err(format!(
-            "schema {} is {}, but the source reads {}",
-            schema.id,
-            schema.kind.as_str(),
-            format.as_str()
-        ));
-    }
-    match schema.kind {
-        SchemaKind::Avro => {
-            if !schema.references.is_empty() {
-                return Err(format!(
-                    "Avro schema {} references other schemas, which sluice does not resolve \
-                     (register it self-contained)",
-                    schema.id
-                ));
-            }
-            let avro = AvroSchema::new(schema.text.clone());
-            // Building a decoder checks that arrow-avro can read the schema.
-            avro_decoder(schema.id, &avro, 1)
-                .map_err(|e| format!("Avro schema {} cannot be read: {e}", schema.id))?;
-            Ok(Compiled::Avro(avro))
-        }
-        SchemaKind::Protobuf => ProtoSchema::compile(schema).map(Compiled::Protobuf),
-        SchemaKind::Json => Ok(Compiled::Json),
-    }
-}
-
-fn avro_decoder(
-    id: u32,
-    schema: &AvroSchema,
-    capacity: usize,
-) -> Result<arrow_avro::reader::Decoder, String> {
-    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
-    store
-        .set(Fingerprint::Id(id), schema.clone())
-        .map_err(|e| e.to_string())?;
-    ReaderBuilder::new()
-        .with_writer_schema_store(store)
-        .with_batch_size(capacity.max(1) + 1)
-        .build_decoder()
-        .map_err(|e| e.to_string())
 }
 
 impl BodyDecoder {
@@ -174,7 +38,7 @@ impl BodyDecoder {
                 Some(c) => Ok(c),
                 None => self.lookup(registry, id).await?,
             };
-            schemas.by_id.insert(id, compiled);
+            schemas.insert(id, compiled);
         }
         Ok(schemas)
     }

@@ -14,13 +14,13 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
 pub use body::BodyDecoder;
-pub use framed::{Format, Schemas};
-pub use protobuf::proto_pool;
+pub use schemas::{Format, Schemas, proto_pool};
 
 mod body;
 mod columns;
 mod framed;
 mod protobuf;
+mod schemas;
 
 /// Why a message did not become a row. The set is closed and documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -16,114 +16,13 @@ use deltalake::arrow::array::{
 use deltalake::arrow::buffer::{NullBuffer, OffsetBuffer};
 use deltalake::arrow::datatypes::{DataType, Fields};
 use deltalake::arrow::record_batch::{RecordBatch, RecordBatchOptions};
-use prost_reflect::{
-    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage, Value,
-};
-use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
+use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 
 use crate::contract::mapping::segment_matches;
-use crate::ingest::registry::RegisteredSchema;
 
 use super::body::BodyDecoder;
-use super::framed::{Compiled, Schemas};
+use super::schemas::{Compiled, Schemas, split_indexes};
 use super::{Chunk, RejectReason, Rejection};
-
-/// A compiled `.proto` schema: the pool of its file and imports, and the file's name in it.
-#[derive(Debug)]
-pub(super) struct ProtoSchema {
-    pool: DescriptorPool,
-    file: String,
-}
-
-/// The registry's schema and its references, served to protox by name.
-struct Sources(Vec<(String, String)>);
-
-impl FileResolver for Sources {
-    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-        match self.0.iter().find(|(n, _)| n == name) {
-            Some((_, text)) => File::from_source(name, text),
-            None => Err(protox::Error::file_not_found(name)),
-        }
-    }
-}
-
-impl ProtoSchema {
-    /// Compiles a registered `.proto` schema with its references (and Google's well-known
-    /// types).
-    pub(super) fn compile(schema: &RegisteredSchema) -> Result<ProtoSchema, String> {
-        let file = format!("sluice-registry-schema-{}.proto", schema.id);
-        let mut sources = schema.references.clone();
-        sources.push((file.clone(), schema.text.clone()));
-        let mut resolver = ChainFileResolver::new();
-        resolver.add(Sources(sources));
-        resolver.add(GoogleFileResolver::new());
-        let mut compiler = protox::Compiler::with_file_resolver(resolver);
-        compiler
-            .open_file(&file)
-            .map_err(|e| format!("Protobuf schema {} does not compile: {e}", schema.id))?;
-        let pool = compiler.descriptor_pool();
-        if pool
-            .get_file_by_name(&file)
-            .is_none_or(|f| f.messages().len() == 0)
-        {
-            return Err(format!("Protobuf schema {} declares no message", schema.id));
-        }
-        Ok(ProtoSchema { pool, file })
-    }
-
-    /// The message type the wire format's message indexes name: the first index picks a
-    /// top-level message of the file, each further one a message nested in the previous.
-    fn message(&self, indexes: &[i64]) -> Result<MessageDescriptor, String> {
-        let file = self
-            .pool
-            .get_file_by_name(&self.file)
-            .expect("the compiled file is in its pool");
-        let (first, rest) = indexes.split_first().expect("indexes are never empty");
-        let pick = |found: Option<MessageDescriptor>, index: i64| {
-            found.ok_or_else(|| format!("message index {index} is not in the schema"))
-        };
-        let mut message = pick(
-            usize::try_from(*first)
-                .ok()
-                .and_then(|k| file.messages().nth(k)),
-            *first,
-        )?;
-        for &index in rest {
-            message = pick(
-                usize::try_from(index)
-                    .ok()
-                    .and_then(|k| message.child_messages().nth(k)),
-                index,
-            )?;
-        }
-        Ok(message)
-    }
-}
-
-/// The descriptors of a registered `.proto` schema (for producers that encode with it).
-pub fn proto_pool(schema: &RegisteredSchema) -> Result<DescriptorPool, String> {
-    ProtoSchema::compile(schema).map(|s| s.pool)
-}
-
-/// The message indexes after the schema id, and the message bytes after them. Confluent
-/// writes a zig-zag varint count, then that many zig-zag varints; a count of 0 means `[0]`.
-fn split_indexes(mut body: &[u8]) -> Result<(Vec<i64>, &[u8]), String> {
-    let mut next = || -> Result<i64, String> {
-        let raw = prost::encoding::decode_varint(&mut body)
-            .map_err(|_| "the message indexes after the schema id are cut off".to_string())?;
-        Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
-    };
-    let count = next()?;
-    if !(0..=100).contains(&count) {
-        return Err(format!("{count} message indexes after the schema id"));
-    }
-    let indexes = if count == 0 {
-        vec![0]
-    } else {
-        (0..count).map(|_| next()).collect::<Result<Vec<_>, _>>()?
-    };
-    Ok((indexes, body))
-}
 
 impl BodyDecoder {
     /// Decodes a chunk of Protobuf messages into rows of the mapping's source shape.
@@ -431,25 +330,4 @@ fn build_struct(
     StructArray::try_new(fields.clone(), children, Some(NullBuffer::from(valid)))
         .map(|a| Arc::new(a) as ArrayRef)
         .map_err(|e| (rows.first().copied().unwrap_or(0), format!("`{path}`: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn message_indexes_follow_confluent_framing() {
-        assert_eq!(split_indexes(&[0, 7]).unwrap(), (vec![0], &[7u8][..]));
-        // Count 2 (zig-zag 4), then 1 (2) and 0 (0).
-        assert_eq!(
-            split_indexes(&[4, 2, 0, 9]).unwrap(),
-            (vec![1, 0], &[9u8][..])
-        );
-        assert!(split_indexes(&[]).unwrap_err().contains("cut off"));
-        assert!(
-            split_indexes(&[3])
-                .unwrap_err()
-                .contains("-2 message indexes")
-        );
-    }
 }
