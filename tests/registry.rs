@@ -278,10 +278,21 @@ async fn avro_protobuf_and_json_topics_land_the_rows_of_their_json_twins() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_schema_version_flows_without_a_restart_and_broken_messages_are_dead_letters() {
-    let topic = "avro.bluesky";
-    let kafka = Kafka::new(&[topic], 1);
+/// One topic in a registry format with its shape's schema registered, and a config writing
+/// `enriched_posts` from it.
+struct OneTopic {
+    _kafka: Kafka,
+    brokers: String,
+    test_registry: TestRegistry,
+    registry: Arc<Registry>,
+    dir: tempfile::TempDir,
+    config: Config,
+    /// Encodes with the registered schema.
+    encoder: WireEncoder,
+}
+
+async fn one_topic(shape: Shape, topic: &str, format: Format, partitions: i32) -> OneTopic {
+    let kafka = Kafka::new(&[topic], partitions);
     let brokers = kafka.brokers();
     let test_registry = TestRegistry::start().await;
     let registry = client(&test_registry);
@@ -289,20 +300,34 @@ async fn a_new_schema_version_flows_without_a_restart_and_broken_messages_are_de
     let config = framed_config(
         &brokers,
         dir.path(),
-        &[(Shape::Bluesky, topic, Format::Avro)],
+        &[(shape, topic, format)],
         &test_registry,
     );
+    let mut encoder = WireEncoder::default();
+    register(&registry, &mut encoder, shape, topic, format, None).await;
+    OneTopic {
+        _kafka: kafka,
+        brokers,
+        test_registry,
+        registry,
+        dir,
+        config,
+        encoder,
+    }
+}
 
-    let mut v1 = WireEncoder::default();
-    register(
-        &registry,
-        &mut v1,
-        Shape::Bluesky,
-        topic,
-        Format::Avro,
-        None,
-    )
-    .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_schema_version_flows_without_a_restart_and_broken_messages_are_dead_letters() {
+    let topic = "avro.bluesky";
+    let OneTopic {
+        _kafka,
+        brokers,
+        test_registry: _test_registry,
+        registry,
+        dir,
+        config,
+        encoder: v1,
+    } = one_topic(Shape::Bluesky, topic, Format::Avro, 1).await;
     let first = publish(
         &brokers,
         &[(Shape::Bluesky, topic)],
@@ -393,27 +418,15 @@ async fn a_new_schema_version_flows_without_a_restart_and_broken_messages_are_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_outage_holds_the_writer_back_and_loses_nothing() {
     let topic = "proto.tweets";
-    let kafka = Kafka::new(&[topic], 2);
-    let brokers = kafka.brokers();
-    let test_registry = TestRegistry::start().await;
-    let registry = client(&test_registry);
-    let dir = tempfile::tempdir().unwrap();
-    let config = framed_config(
-        &brokers,
-        dir.path(),
-        &[(Shape::Tweets, topic, Format::Protobuf)],
-        &test_registry,
-    );
-    let mut encoder = WireEncoder::default();
-    register(
-        &registry,
-        &mut encoder,
-        Shape::Tweets,
-        topic,
-        Format::Protobuf,
-        None,
-    )
-    .await;
+    let OneTopic {
+        _kafka,
+        brokers,
+        test_registry,
+        registry: _,
+        dir,
+        config,
+        encoder,
+    } = one_topic(Shape::Tweets, topic, Format::Protobuf, 2).await;
     let report = publish(&brokers, &[(Shape::Tweets, topic)], 50, 8, Some(encoder)).await;
 
     test_registry.set_down(true);

@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
+use crate::table::problem::chain;
+
 /// How to reach the registry; credentials come from the environment through the config.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
@@ -312,8 +314,8 @@ impl Registry {
         }
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.get(format!("{}{path}", self.base));
+    /// `request` with the configured credentials.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.settings.username {
             Some(user) => request.basic_auth(user, self.settings.password.as_deref()),
             None => request,
@@ -322,14 +324,15 @@ impl Registry {
 
     /// One request for `path`, its body parsed as `T`.
     async fn request<T: serde::de::DeserializeOwned>(&self, path: &str) -> Answer<T> {
-        let response = match self.get(path).send().await {
+        let request = self.authorized(self.http.get(format!("{}{path}", self.base)));
+        let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Answer::Failed(format!("GET {path}: {}", error_chain(&e))),
+            Err(e) => return Answer::Failed(format!("GET {path}: {}", chain(&e))),
         };
         let status = response.status();
         let body = match response.bytes().await {
             Ok(b) => b,
-            Err(e) => return Answer::Failed(format!("GET {path}: {}", error_chain(&e))),
+            Err(e) => return Answer::Failed(format!("GET {path}: {}", chain(&e))),
         };
         if status.is_success() {
             return match serde_json::from_slice(&body) {
@@ -430,17 +433,15 @@ impl Registry {
         if kind != SchemaKind::Avro {
             body["schemaType"] = kind.as_str().into();
         }
-        let mut request = self
-            .http
-            .post(format!("{}/subjects/{subject_path}/versions", self.base))
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .body(body.to_string());
-        if let Some(user) = &self.settings.username {
-            request = request.basic_auth(user, self.settings.password.as_deref());
-        }
-        let response = request.send().await.map_err(|e| failed(error_chain(&e)))?;
+        let request = self.authorized(
+            self.http
+                .post(format!("{}/subjects/{subject_path}/versions", self.base))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body.to_string()),
+        );
+        let response = request.send().await.map_err(|e| failed(chain(&e)))?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| failed(error_chain(&e)))?;
+        let text = response.text().await.map_err(|e| failed(chain(&e)))?;
         if !status.is_success() {
             return Err(failed(format!(
                 "registering subject {subject}: {status}: {text}"
@@ -454,21 +455,6 @@ impl Registry {
             .map(|r| r.id)
             .map_err(|e| failed(format!("registering subject {subject}: {e}: {text}")))
     }
-}
-
-/// An error with its causes, which name what failed (connection refused, certificate...).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The Confluent wire format: magic byte 0, then the schema id as a big-endian u32.

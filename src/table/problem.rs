@@ -32,7 +32,7 @@ impl<E: Error> fmt::Display for StorageError<E> {
 impl<E: Error> Error for StorageError<E> {}
 
 /// The error's message and each cause the text before does not already quote.
-fn chain(error: &dyn Error) -> String {
+pub fn chain(error: &dyn Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {

@@ -91,6 +91,12 @@ pub enum DemoError {
         timeout: Duration,
     },
     /// Querying the result failed.
+    /// A registry format was asked for without a registry.
+    #[error(
+        "--format {} needs --registry URL (e.g. `bash scripts/registry.sh start DIR`)",
+        .0.as_str()
+    )]
+    NoRegistry(Format),
     /// The registry format's schemas could not be registered.
     #[error(transparent)]
     Wire(#[from] crate::tools::wire::WireError),
@@ -147,13 +153,7 @@ pub struct DemoReport {
 /// Runs the demo and returns its report.
 pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     if options.format != Format::Json && options.registry.is_none() {
-        return Err(DemoError::Wire(crate::tools::wire::WireError::Schema {
-            subject: "the demo's topics".into(),
-            problem: format!(
-                "--format {} needs --registry URL (e.g. `bash scripts/registry.sh start DIR`)",
-                options.format.as_str()
-            ),
-        }));
+        return Err(DemoError::NoRegistry(options.format));
     }
     prepare_folder(&options.dir)?;
     let config_file = write_config(&options.dir, options.format, options.registry.as_deref())?;
