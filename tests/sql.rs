@@ -305,6 +305,47 @@ async fn time_travel_reads_the_table_as_it_was() {
         old_count
     );
 
+    // A timestamp resolves by the commit's own timestamp (what `$history` shows and Trino
+    // resolves by), not by when the storage says the commit file was written: S3 reports that to
+    // the second, after the commit.
+    let latest = now.tables()[0].version;
+    let commit = dir
+        .path()
+        .join(format!("enriched_posts/_delta_log/{latest:020}.json"));
+    let committed_at = std::fs::read_to_string(&commit)
+        .unwrap()
+        .lines()
+        .find_map(|line| {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            action["commitInfo"]["timestamp"].as_i64()
+        })
+        .expect("the commit records its timestamp");
+    std::fs::File::options()
+        .write(true)
+        .open(&commit)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
+    let committed_at = chrono::DateTime::from_timestamp_millis(committed_at).unwrap();
+    let at_commit = session(
+        dir.path(),
+        &TimeTravel {
+            as_of: Some(committed_at),
+            ..TimeTravel::default()
+        },
+    )
+    .await;
+    assert_eq!(at_commit.tables()[0].version, latest);
+    let before_commit = session(
+        dir.path(),
+        &TimeTravel {
+            as_of: Some(committed_at - chrono::Duration::milliseconds(1)),
+            ..TimeTravel::default()
+        },
+    )
+    .await;
+    assert!(before_commit.tables()[0].version < latest);
+
     let too_early = now
         .run("SELECT count(*) FROM timestamp_as_of('enriched_posts', '2001-01-01T00:00:00Z')")
         .await;

@@ -1,13 +1,22 @@
-//! `sluice vacuum`, `sluice checkpoint` and `sluice inspect`: maintenance of each configured
-//! table and its dead letters, one line (or block) per table.
+//! `sluice vacuum`, `sluice checkpoint`, `sluice inspect` and `sluice apply`: maintenance of
+//! each configured table and its dead letters, one line (or block) per table.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sluice::table::maintain;
+use sluice::contract::deletions;
+use sluice::contract::schema::TableSchema;
+use sluice::service::background::table_settings;
+use sluice::table::compact::DEFAULT_LEASE_TTL;
+use sluice::table::deletes::{ApplyOptions, ApplyOutcome, apply as apply_deletes};
+use sluice::table::delta::table_location;
+use sluice::table::{lease, maintain};
 
 use super::{load_config, table_locations};
+
+/// Exit code of `sluice apply` when a compactor holds a table's lease.
+const EXIT_LEASE_HELD: u8 = 3;
 
 /// `sluice vacuum` flags.
 #[derive(clap::Args)]
@@ -96,4 +105,73 @@ pub async fn inspect(args: TableArgs) -> anyhow::Result<ExitCode> {
         print!("{}", inspection.render());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies the recorded deletes and edits of each keyed table (one pass, as the service's
+/// maintenance does every interval).
+pub async fn apply(args: TableArgs) -> anyhow::Result<ExitCode> {
+    let TableArgs { config, table } = args;
+    let cfg = load_config(&config, None)?;
+    let options = ApplyOptions {
+        owner: lease::owner_id(),
+        lease_ttl: DEFAULT_LEASE_TTL,
+        settings: table_settings(&cfg.delta),
+    };
+    let mut keyed = 0;
+    let mut busy = false;
+    for table_config in &cfg.tables {
+        let schema = TableSchema::load(&table_config.schema)?;
+        if table.as_deref().is_some_and(|t| t != schema.name) {
+            continue;
+        }
+        if schema.key.is_empty() {
+            println!("{}: no key declared; nothing to apply", schema.name);
+            continue;
+        }
+        keyed += 1;
+        let location = table_location(&cfg.storage.root, &schema.name);
+        let deletions_location =
+            table_location(&cfg.storage.root, &deletions::table_name(&schema.name));
+        match apply_deletes(
+            &location,
+            &deletions_location,
+            &cfg.storage_options(),
+            &schema,
+            &options,
+        )
+        .await?
+        {
+            ApplyOutcome::Applied(a) => println!(
+                "{}: read version {}; {} new deletes recorded; {} rows removed as deleted, {} as \
+                 replaced by a newer version; {} files rewritten{}",
+                schema.name,
+                a.read_version,
+                a.deletes,
+                a.deleted,
+                a.replaced,
+                a.files_rewritten,
+                a.version
+                    .map_or(String::new(), |v| format!(" (version {v})"))
+            ),
+            ApplyOutcome::Busy { owner, expires_at } => {
+                busy = true;
+                println!(
+                    "{}: lease held by {owner} until {expires_at}; try again later",
+                    schema.name
+                );
+            }
+        }
+    }
+    if keyed == 0 && table.is_some() {
+        anyhow::bail!(
+            "no keyed table named {} in {}",
+            table.unwrap_or_default(),
+            config.display()
+        );
+    }
+    Ok(if busy {
+        ExitCode::from(EXIT_LEASE_HELD)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

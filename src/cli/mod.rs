@@ -75,6 +75,12 @@ pub enum Command {
     Vacuum(maintain::VacuumArgs),
     /// Write a checkpoint now, remove expired log files and thin old checkpoints.
     Checkpoint(maintain::TableArgs),
+    /// Apply the deletes and edits the writer recorded to each table with a `key`: remove the
+    /// rows of deleted posts and the older versions of edited or redelivered ones, recording
+    /// each in `<table>_deletions` (one pass; the service does this every maintenance interval).
+    ///
+    /// Exit codes: 0 done, 3 a compactor holds a table's lease, 1 failure.
+    Apply(maintain::TableArgs),
     /// Show per partition files, small files, bytes and rows; version, last checkpoint,
     /// committed Kafka positions and the compaction lease.
     Inspect(maintain::TableArgs),
@@ -133,6 +139,7 @@ impl Command {
             Command::Compact(args) => compact::run(args).await,
             Command::Vacuum(args) => maintain::vacuum(args).await,
             Command::Checkpoint(args) => maintain::checkpoint(args).await,
+            Command::Apply(args) => maintain::apply(args).await,
             Command::Inspect(args) => maintain::inspect(args).await,
             Command::Sql(args) => sql::run(args).await,
             Command::Bench(args) => bench::run(args).await,

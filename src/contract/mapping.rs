@@ -62,6 +62,18 @@ pub enum MappingError {
 struct MappingFile {
     table: String,
     columns: BTreeMap<String, EntryDef>,
+    #[serde(default)]
+    operation: Option<OperationDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationDef {
+    path: PathDef,
+    #[serde(default)]
+    delete: Vec<String>,
+    #[serde(default)]
+    key: BTreeMap<String, PathDef>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +91,8 @@ struct EntryDef {
     #[serde(default)]
     value: Option<String>,
     #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
     unit: Option<String>,
 }
 
@@ -93,6 +107,37 @@ enum ValueSource {
     },
     /// The same string for every row (e.g. the platform name).
     Constant(String),
+    /// Text with `{path}` holes filled from the message (Bluesky's `at://did/collection/rkey`
+    /// post URI); null when a hole's value is missing.
+    Format(Vec<Piece>),
+}
+
+/// A part of a `format` template.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Text(String),
+    Path(Vec<String>),
+}
+
+/// What a message does to the row its key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// A create, an update or a redelivery: the message is a row, and the newest row of a key
+    /// is the one the table keeps.
+    Upsert,
+    /// The post is gone upstream: every row with its key goes, now and whenever it arrives.
+    Delete,
+}
+
+/// Where a mapping finds the operation of a message (`[operation]`), and where a delete finds
+/// its key when it does not carry the row's fields.
+#[derive(Debug, Clone)]
+struct OperationSpec {
+    segments: Vec<String>,
+    /// Values that mean delete; `*` matches any value.
+    delete: Vec<String>,
+    /// Key column → path read instead of the column's own mapping on deletes.
+    key: BTreeMap<String, Vec<String>>,
 }
 
 /// A validated mapping from one upstream JSON shape to the columns of one table.
@@ -103,6 +148,7 @@ pub struct Mapping {
     /// Where the mapping was read from, for error messages.
     pub file: PathBuf,
     entries: Vec<(String, ValueSource)>,
+    operation: Option<OperationSpec>,
     source_schema: SchemaRef,
 }
 
@@ -156,11 +202,33 @@ impl Mapping {
                     ),
                 ));
             }
+            if let Some(template) = def.format {
+                if def.path.is_some() || def.value.is_some() || def.unit.is_some() {
+                    return Err(err(
+                        &name,
+                        "`format` stands alone: no `path`, `value` or `unit` beside it".into(),
+                    ));
+                }
+                if column.data_type != DataType::Utf8 {
+                    return Err(err(&name, "`format` fills only string columns".into()));
+                }
+                let pieces = parse_format(&template).map_err(|reason| err(&name, reason))?;
+                for piece in &pieces {
+                    if let Piece::Path(segments) = piece {
+                        tree.insert(segments, DataType::Utf8)
+                            .map_err(|reason| err(&name, reason))?;
+                    }
+                }
+                entries.push((name, ValueSource::Format(pieces)));
+                continue;
+            }
             let source = match (def.path, def.value) {
                 (Some(_), Some(_)) => {
                     return Err(err(&name, "set either `path` or `value`, not both".into()));
                 }
-                (None, None) => return Err(err(&name, "needs a `path` or a `value`".into())),
+                (None, None) => {
+                    return Err(err(&name, "needs a `path`, a `value` or a `format`".into()));
+                }
                 (None, Some(value)) => {
                     if column.data_type != DataType::Utf8 {
                         return Err(err(
@@ -174,13 +242,7 @@ impl Mapping {
                     ValueSource::Constant(value)
                 }
                 (Some(path), None) => {
-                    let segments = match path {
-                        PathDef::Dotted(s) => s.split('.').map(str::to_string).collect::<Vec<_>>(),
-                        PathDef::Segments(v) => v,
-                    };
-                    if segments.is_empty() || segments.iter().any(String::is_empty) {
-                        return Err(err(&name, "the path has an empty segment".into()));
-                    }
+                    let segments = path_segments(path).map_err(|reason| err(&name, reason))?;
                     let unit = match (&column.data_type, def.unit.as_deref()) {
                         (_, None) => None,
                         (DataType::Timestamp(_, _), Some(unit)) => Some(match unit {
@@ -222,11 +284,155 @@ impl Mapping {
             };
             entries.push((name, source));
         }
+        let operation = match raw.operation {
+            None => None,
+            Some(def) => {
+                let field = "operation";
+                if table.key.is_empty() {
+                    return Err(err(
+                        field,
+                        format!(
+                            "table `{}` declares no `key`: deletes need one to name the rows they remove",
+                            table.name
+                        ),
+                    ));
+                }
+                let segments = path_segments(def.path).map_err(|reason| err(field, reason))?;
+                tree.insert(&segments, DataType::Utf8)
+                    .map_err(|reason| err(field, reason))?;
+                if def.delete.is_empty() {
+                    return Err(err(field, "`delete` lists no value".into()));
+                }
+                let mut key = BTreeMap::new();
+                for (column, path) in def.key {
+                    if !table.key.contains(&column) {
+                        return Err(err(
+                            &format!("operation.key.{column}"),
+                            format!("is not a key column of `{}`", table.name),
+                        ));
+                    }
+                    let segments = path_segments(path).map_err(|reason| err(&column, reason))?;
+                    tree.insert(&segments, DataType::Utf8)
+                        .map_err(|reason| err(&column, reason))?;
+                    key.insert(column, segments);
+                }
+                for column in &table.key {
+                    if !key.contains_key(column) && !entries.iter().any(|(n, _)| n == column) {
+                        return Err(err(
+                            column,
+                            "is a key column: map it, or give deletes a path in `[operation.key]`"
+                                .into(),
+                        ));
+                    }
+                }
+                Some(OperationSpec {
+                    segments,
+                    delete: def.delete,
+                    key,
+                })
+            }
+        };
         Ok(Mapping {
             table: raw.table,
             file: file.to_path_buf(),
             entries,
+            operation,
             source_schema: Arc::new(Schema::new(tree.into_fields())),
+        })
+    }
+
+    /// Whether messages of this shape can delete (the mapping has an `[operation]`).
+    pub fn has_operations(&self) -> bool {
+        self.operation.is_some()
+    }
+
+    /// The operation of each row of a decoded source batch, and for deletes the key columns'
+    /// values (as text; `None` when a key value is missing). Without `[operation]` every
+    /// message is an upsert.
+    pub fn operations(
+        &self,
+        source: &RecordBatch,
+        table: &TableSchema,
+    ) -> Vec<(Operation, Option<Vec<String>>)> {
+        let rows = source.num_rows();
+        let Some(spec) = &self.operation else {
+            return vec![(Operation::Upsert, None); rows];
+        };
+        let ops = extract(source, &spec.segments);
+        let ops = ops.as_ref().and_then(|a| a.as_string_opt::<i32>());
+        let is_delete = |r: usize| -> bool {
+            let Some(ops) = ops else { return false };
+            ops.is_valid(r) && spec.delete.iter().any(|d| d == "*" || d == ops.value(r))
+        };
+        let keys: Vec<Option<ArrayRef>> = table
+            .key
+            .iter()
+            .map(|column| match spec.key.get(column) {
+                Some(segments) => extract(source, segments),
+                None => {
+                    let (_, value) = self.entries.iter().find(|(n, _)| n == column)?;
+                    self.values(value, source).ok()
+                }
+            })
+            .map(|a| a.and_then(|a| cast(&a, &DataType::Utf8).ok()))
+            .collect();
+        (0..rows)
+            .map(|r| {
+                if !is_delete(r) {
+                    return (Operation::Upsert, None);
+                }
+                let key: Option<Vec<String>> = keys
+                    .iter()
+                    .map(|a| {
+                        let a = a.as_ref()?.as_string::<i32>();
+                        a.is_valid(r).then(|| a.value(r).to_string())
+                    })
+                    .collect();
+                (Operation::Delete, key)
+            })
+            .collect()
+    }
+
+    /// The values one mapping entry gives a source batch, before casting to the table type.
+    fn values(&self, value: &ValueSource, source: &RecordBatch) -> Result<ArrayRef, ArrowError> {
+        let rows = source.num_rows();
+        Ok(match value {
+            ValueSource::Constant(v) => Arc::new(StringArray::from_iter_values(
+                std::iter::repeat_n(v.as_str(), rows),
+            )),
+            ValueSource::Format(pieces) => {
+                let holes: Vec<Option<ArrayRef>> = pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Path(segments) => extract(source, segments),
+                        Piece::Text(_) => None,
+                    })
+                    .collect();
+                let mut out = deltalake::arrow::array::StringBuilder::new();
+                let mut text = String::new();
+                'rows: for r in 0..rows {
+                    text.clear();
+                    for (piece, hole) in pieces.iter().zip(&holes) {
+                        match piece {
+                            Piece::Text(t) => text.push_str(t),
+                            Piece::Path(_) => {
+                                match hole.as_ref().and_then(|h| h.as_string_opt::<i32>()) {
+                                    Some(h) if h.is_valid(r) => text.push_str(h.value(r)),
+                                    _ => {
+                                        out.append_null();
+                                        continue 'rows;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    out.append_value(&text);
+                }
+                Arc::new(out.finish())
+            }
+            ValueSource::Path { segments, leaf, .. } => {
+                extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows))
+            }
         })
     }
 
@@ -243,7 +449,6 @@ impl Mapping {
         source: &RecordBatch,
         table: &TableSchema,
     ) -> Result<Projected, ArrowError> {
-        let rows = source.num_rows();
         let mut projected = Projected::default();
         for (name, value) in &self.entries {
             let target = &table
@@ -251,16 +456,9 @@ impl Mapping {
                 .expect("mapping columns were validated against the table")
                 .data_type;
             let array: ArrayRef = match value {
-                ValueSource::Constant(v) => Arc::new(StringArray::from_iter_values(
-                    std::iter::repeat_n(v.as_str(), rows),
-                )),
-                ValueSource::Path {
-                    segments,
-                    leaf,
-                    unit,
-                } => {
-                    let array =
-                        extract(source, segments).unwrap_or_else(|| new_null_array(leaf, rows));
+                ValueSource::Constant(_) | ValueSource::Format(_) => self.values(value, source)?,
+                ValueSource::Path { leaf, unit, .. } => {
+                    let array = self.values(value, source)?;
                     if let (DataType::Timestamp(_, _), Some(texts)) =
                         (target, array.as_string_opt::<i32>())
                     {
@@ -386,6 +584,62 @@ fn conform_array(array: &ArrayRef, target: &DataType, path: &str) -> Result<Arra
             cast_with_options(array, target, &options).map_err(|e| mismatch(e.to_string()))
         }
     }
+}
+
+/// A path as dotted text or as segments, checked for empty segments.
+fn path_segments(path: PathDef) -> Result<Vec<String>, String> {
+    let segments = match path {
+        PathDef::Dotted(s) => s.split('.').map(str::to_string).collect::<Vec<_>>(),
+        PathDef::Segments(v) => v,
+    };
+    if segments.is_empty() || segments.iter().any(String::is_empty) {
+        return Err("the path has an empty segment".into());
+    }
+    Ok(segments)
+}
+
+/// Splits a `format` template into text and `{dotted.path}` holes; `{{` and `}}` are braces.
+fn parse_format(template: &str) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                text.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                text.push('}');
+            }
+            '{' => {
+                let mut path = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(c) => path.push(c),
+                        None => return Err(format!("`{template}`: a `{{` is never closed")),
+                    }
+                }
+                if !text.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(Piece::Path(path_segments(PathDef::Dotted(path))?));
+            }
+            '}' => return Err(format!("`{template}`: a `}}` without its `{{`")),
+            c => text.push(c),
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    if !pieces.iter().any(|p| matches!(p, Piece::Path(_))) {
+        return Err(format!(
+            "`{template}` has no `{{path}}`: use `value` for constant text"
+        ));
+    }
+    Ok(pieces)
 }
 
 /// Mapped columns of a batch.
@@ -534,5 +788,106 @@ mod tests {
             let e = Mapping::parse(text, f, &table).unwrap_err().to_string();
             assert!(e.contains(expected), "{e} should contain {expected}");
         }
+    }
+
+    fn keyed() -> TableSchema {
+        let text = std::fs::read_to_string("schemas/enriched_posts.toml")
+            .unwrap()
+            .replace(
+                "partition_column = \"event_date\"",
+                "partition_column = \"event_date\"\nkey = [\"platform\", \"post_id\"]",
+            );
+        TableSchema::parse(&text, Path::new("keyed.toml")).unwrap()
+    }
+
+    #[test]
+    fn formats_fill_keys_and_operations_pick_the_deletes() {
+        let table = keyed();
+        let mapping = Mapping::parse(
+            "table = \"enriched_posts\"\n[columns]\n\
+             post_id = { format = \"at://{did}/{c.collection}/{c.rkey}\" }\n\
+             platform = { value = \"bluesky\" }\nauthor = { path = \"did\" }\n\
+             [operation]\npath = \"c.operation\"\ndelete = [\"delete\"]\n",
+            Path::new("m.toml"),
+            &table,
+        )
+        .unwrap();
+        let mut decoder = deltalake::arrow::json::ReaderBuilder::new(mapping.source_schema())
+            .build_decoder()
+            .unwrap();
+        decoder
+            .decode(
+                br#"{"did":"d1","c":{"operation":"create","collection":"post","rkey":"r1"}}
+                {"did":"d1","c":{"operation":"delete","collection":"post","rkey":"r1"}}
+                {"did":"d2","c":{"operation":"delete","collection":"post"}}"#,
+            )
+            .unwrap();
+        let source = decoder.flush().unwrap().unwrap();
+        let projected = mapping.project(&source, &table).unwrap();
+        let ids = projected.columns["post_id"].as_string::<i32>();
+        assert_eq!(ids.value(0), "at://d1/post/r1");
+        assert!(ids.is_null(2), "a missing hole leaves the value null");
+        let operations = mapping.operations(&source, &table);
+        assert_eq!(operations[0], (Operation::Upsert, None));
+        assert_eq!(
+            operations[1],
+            (
+                Operation::Delete,
+                Some(vec!["bluesky".to_string(), "at://d1/post/r1".to_string()])
+            )
+        );
+        assert_eq!(operations[2], (Operation::Delete, None));
+    }
+
+    #[test]
+    fn keys_formats_and_operations_that_cannot_work_are_refused() {
+        let f = Path::new("m.toml");
+        let head = "table = \"enriched_posts\"\n[columns]\npost_id = { path = \"id\" }\n";
+        let cases = [
+            (
+                flagship(),
+                format!("{head}[operation]\npath = \"op\"\ndelete = [\"delete\"]\n"),
+                "declares no `key`",
+            ),
+            (
+                keyed(),
+                format!("{head}[operation]\npath = \"op\"\ndelete = [\"delete\"]\n"),
+                "column `platform`: is a key column",
+            ),
+            (
+                keyed(),
+                format!("{head}platform = {{ value = \"x\" }}\n[operation]\npath = \"op\"\n"),
+                "`delete` lists no value",
+            ),
+            (
+                keyed(),
+                "table = \"enriched_posts\"\n[columns]\npost_id = { format = \"id\" }\n".into(),
+                "has no `{path}`",
+            ),
+            (
+                keyed(),
+                "table = \"enriched_posts\"\n[columns]\npost_id = { format = \"{id\" }\n".into(),
+                "is never closed",
+            ),
+            (
+                keyed(),
+                "table = \"enriched_posts\"\n[columns]\nlike_count = { format = \"{a}\" }\n".into(),
+                "`format` fills only string columns",
+            ),
+        ];
+        for (table, text, expected) in cases {
+            let e = Mapping::parse(&text, f, &table).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e} should contain {expected}");
+        }
+        let bad_key = std::fs::read_to_string("schemas/enriched_posts.toml")
+            .unwrap()
+            .replace(
+                "partition_column = \"event_date\"",
+                "partition_column = \"event_date\"\nkey = [\"author\"]",
+            );
+        let e = TableSchema::parse(&bad_key, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`author` is nullable"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 //! shape. Knows no Kafka and no Delta; every other layer builds on it.
 
 pub mod dead_letters;
+pub mod deletions;
 pub mod labels;
 pub mod mapping;
 pub mod schema;

@@ -85,6 +85,10 @@ struct TableSection {
     description: Option<String>,
     #[serde(default)]
     partition_column: Option<String>,
+    #[serde(default)]
+    key: Vec<String>,
+    #[serde(default)]
+    version_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +155,13 @@ pub struct TableSchema {
     pub columns: Vec<Column>,
     /// The partition column, if the table is partitioned.
     pub partition_column: Option<String>,
+    /// The columns that name a post across its versions (`[table] key`): an update replaces
+    /// the row with the same key, a redelivery does not add one, a delete removes it. Empty
+    /// for an append-only table.
+    pub key: Vec<String>,
+    /// The columns that order a key's versions, newest last (`[table] version_by`: an edit
+    /// time, an event time); the Kafka timestamp and offset break ties.
+    pub version_by: Vec<String>,
     /// Where the definition was read from, for error messages.
     pub file: PathBuf,
 }
@@ -318,11 +329,57 @@ impl TableSchema {
                 Some(_) => {}
             }
         }
+        for (i, name) in raw.table.key.iter().enumerate() {
+            let reason = match columns.iter().find(|c| &c.name == name) {
+                None => Some(format!("`{name}` is not a column")),
+                Some(c) if c.nullable => Some(format!(
+                    "`{name}` is nullable: a key column needs `nullable = false`"
+                )),
+                Some(c) if c.source.is_some() => Some(format!(
+                    "`{name}` is filled by sluice, not by the upstream: it cannot name a post"
+                )),
+                Some(c) if !matches!(c.data_type, DataType::Utf8 | DataType::Int64) => {
+                    Some(format!("`{name}` must be a string or a long to be a key"))
+                }
+                Some(_) if raw.table.key[..i].contains(name) => {
+                    Some(format!("`{name}` is named twice"))
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Err(field_err("table.key", reason));
+            }
+        }
+        for name in &raw.table.version_by {
+            let reason = match columns.iter().find(|c| &c.name == name) {
+                _ if raw.table.key.is_empty() => {
+                    Some("orders the versions of a key: declare `key` first".to_string())
+                }
+                None => Some(format!("`{name}` is not a column")),
+                Some(c)
+                    if matches!(
+                        c.data_type,
+                        DataType::List(_) | DataType::Struct(_) | DataType::Binary
+                    ) =>
+                {
+                    Some(format!(
+                        "`{name}` is a {}: it has no order",
+                        type_name(&c.data_type)
+                    ))
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Err(field_err("table.version_by", reason));
+            }
+        }
         Ok(TableSchema {
             name: raw.table.name,
             description: raw.table.description,
             columns,
             partition_column: raw.table.partition_column,
+            key: raw.table.key,
+            version_by: raw.table.version_by,
             file: file.to_path_buf(),
         })
     }

@@ -17,6 +17,8 @@ pub struct Progress {
     pub rows: u64,
     /// Messages rejected and accounted for in commits by this writer.
     pub rejected: u64,
+    /// Messages committed that delete a post (recorded in the commit, applied by maintenance).
+    pub deletions: u64,
     /// Data files added.
     pub files: u64,
     /// Bytes of data files added.

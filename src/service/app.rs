@@ -11,7 +11,7 @@ use futures::future::{FutureExt, Shared};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, DeltaConfig, TableConfig};
+use crate::config::{Config, TableConfig};
 use crate::contract::dead_letters;
 use crate::contract::mapping::{Mapping, MappingError};
 use crate::contract::schema::{SchemaError, TableSchema};
@@ -21,9 +21,9 @@ use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
 use crate::ingest::progress::Progress;
 use crate::ingest::registry::{Registry, RegistryError};
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
-use crate::service::background::{MaintainedTable, Maintenance};
+use crate::service::background::{MaintainedTable, Maintenance, table_settings};
 use crate::service::health::{Health, probe_loop};
-use crate::table::delta::{DeltaSink, TableSettings, table_location};
+use crate::table::delta::{DeltaSink, table_location};
 use deltalake::logstore::ObjectStoreRef;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
@@ -164,16 +164,6 @@ pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
     Ok(names)
 }
 
-/// How the configuration's `[delta]` section sets up each table.
-pub fn table_settings(delta: &DeltaConfig) -> TableSettings {
-    TableSettings {
-        checkpoint_interval: delta.checkpoint_interval,
-        zstd_level: delta.zstd_level,
-        tombstone_retention: Duration::from_secs(delta.tombstone_retention_min * 60),
-        log_retention: Duration::from_secs(delta.log_retention_h * 3600),
-    }
-}
-
 /// Opens (creating them when absent) a table and its dead-letter table, both recording
 /// positions under the configured group's txn app ids.
 pub async fn open_sinks(
@@ -261,6 +251,7 @@ async fn start_writers(
                 name: name.clone(),
                 zorder: true,
                 commits,
+                keyed: (!table.schema.key.is_empty()).then(|| table.schema.clone()),
             });
             let (tx, commits) = watch::channel(dead_letter_sink.version());
             dead_letter_sink = dead_letter_sink.checkpointed_by(tx);
@@ -268,6 +259,7 @@ async fn start_writers(
                 name: dead_letters::table_name(&name),
                 zorder: false,
                 commits,
+                keyed: None,
             });
         }
         let topics: Vec<String> = table_config

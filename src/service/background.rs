@@ -23,6 +23,7 @@
 //! pass skips that table.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,11 +31,24 @@ use chrono::Utc;
 use deltalake::DeltaTable;
 use tokio::sync::watch;
 
-use crate::config::{Config, MaintenanceConfig};
-use crate::table::compact::{CompactOptions, CompactOutcome, compact};
-use crate::table::delta::{open_table, table_location};
+use crate::config::{Config, DeltaConfig, MaintenanceConfig};
+use crate::contract::deletions;
+use crate::contract::schema::TableSchema;
+use crate::table::compact::{CompactOptions, CompactOutcome, DEFAULT_LEASE_TTL, compact};
+use crate::table::deletes::{ApplyOptions, ApplyOutcome, apply};
+use crate::table::delta::{TableSettings, open_table, table_location};
 use crate::table::lease;
 use crate::table::maintain::{last_checkpoint, remove_expired_logs, vacuum, write_checkpoint};
+
+/// How the configuration's `[delta]` section sets up each table.
+pub fn table_settings(delta: &DeltaConfig) -> TableSettings {
+    TableSettings {
+        checkpoint_interval: delta.checkpoint_interval,
+        zstd_level: delta.zstd_level,
+        tombstone_retention: Duration::from_secs(delta.tombstone_retention_min * 60),
+        log_retention: Duration::from_secs(delta.log_retention_h * 3600),
+    }
+}
 
 /// A table the service writes, as maintenance sees it.
 pub struct MaintainedTable {
@@ -44,6 +58,8 @@ pub struct MaintainedTable {
     pub zorder: bool,
     /// Each version the table's writer commits (see `DeltaSink::checkpointed_by`).
     pub commits: watch::Receiver<i64>,
+    /// The table's schema when it has a key: each pass applies its deletes and edits first.
+    pub keyed: Option<Arc<TableSchema>>,
 }
 
 /// The running maintenance threads; [`Maintenance::stop`] ends them after their current work.
@@ -84,11 +100,14 @@ impl Maintenance {
         };
         let compaction = {
             let settings = config.maintenance.clone();
-            let zstd_level = config.delta.zstd_level;
-            let tables = tables.into_iter().map(|t| (t.name, t.zorder)).collect();
+            let table_settings = table_settings(&config.delta);
+            let tables = tables
+                .into_iter()
+                .map(|t| (t.name, t.zorder, t.keyed))
+                .collect();
             spawn_with_runtime(
                 "sluice-maintenance",
-                compact_and_vacuum(settings, zstd_level, root, storage, tables, stopped),
+                compact_and_vacuum(settings, table_settings, root, storage, tables, stopped),
             )
         };
         Some(Maintenance {
@@ -238,12 +257,13 @@ async fn checkpoint_if_due(
 /// Compacts every `interval_s` and vacuums every `vacuum_every_h` until `stopped`.
 async fn compact_and_vacuum(
     settings: MaintenanceConfig,
-    zstd_level: i32,
+    table_settings: TableSettings,
     root: String,
     storage: HashMap<String, String>,
-    tables: Vec<(String, bool)>,
+    tables: Vec<(String, bool, Option<Arc<TableSchema>>)>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let zstd_level = table_settings.zstd_level;
     let owner = lease::owner_id();
     let interval = Duration::from_secs(settings.interval_s.max(1));
     let vacuum_every = Duration::from_secs(settings.vacuum_every_h * 3600);
@@ -254,8 +274,27 @@ async fn compact_and_vacuum(
             _ = tokio::time::sleep(interval) => {}
             _ = stopped.wait_for(|s| *s) => break,
         }
-        for (name, zorder) in &tables {
+        for (name, zorder, keyed) in &tables {
             let location = table_location(&root, name);
+            if let Some(schema) = keyed {
+                let options = ApplyOptions {
+                    owner: owner.clone(),
+                    lease_ttl: DEFAULT_LEASE_TTL,
+                    settings: table_settings.clone(),
+                };
+                let deletions = table_location(&root, &deletions::table_name(name));
+                match apply(&location, &deletions, &storage, schema, &options).await {
+                    Ok(ApplyOutcome::Applied(_)) => {}
+                    Ok(ApplyOutcome::Busy { owner, expires_at }) => {
+                        tracing::info!(table = %name, %owner, %expires_at, "lease held elsewhere; deletes applied next interval");
+                    }
+                    Err(e) => {
+                        tracing::warn!(table = %name, error = %e, "applying deletes failed; retrying next interval");
+                        metrics::counter!("sluice_apply_failures_total", "table" => name.clone())
+                            .increment(1);
+                    }
+                }
+            }
             if let Err(e) = pass(
                 &settings, zstd_level, *zorder, name, &location, &storage, &owner,
             )
@@ -272,7 +311,7 @@ async fn compact_and_vacuum(
         if settings.vacuum_every_h > 0 && last_vacuum.elapsed() >= vacuum_every {
             last_vacuum = Instant::now();
             let retention = Duration::from_secs(settings.vacuum_retention_h * 3600);
-            for (name, _) in &tables {
+            for (name, _, _) in &tables {
                 let location = table_location(&root, name);
                 match vacuum(&location, storage.clone(), retention, false, false).await {
                     Ok(report) => {

@@ -2,6 +2,7 @@
 //! with txn versions, compaction under a lease, and maintenance. Knows no Kafka and no CLI.
 
 pub mod compact;
+pub mod deletes;
 pub mod delta;
 pub mod lease;
 pub mod maintain;

@@ -369,10 +369,15 @@ pub fn assert_exactly_once(
     assert!(extra.is_empty(), "unexpected rows: {extra:?}");
 }
 
-/// Runs `sql` over `enriched_posts` and, once it exists, `enriched_posts_dead_letters`.
+/// Runs `sql` over `enriched_posts` and, once they exist, `enriched_posts_dead_letters` and
+/// `enriched_posts_deletions`.
 pub async fn query(root: &Path, sql: &str) -> Vec<RecordBatch> {
     let ctx = SessionContext::new();
-    for name in ["enriched_posts", "enriched_posts_dead_letters"] {
+    for name in [
+        "enriched_posts",
+        "enriched_posts_dead_letters",
+        "enriched_posts_deletions",
+    ] {
         let location = table_location(&root.to_string_lossy(), name);
         let Ok(table) = open_table(&location, Default::default()).await else {
             assert_ne!(name, "enriched_posts", "the main table opens");

@@ -128,15 +128,26 @@ impl BodyDecoder {
             Format::Avro => self.decode_avro(chunk, schemas, &mut parts, &mut rejections),
             Format::Protobuf => self.decode_protobuf(chunk, schemas, &mut parts, &mut rejections),
         }
+        let mut deletions = Vec::new();
         let batch = self
-            .assemble(chunk, parts, ingested_at_us, &mut rejections)
+            .assemble(
+                chunk,
+                parts,
+                ingested_at_us,
+                &mut rejections,
+                &mut deletions,
+            )
             .map_err(|source| DecodeError::Assemble {
                 table: self.table.name.clone(),
                 topic: chunk.topic.to_string(),
                 source,
             })?;
         rejections.sort_by_key(|r| r.offset);
-        Ok(Decoded { batch, rejections })
+        Ok(Decoded {
+            batch,
+            rejections,
+            deletions,
+        })
     }
 
     /// The JSON text of message `i`: the payload, or for JSON Schema what follows the frame.

@@ -15,11 +15,12 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
 use crate::contract::labels::Outcome;
+use crate::contract::mapping::Operation;
 use crate::contract::schema::ColumnSource;
 use crate::contract::values::{self, Broken, Contract, UTC, violations};
 
 use super::body::{BodyDecoder, LabelColumn};
-use super::{Chunk, MessageMeta, RejectReason, Rejection};
+use super::{Chunk, Deletion, MessageMeta, RejectReason, Rejection};
 
 impl BodyDecoder {
     /// Builds the table batch: mapped columns with canonical labels, sluice's own columns, then
@@ -30,6 +31,7 @@ impl BodyDecoder {
         parts: Vec<(RecordBatch, Vec<usize>)>,
         ingested_at_us: i64,
         rejections: &mut Vec<Rejection>,
+        deletions: &mut Vec<Deletion>,
     ) -> Result<Option<RecordBatch>, ArrowError> {
         if parts.is_empty() {
             return Ok(None);
@@ -49,6 +51,7 @@ impl BodyDecoder {
             rows.sort_unstable();
         }
         let n = source.num_rows();
+        let operations = self.mapping.operations(&source, &self.table);
         let projected = self.mapping.project(&source, &self.table)?;
         let mut mapped = projected.columns;
         let metas: Vec<&MessageMeta> = rows.iter().map(|&i| &chunk.messages[i]).collect();
@@ -158,7 +161,25 @@ impl BodyDecoder {
         }
         self.check_contracts(&batch, ingested_at_us, &mut problems);
         let mut keep = Vec::with_capacity(n);
-        for (row, problem) in problems.into_iter().enumerate() {
+        for ((row, problem), (operation, key)) in problems.into_iter().enumerate().zip(operations) {
+            // A delete is judged by its key alone: the rest of the message is not a row.
+            let problem = match (operation, key) {
+                (Operation::Upsert, _) => problem,
+                (Operation::Delete, Some(key)) => {
+                    let meta = metas[row];
+                    deletions.push(Deletion {
+                        offset: meta.offset,
+                        timestamp_ms: meta.timestamp_ms,
+                        key,
+                    });
+                    keep.push(false);
+                    continue;
+                }
+                (Operation::Delete, None) => Some((
+                    RejectReason::MissingRequired,
+                    format!("a delete without its key ({})", self.table.key.join(", ")),
+                )),
+            };
             keep.push(problem.is_none());
             if let Some((reason, detail)) = problem {
                 rejections.push(self.reject(chunk, rows[row], reason, detail));

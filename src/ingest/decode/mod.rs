@@ -1,6 +1,7 @@
 //! Decode: Kafka message bytes → rows of the table, or a rejection per message.
 //!
-//! One message yields exactly one row or exactly one [`Rejection`]; never both, never neither.
+//! One message yields exactly one row, one [`Rejection`] or one [`Deletion`]; never two, never
+//! none.
 //! The fast path feeds a whole chunk of messages to one arrow-json `Decoder`. Anything odd (a
 //! syntax error, two values in one message, a value of the wrong type) sends only the affected
 //! messages down a slower per-message path, so one bad record costs its neighbours nothing.
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
+pub use crate::table::delta::Deletion;
 pub use body::BodyDecoder;
 pub use schemas::{Format, Schemas, proto_pool};
 
@@ -212,6 +214,8 @@ pub struct Decoded {
     pub batch: Option<RecordBatch>,
     /// Messages that did not become rows.
     pub rejections: Vec<Rejection>,
+    /// Messages that delete a post (the mapping's `[operation]`), in offset order.
+    pub deletions: Vec<Deletion>,
 }
 
 /// Errors that are bugs or configuration problems, never bad input.

@@ -180,6 +180,7 @@ impl TableWriter {
             .as_mut()
             .expect("decoded messages have a ledger");
         ledger.rejected += decoded.rejections.len() as u64;
+        ledger.deletions.extend(decoded.deletions);
         state.rejections.extend(decoded.rejections);
         if let Some(batch) = decoded.batch {
             ledger.rows += batch.num_rows() as u64;

@@ -247,6 +247,7 @@ impl TableWriter {
                         last_offset: l.last_offset.max(stored.unwrap_or(i64::MIN)),
                         rows: count,
                         rejected: 0,
+                        deletions: Vec::new(),
                     },
                 ));
             }

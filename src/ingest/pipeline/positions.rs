@@ -146,6 +146,7 @@ impl PartitionState {
                     last_offset: offset,
                     rows: 0,
                     rejected: 0,
+                    deletions: Vec::new(),
                 })
             }
         }
@@ -340,6 +341,7 @@ impl TableWriter {
         let table = self.sink.name().to_string();
         let mut rows = 0;
         let mut rejected = 0;
+        let mut deletions = 0;
         let mut payload_bytes = 0;
         let mut newest = None;
         let mut offsets = Vec::with_capacity(ledger.len());
@@ -366,6 +368,7 @@ impl TableWriter {
             }
             rows += l.rows;
             rejected += l.rejected;
+            deletions += l.deletions.len() as u64;
             payload_bytes += state.bytes;
             if let Some(t) = state.newest_ms {
                 newest = Some(newest.map_or(t, |n: i64| n.max(t)));
@@ -384,6 +387,7 @@ impl TableWriter {
         self.progress.commits += 1;
         self.progress.rows += rows;
         self.progress.rejected += rejected;
+        self.progress.deletions += deletions;
         self.progress.files += files as u64;
         self.progress.bytes += bytes;
         self.progress.last_commit_at = Some(SystemTime::now());
@@ -394,7 +398,7 @@ impl TableWriter {
         record_commit(&table, files, bytes, elapsed);
         metrics::counter!("sluice_flushes_total", "table" => table.clone(), "reason" => reason.as_str()).increment(1);
         metrics::histogram!("sluice_batch_messages", "table" => table.clone())
-            .record((rows + rejected) as f64);
+            .record((rows + rejected + deletions) as f64);
         metrics::histogram!("sluice_batch_bytes", "table" => table.clone())
             .record(payload_bytes as f64);
         tracing::info!(table = %table, version, rows, rejected, files, bytes, reason = reason.as_str(),

@@ -1,5 +1,6 @@
 //! The audit: proves from the broker and the tables alone that every Kafka offset a table claims
-//! to have written is there exactly once, as a row or as a dead letter.
+//! to have written is there exactly once: as a row, as a dead letter, or as a delete the commit
+//! recorded.
 //!
 //! For each partition of a table's topics it reads the message offsets the broker still has up
 //! to the table's committed position (the txn version), reads every (topic, partition, offset)
@@ -13,14 +14,14 @@ use std::fmt::Write as _;
 use deltalake::DeltaTableError;
 
 use crate::config::{Config, TableConfig};
-use crate::contract::dead_letters;
 use crate::contract::schema::{ColumnSource, TableSchema};
+use crate::contract::{dead_letters, deletions};
 use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError};
 use crate::ingest::source::StartFrom;
-use crate::table::delta::{committed_offset, log_accepted_at, open_table, table_location};
+use crate::table::delta::{committed_offset, log, log_accepted_at, open_table, table_location};
 
 use broker::KafkaReader;
-use tables::{lost_in, offsets_in, offsets_where, table_error};
+use tables::{lost_in, offsets_grouped, offsets_in, offsets_where, table_error};
 
 mod broker;
 mod tables;
@@ -91,9 +92,17 @@ pub struct PartitionAudit {
     pub rows: u64,
     /// Of those, how many are dead letters.
     pub dead_letters: u64,
-    /// Checked messages in neither table.
+    /// Of those, how many are deletes the commits recorded (they become no row).
+    pub deletions: u64,
+    /// Of those, how many are rows the deletes and newer versions removed, as
+    /// `<table>_deletions` records them.
+    pub removed: u64,
+    /// Rows still in the table that a pass recorded as removed: its rewrite is yet to commit
+    /// (or was interrupted; the next pass completes it).
+    pub removal_pending: u64,
+    /// Checked messages that are no row, dead letter or delete.
     pub missing: u64,
-    /// Offsets present more than once across both tables.
+    /// Offsets present more than once across rows, dead letters and deletes.
     pub duplicated: u64,
     /// Offsets in the tables at or below the committed position that the broker does not have
     /// as messages although it still holds that range.
@@ -194,6 +203,22 @@ impl TableAudit {
                 p.duplicated,
                 p.pending
             );
+            if p.deletions + p.removed > 0 {
+                let _ = writeln!(
+                    out,
+                    "    of the checked messages {} are deletes and {} rows removed by deletes and newer versions{}",
+                    p.deletions,
+                    p.removed,
+                    if p.removal_pending > 0 {
+                        format!(
+                            " ({} more recorded as removed, still in the table)",
+                            p.removal_pending
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             if !p.first_missing.is_empty() {
                 let _ = writeln!(out, "    first missing offsets: {:?}", p.first_missing);
             }
@@ -249,9 +274,16 @@ impl TableAudit {
                 t.4 + p.duplicated,
             )
         });
+        let deletions: u64 = self.partitions.iter().map(|p| p.deletions).sum();
+        let removed: u64 = self.partitions.iter().map(|p| p.removed).sum();
+        let deletions = if deletions + removed > 0 {
+            format!(", {deletions} deletes, {removed} removed")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "{}: {} messages checked, {} rows, {} dead letters, {} missing, {} duplicated",
+            "{}: {} messages checked, {} rows, {} dead letters{deletions}, {} missing, {} duplicated",
             if self.is_clean() {
                 "CLEAN"
             } else {
@@ -315,6 +347,47 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
         Err(DeltaTableError::NotATable(_)) => None,
         Err(e) => return Err(err("open dead-letter table")(e)),
     };
+    // A table with a key takes deletes: each is recorded in the ledger of the commit that
+    // covers its offset.
+    // Maintenance then records them and the rows they and newer versions removed in the
+    // deletions table, read after the main table: a row recorded there and still in the table
+    // is a removal about to commit.
+    if !schema.key.is_empty() {
+        for (key, deletion) in log::recorded_deletions(&main, None, None)
+            .await
+            .map_err(err("read the deletes in the log"))?
+        {
+            let found = tables
+                .entry((key.topic.to_string(), key.partition))
+                .or_default();
+            found.deletions.push(deletion.offset);
+        }
+        let name = deletions::table_name(&name);
+        let location = table_location(&config.storage.root, &name);
+        match open_table(&location, config.storage_options()).await {
+            Ok(records) => {
+                for (operation, into_deletes) in [("= 'delete'", true), ("<> 'delete'", false)] {
+                    let filter = format!("operation {operation}");
+                    for (key, offsets) in offsets_grouped(&records, &name, &filter).await? {
+                        let found = tables.entry(key).or_default();
+                        if into_deletes {
+                            found.deletions.extend(offsets);
+                        } else {
+                            found.removed.extend(offsets);
+                        }
+                    }
+                }
+            }
+            Err(DeltaTableError::NotATable(_)) => {}
+            Err(e) => return Err(err("open the deletions table")(e)),
+        }
+        // A delete is in the ledger of its commit and, once applied, in the deletions table:
+        // one fact, counted once.
+        for found in tables.values_mut() {
+            found.deletions.sort_unstable();
+            found.deletions.dedup();
+        }
+    }
     // Partitions whose log was replaced (`sluice accept-log`): the rows of the old log stay in
     // the tables; only what was ingested since the new log was accepted is checked against it.
     let keys: Vec<(String, i32)> = tables.keys().cloned().collect();
@@ -416,6 +489,10 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
 struct Found {
     rows: Vec<i64>,
     dead_letters: Vec<i64>,
+    /// Offsets of deletes recorded in the commits' ledgers or the deletions table.
+    deletions: Vec<i64>,
+    /// Offsets of rows the deletions table records as removed.
+    removed: Vec<i64>,
     /// `lost` dead letters: offset and detail.
     lost: Vec<(i64, String)>,
     /// When the partition's current log was accepted, if it replaced another.
@@ -433,28 +510,44 @@ fn judge(
     in_kafka: &[i64],
     found: &Found,
 ) -> PartitionAudit {
-    let mut counts: HashMap<i64, (u32, u32)> =
-        HashMap::with_capacity(found.rows.len() + found.dead_letters.len());
-    for &o in &found.rows {
-        counts.entry(o).or_default().0 += 1;
+    // Per offset: how often it is a row, a dead letter, a delete, a removed row.
+    let mut counts: HashMap<i64, [u32; 4]> = HashMap::with_capacity(
+        found.rows.len() + found.dead_letters.len() + found.deletions.len() + found.removed.len(),
+    );
+    for (kind, offsets) in [
+        &found.rows,
+        &found.dead_letters,
+        &found.deletions,
+        &found.removed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for &o in offsets {
+            counts.entry(o).or_default()[kind] += 1;
+        }
     }
-    for &o in &found.dead_letters {
-        counts.entry(o).or_default().1 += 1;
-    }
-    let duplicated = counts.values().filter(|(r, d)| r + d > 1).count() as u64;
-    let (mut rows, mut dead_letters, mut missing) = (0, 0, 0);
+    // A row recorded as removed whose rewrite has not committed yet counts as the row.
+    let outcomes =
+        |[r, d, x, m]: &[u32; 4]| r + d + x + if *r > 0 { m.saturating_sub(1) } else { *m };
+    let duplicated = counts.values().filter(|c| outcomes(c) > 1).count() as u64;
+    let removal_pending = counts
+        .values()
+        .filter(|[r, _, _, m]| *r > 0 && *m > 0)
+        .count() as u64;
+    let (mut rows, mut dead_letters, mut deletions, mut removed, mut missing) = (0, 0, 0, 0, 0);
     let mut first_missing = Vec::new();
     for o in in_kafka {
         match counts.get(o) {
-            None | Some((0, 0)) => {
+            Some([r, _, _, _]) if *r > 0 => rows += 1,
+            Some([_, d, _, _]) if *d > 0 => dead_letters += 1,
+            Some([_, _, x, _]) if *x > 0 => deletions += 1,
+            Some([_, _, _, m]) if *m > 0 => removed += 1,
+            _ => {
                 missing += 1;
                 if first_missing.len() < LISTED_MISSING {
                     first_missing.push(*o);
                 }
-            }
-            Some((r, d)) => {
-                rows += u64::from((*r).min(1));
-                dead_letters += u64::from(*r == 0 && *d > 0);
             }
         }
     }
@@ -478,6 +571,9 @@ fn judge(
         checked: in_kafka.len() as u64,
         rows,
         dead_letters,
+        deletions,
+        removed,
+        removal_pending,
         missing,
         duplicated,
         unexpected,
@@ -501,6 +597,7 @@ mod tests {
         let found = Found {
             rows: vec![0, 1, 3, 3, 7],
             dead_letters: vec![2, 7, 9],
+            deletions: vec![4, 0],
             ..Found::default()
         };
         let kafka: Vec<i64> = (0..8).collect();
@@ -508,21 +605,27 @@ mod tests {
         assert_eq!(a.checked, 8);
         assert_eq!(a.rows, 4); // 0, 1, 3, 7
         assert_eq!(a.dead_letters, 1); // 2
-        assert_eq!(a.missing, 3); // 4, 5, 6
-        assert_eq!(a.first_missing, vec![4, 5, 6]);
-        assert_eq!(a.duplicated, 2); // 3 twice as a row; 7 as a row and a dead letter
+        assert_eq!(a.deletions, 1); // 4
+        assert_eq!(a.missing, 2); // 5, 6
+        assert_eq!(a.first_missing, vec![5, 6]);
+        // 0 as a row and a delete; 3 twice as a row; 7 as a row and a dead letter
+        assert_eq!(a.duplicated, 3);
         assert_eq!(a.pending, 4); // 8..12
         assert!(!a.is_clean());
 
         let clean = Found {
-            rows: vec![5, 6, 8],
+            rows: vec![5, 8],
             dead_letters: vec![7, 10], // 10 is past the position: a dead letter whose rows are pending
+            deletions: vec![6],
             ..Found::default()
         };
         let kafka: Vec<i64> = vec![5, 6, 7, 8];
         let a = judge("posts", 1, 5, 11, Some(8), &kafka, &clean);
         assert!(a.is_clean(), "{a:?}");
-        assert_eq!((a.rows, a.dead_letters, a.pending), (3, 1, 2));
+        assert_eq!(
+            (a.rows, a.dead_letters, a.deletions, a.pending),
+            (2, 1, 1, 2)
+        );
     }
 
     #[test]

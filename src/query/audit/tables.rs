@@ -51,12 +51,47 @@ pub(super) async fn offsets_in(
     name: &str,
     columns: &[String; 3],
 ) -> Result<BTreeMap<(String, i32), Found>, AuditError> {
+    let grouped = grouped(table, name, columns, None).await?;
+    Ok(grouped
+        .into_iter()
+        .map(|(key, rows)| {
+            (
+                key,
+                Found {
+                    rows,
+                    ..Found::default()
+                },
+            )
+        })
+        .collect())
+}
+
+/// Every (topic, partition) → offsets of the rows of a table with `kafka_*` columns that
+/// match `filter` (SQL), from one snapshot.
+pub(super) async fn offsets_grouped(
+    table: &DeltaTable,
+    name: &str,
+    filter: &str,
+) -> Result<BTreeMap<(String, i32), Vec<i64>>, AuditError> {
+    let columns = ["kafka_topic", "kafka_partition", "kafka_offset"].map(String::from);
+    grouped(table, name, &columns, Some(filter)).await
+}
+
+async fn grouped(
+    table: &DeltaTable,
+    name: &str,
+    columns: &[String; 3],
+    filter: Option<&str>,
+) -> Result<BTreeMap<(String, i32), Vec<i64>>, AuditError> {
     let sql = format!(
-        "SELECT \"{}\", \"{}\", \"{}\" FROM t",
-        columns[0], columns[1], columns[2]
+        "SELECT \"{}\", \"{}\", \"{}\" FROM t WHERE {}",
+        columns[0],
+        columns[1],
+        columns[2],
+        filter.unwrap_or("true")
     );
     let batches = query_table(table, name, "query", &sql).await?;
-    let mut out: BTreeMap<(String, i32), Found> = BTreeMap::new();
+    let mut out: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
     for batch in batches {
         let topics = cast(batch.column(0), &DataType::Utf8).map_err(table_error(name, "query"))?;
         let topics = topics.as_string::<i32>();
@@ -68,7 +103,6 @@ pub(super) async fn offsets_in(
             }
             out.entry((topics.value(row).to_string(), partitions.value(row)))
                 .or_default()
-                .rows
                 .push(offsets.value(row));
         }
     }

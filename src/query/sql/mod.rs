@@ -35,7 +35,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use crate::config::Config;
 use crate::contract::dead_letters;
 use crate::contract::schema::{SchemaError, TableSchema, type_name};
-use crate::table::delta::{register_table, table_location, table_url, vector_columns};
+use crate::table::delta::{log, register_table, table_location, table_url, vector_columns};
 use crate::table::problem::StorageError;
 
 pub use travel::TravelKey;
@@ -426,28 +426,71 @@ async fn load(
 ) -> Result<DeltaTable, DeltaTableError> {
     let url = table_url(location).map_err(DeltaTableError::InvalidTableLocation)?;
     let builder = DeltaTableBuilder::from_url(url)?.with_storage_options(storage_options.clone());
-    let builder = match state {
-        AsOf::Latest => builder,
-        AsOf::Version(v) => builder.with_version(u64::try_from(v).map_err(|_| {
-            DeltaTableError::Generic(format!("version {v} does not exist: versions start at 0"))
-        })?),
-        AsOf::Timestamp(t) => builder.with_timestamp(t),
-    };
-    let table = builder.load().await?;
-    if let AsOf::Timestamp(t) = state {
-        // delta-rs falls back to the first version for a time before the table existed.
-        let snapshot = table.snapshot()?;
-        let committed = snapshot
-            .version_timestamp(snapshot.version())
-            .unwrap_or(i64::MIN);
-        if committed > t.timestamp_millis() {
-            let created = chrono::DateTime::from_timestamp_millis(committed).unwrap_or_default();
-            return Err(DeltaTableError::Generic(format!(
-                "the table did not exist yet at {t} (its first version is from {created})"
-            )));
+    match state {
+        AsOf::Latest => builder.load().await,
+        AsOf::Version(v) => {
+            let version = u64::try_from(v).map_err(|_| {
+                DeltaTableError::Generic(format!("version {v} does not exist: versions start at 0"))
+            })?;
+            builder.with_version(version).load().await
+        }
+        AsOf::Timestamp(t) => {
+            let mut table = builder.load().await?;
+            let version = version_at(&table, t).await?;
+            if table.version() != Some(version) {
+                table.load_version(version).await?;
+            }
+            Ok(table)
         }
     }
-    Ok(table)
+}
+
+/// The newest version of `table` committed at or before `t`, by the commit timestamps its log
+/// records (`inCommitTimestamp`, else `commitInfo.timestamp`): the times `$history` shows in
+/// Trino, and the ones Trino's `FOR TIMESTAMP AS OF` resolves by, so both engines read the same
+/// version. (delta-rs' own resolution goes by the commit files' modification times, which S3
+/// reports to the second and which fall after the commit's timestamp.) Commits are searched by
+/// bisection: their timestamps grow with their versions.
+async fn version_at(table: &DeltaTable, t: DateTime<Utc>) -> Result<u64, DeltaTableError> {
+    let store = table.object_store();
+    let commits = log::commits(table).await?;
+    let wanted = t.timestamp_millis();
+    let (mut low, mut high) = (0, commits.len());
+    let mut earliest = None;
+    while low < high {
+        let middle = (low + high) / 2;
+        let (_, meta) = &commits[middle];
+        let committed = log::commit_timestamp(&store, meta).await?;
+        if middle == 0 {
+            earliest = Some(committed);
+        }
+        if committed <= wanted {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    if low > 0 {
+        return Ok(commits[low - 1].0);
+    }
+    let Some(&(first, ref meta)) = commits.first() else {
+        return Err(DeltaTableError::Generic(
+            "the table's log holds no commits".to_string(),
+        ));
+    };
+    let first_time = match earliest {
+        Some(millis) => millis,
+        None => log::commit_timestamp(&store, meta).await?,
+    };
+    let first_time = DateTime::from_timestamp_millis(first_time).unwrap_or_default();
+    Err(DeltaTableError::Generic(if first == 0 {
+        format!("the table did not exist yet at {t} (its first version is from {first_time})")
+    } else {
+        format!(
+            "the log no longer holds the version read at {t}: its oldest commit is version \
+             {first}, from {first_time} (older commits went after delta.logRetentionDuration)"
+        )
+    }))
 }
 
 /// Refuses plans that write, create or drop anything but session views, or change settings

@@ -25,6 +25,7 @@ pub use sink::{Committed, DeltaSink, Encoding};
 pub use txn::{app_id, committed_offset, log_accepted_at, log_app_id};
 
 mod create;
+pub mod log;
 mod parquet;
 mod read;
 mod sink;
@@ -149,6 +150,23 @@ pub struct PartitionLedger {
     pub rows: u64,
     /// Messages that were rejected.
     pub rejected: u64,
+    /// Messages that deleted a post, recorded in the commit that covers them so the record is
+    /// exactly once with the offsets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deletions: Vec<Deletion>,
+}
+
+/// A message that deletes a post upstream: the key it names and where it was read. It becomes
+/// no row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deletion {
+    /// Offset of the message in its partition.
+    pub offset: i64,
+    /// Kafka timestamp in milliseconds since the epoch, if the message has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub timestamp_ms: Option<i64>,
+    /// The values of the table's key columns, in `[table] key` order, as text.
+    pub key: Vec<String>,
 }
 
 #[cfg(test)]

@@ -180,6 +180,39 @@ impl DeltaSink {
             .map_err(|source| self.err("read txn version", source))
     }
 
+    /// The version of txn `app_id`: progress of maintenance rather than a Kafka position.
+    pub async fn progress_version(&self, app_id: &str) -> Result<Option<i64>, DeltaError> {
+        super::txn::txn_version(&self.table, app_id)
+            .await
+            .map_err(|source| self.err("read txn version", source))
+    }
+
+    /// Writes `batches` and commits them with txn `app_id` at `version` (see
+    /// [`Self::progress_version`]) and `info` as the commit's `sluice` info.
+    pub async fn commit_progress(
+        &mut self,
+        batches: &[RecordBatch],
+        app_id: &str,
+        version: i64,
+        info: serde_json::Value,
+    ) -> Result<Committed, DeltaError> {
+        let files = self.encode(batches).await?;
+        let bytes = files.iter().map(|a| a.size.max(0) as u64).sum();
+        let actions: Vec<Action> = files.into_iter().map(Action::Add).collect();
+        let files = actions.len();
+        let txns = vec![Transaction::new_with_last_update(
+            app_id,
+            version,
+            Some(chrono::Utc::now().timestamp_millis()),
+        )];
+        let version = self.commit_actions(actions, txns, info, 0).await?;
+        Ok(Committed {
+            version,
+            files,
+            bytes,
+        })
+    }
+
     /// Writes `batches` as Parquet (one file per partition value) and commits them together with
     /// one txn per entry of `ledger`. A concurrent commit touching the same partitions returns
     /// [`DeltaError::Conflict`] and leaves the files unreferenced.
