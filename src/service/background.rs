@@ -280,7 +280,7 @@ async fn compact_and_vacuum(
                 let options = ApplyOptions {
                     owner: owner.clone(),
                     lease_ttl: DEFAULT_LEASE_TTL,
-                    settings: table_settings.clone(),
+                    settings: table_settings,
                 };
                 let deletions = table_location(&root, &deletions::table_name(name));
                 match apply(&location, &deletions, &storage, schema, &options).await {

@@ -238,7 +238,7 @@ async fn pass(
         storage_options.clone(),
         Arc::new(record_schema.clone()),
         "apply",
-        options.settings.clone(),
+        options.settings,
     )
     .await?;
     let app_id = progress_app_id(name);
