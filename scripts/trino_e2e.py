@@ -39,6 +39,7 @@ CATALOGS = ["delta", "delta_file"]
 SCHEMA = "sluice"
 TABLE = "enriched_posts"
 DEAD = "enriched_posts_dead_letters"
+DELETIONS = "enriched_posts_deletions"
 # Floats agree to this relative difference (the two engines sum in different orders).
 FLOAT_TOLERANCE = 1e-9
 # Cosine similarities of the same pairs agree to this absolute difference.
@@ -209,13 +210,19 @@ class Writer:
 
 
 def produce(*args):
-    sluice("produce", "--brokers", BROKERS, "--partitions", "4", "--rate", "0", *args)
+    """Publishes; returns how many deletes were among the messages."""
+    run = sluice("produce", "--brokers", BROKERS, "--partitions", "4", "--rate", "0", *args)
+    found = re.search(r"(\d+) deletes", run.stdout)
+    return int(found.group(1)) if found else 0
 
 
 def landed(config):
+    """Messages the tables account for: rows, dead letters, and the deletes and removed rows
+    maintenance recorded (a delete not applied yet is in no table)."""
     _, rows = sluice_sql(
         config,
-        command=f"SELECT (SELECT count(*) FROM {TABLE}) + (SELECT count(*) FROM {DEAD}) AS n",
+        command=f"SELECT (SELECT count(*) FROM {TABLE}) + (SELECT count(*) FROM {DEAD}) "
+        f"+ (SELECT count(*) FROM {DELETIONS}) AS n",
     )
     return rows[0][0]
 
@@ -349,12 +356,12 @@ def check_registration(config):
                 "--server", TRINO_URL,
             )
             outcomes.append(sorted(line.split(":")[0] for line in run.stdout.splitlines()))
-        expected_first = ["already registered"] * 2 if catalog == "delta" else ["registered"] * 2
-        if outcomes != [expected_first, ["already registered"] * 2]:
+        expected_first = ["already registered"] * 3 if catalog == "delta" else ["registered"] * 3
+        if outcomes != [expected_first, ["already registered"] * 3]:
             raise Failure(f"registration through Trino ({catalog}) did {outcomes}")
         _, rows = trino(f"SHOW TABLES FROM {catalog}.{SCHEMA}", catalog=catalog)
         tables = sorted(row[0] for row in rows)
-        if tables != sorted([TABLE, DEAD]):
+        if tables != sorted([TABLE, DEAD, DELETIONS]):
             raise Failure(f"catalog {catalog} lists {tables}")
         log(f"registered in catalog {catalog}, then again through --server twice: {outcomes}")
     elsewhere = WORK / "elsewhere.toml"
@@ -545,6 +552,33 @@ def check_evolution_and_maintenance(produced):
     return config, produced
 
 
+def check_deletes_applied(config, produced, deletes):
+    """`sluice apply` removes deleted posts and older versions by copy-on-write; Trino reads
+    the rewritten table and the deletions table as `sluice sql` does, and the audit of what
+    happened is complete."""
+    if deletes == 0:
+        raise Failure("the producer made no deletes: nothing tested")
+    before = f"SELECT count(*) AS n, count(DISTINCT post_id) AS posts FROM {TABLE}"
+    _, counted = sluice_sql(config, command=before)
+    run = sluice("apply", "--config", str(config))
+    landed_now = landed(config)
+    if landed_now != produced:
+        raise Failure(f"after apply the tables account for {landed_now} of {produced} messages")
+    expected = sluice_sql(config, command=before)
+    after = expected[1]
+    if after[0][0] >= counted[0][0] or after[0][0] != after[0][1]:
+        raise Failure(f"apply left {after} rows/posts (before: {counted}); one row per post expected")
+    for catalog in CATALOGS:
+        compare(f"after apply ({catalog})", trino(before, catalog=catalog), expected)
+    by_operation = (
+        f"SELECT operation, count(*) AS n, count(DISTINCT post_id) AS posts FROM {DELETIONS} "
+        "GROUP BY operation ORDER BY operation"
+    )
+    rows = compare("deletions by operation", trino(by_operation), sluice_sql(config, command=by_operation))
+    log(f"apply: {run.stdout.strip()}; Trino reads {after[0][0]} live posts and {rows} kinds of "
+        "deletion records as sluice sql does")
+
+
 def check_dead_letters(config):
     """The dead-letter table's payload reads as varbinary in Trino and its reasons group."""
     columns, _ = trino(f"SELECT payload FROM {DEAD} LIMIT 1")
@@ -604,19 +638,23 @@ def main():
         "embeddings have another length")
     writer = Writer(config, "initial")
     try:
-        # In three rounds, so that time travel has versions to tell apart.
+        # In three rounds, so that time travel has versions to tell apart. The second edits,
+        # redelivers and deletes posts too (1 in 20 messages).
         produced = 0
+        pending = 0
         for count, args in (
             (1500, ["--embedding-dim", "16", "--bad-every", "50", "--seed", "1"]),
-            (1500, ["--embedding-dim", "16", "--bad-every", "50", "--seed", "5"]),
+            (1500, ["--embedding-dim", "16", "--bad-every", "50", "--seed", "5",
+                    "--operations-every", "20"]),
             (100, ["--shape", "tweets", "--embedding-dim", "8", "--seed", "2"]),
         ):
-            produce("--count", str(count), *args)
+            pending += produce("--count", str(count), *args)
             produced += count
-            wait_landed(config, produced, writer)
+            wait_landed(config, produced - pending, writer)
     finally:
         writer.stop()
     check_registration(config)
+    check_deletes_applied(config, produced, pending)
     results = check_library(config)
     check_time_travel(config)
     check_dead_letters(config)

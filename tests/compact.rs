@@ -866,6 +866,7 @@ async fn one_day_of_posts(dir: &Path, count: u64) -> BTreeMap<(String, i32), i64
         seed: 5,
         embedding_dim: 16,
         bad_every: 0,
+        operations_every: 0,
         spread_days: 1,
         // The last millisecond of 2026-11-29 UTC: posts are created within the day before it.
         clock_ms: Some(1_795_996_799_999),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use deltalake::arrow::array::Array;
 
-use common::{Kafka, Writer, config, limits, query, repo, send_raw, strings};
+use common::{Kafka, Writer, config, limits, query, send_raw, strings};
 use sluice::config::Config;
 use sluice::contract::schema::TableSchema;
 use sluice::query::audit::audit_table;
@@ -20,28 +20,6 @@ use sluice::table::delta::{open_table, table_location};
 use sluice::tools::generator::Shape;
 
 const TOPIC: &str = "posts.bluesky";
-
-/// The flagship schema keyed by (platform, post_id), and the Bluesky mapping keyed by the
-/// post's `at://` URI, with Jetstream's `commit.operation` as the operation.
-fn keyed_files(dir: &Path) -> (PathBuf, PathBuf) {
-    let schema = std::fs::read_to_string(repo().join("schemas/enriched_posts.toml"))
-        .unwrap()
-        .replace(
-            "partition_column = \"event_date\"",
-            "partition_column = \"event_date\"\nkey = [\"platform\", \"post_id\"]\nversion_by = [\"created_at\"]",
-        );
-    let mapping = std::fs::read_to_string(repo().join("schemas/mappings/bluesky.toml"))
-        .unwrap()
-        .replace(
-            "post_id = { path = \"commit.cid\" }",
-            "post_id = { format = \"at://{did}/{commit.collection}/{commit.rkey}\" }",
-        )
-        + "\n[operation]\npath = \"commit.operation\"\ndelete = [\"delete\"]\n";
-    let (schema_file, mapping_file) = (dir.join("keyed.toml"), dir.join("bluesky-keyed.toml"));
-    std::fs::write(&schema_file, schema).unwrap();
-    std::fs::write(&mapping_file, mapping).unwrap();
-    (schema_file, mapping_file)
-}
 
 /// The same configuration as a file, for `sluice run`.
 fn config_file(cfg: &Config, dir: &Path) -> PathBuf {
@@ -77,17 +55,15 @@ sources = [{{ topic = "{TOPIC}", mapping = "{}" }}]
     file
 }
 
+/// The flagship table (keyed by platform and post id) fed by Jetstream events through the
+/// shipped Bluesky mapping (posts named by their `at://` URI).
 fn keyed_config(brokers: &str, dir: &Path) -> Config {
-    let (schema, mapping) = keyed_files(dir);
-    let mut cfg = config(
+    config(
         brokers,
         &dir.join("lake"),
         &[Shape::Bluesky],
         limits(4, 200),
-    );
-    cfg.tables[0].schema = schema;
-    cfg.tables[0].sources[0].mapping = mapping;
-    cfg
+    )
 }
 
 /// A Jetstream commit event for post `rkey` of `did`.

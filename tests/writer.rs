@@ -364,6 +364,7 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
         partitions: 2,
         embedding_dim: 8,
         bad_every: 100,
+        operations_every: 7,
         seed: 11,
         format: Default::default(),
         registry: None,
@@ -371,15 +372,39 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     let report = sluice::tools::demo::run(&options).await.expect("demo runs");
     assert_eq!(report.produced.delivered, 1500);
     assert_eq!(report.written.rejected, 15);
-    assert_eq!(report.table_rows, 1485);
+    let ops = report.produced.operations;
+    assert!(
+        ops.edits > 0 && ops.redeliveries > 0 && ops.deletes > 0 && ops.replays > 0,
+        "{ops:?}"
+    );
+    assert_eq!(report.written.deletions, ops.deletes);
+    // Every post created once, less the deleted ones: edits, redeliveries and replays of
+    // deleted posts leave no second row.
+    let created = 1500 - 15 - ops.total();
+    let live = (created - ops.deletes) as i64;
+    assert_eq!(report.table_rows, live);
+    let applied = report
+        .applied
+        .clone()
+        .expect("the flagship table has a key");
+    let removed = ops.edits + ops.redeliveries + ops.replays + ops.deletes;
+    assert_eq!(applied.deleted + applied.replaced, removed, "{applied:?}");
     let total: i64 = report.sentiment_by_category.iter().map(|(_, _, n)| n).sum();
-    assert_eq!(total, 1485);
-    assert!(report.render().contains("1485 rows"));
+    assert_eq!(total, live);
+    assert!(report.render().contains(&format!("{live} rows")));
+    assert!(
+        report.render().contains("upstream ops"),
+        "{}",
+        report.render()
+    );
     let dead: i64 = report.dead_letters.iter().map(|(_, n)| n).sum();
     assert_eq!(dead, 15, "every hostile message is a stored dead letter");
     assert_eq!(
         report.audit,
-        "CLEAN: 1500 messages checked, 1485 rows, 15 dead letters, 0 missing, 0 duplicated"
+        format!(
+            "CLEAN: 1500 messages checked, {live} rows, 15 dead letters, {} deletes, {removed} removed, 0 missing, 0 duplicated",
+            ops.deletes
+        )
     );
     let fixed: i64 = report.labels.iter().map(|(_, fixed, _)| fixed).sum();
     assert!(fixed > 0, "the generator's messy labels were canonicalized");
@@ -393,7 +418,7 @@ async fn demo_leaves_a_table_with_every_good_record_and_a_config() {
     let again = sluice::tools::demo::run(&options)
         .await
         .expect("demo runs twice");
-    assert_eq!(again.table_rows, 1485);
+    assert_eq!(again.table_rows, live);
     let dead: i64 = again.dead_letters.iter().map(|(_, n)| n).sum();
     assert_eq!(dead, 15);
 }

@@ -27,6 +27,10 @@ pub struct DemoArgs {
     /// Every n-th message is a hostile payload, to show rejections (0 = none).
     #[arg(long, default_value_t = 1000)]
     bad_every: u64,
+    /// Every n-th message edits, redelivers or deletes a recent post, or replays a deleted
+    /// one, to show them applied (0 = none; JSON only).
+    #[arg(long, default_value_t = 100)]
+    operations_every: u64,
     /// Generator seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -48,6 +52,7 @@ impl From<DemoArgs> for DemoOptions {
             partitions: a.partitions,
             embedding_dim: a.embedding_dim,
             bad_every: a.bad_every,
+            operations_every: a.operations_every,
             seed: a.seed,
             format: a.format,
             registry: a.registry,

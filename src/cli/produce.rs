@@ -42,6 +42,10 @@ pub struct ProduceArgs {
     /// Every n-th message is a hostile payload (0 = none).
     #[arg(long, default_value_t = 0)]
     bad_every: u64,
+    /// Every n-th message edits, redelivers or deletes a recent post, or replays a deleted
+    /// post's create after its delete (0 = none; JSON only). For tables with a `key`.
+    #[arg(long, default_value_t = 0)]
+    operations_every: u64,
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -75,6 +79,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         rate,
         embedding_dim,
         bad_every,
+        operations_every,
         seed,
         partitions,
         format,
@@ -158,6 +163,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         seed,
         embedding_dim,
         bad_every,
+        operations_every,
         spread_days: 3,
         clock_ms: None,
         progress: true,
@@ -172,5 +178,12 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         secs,
         report.delivered as f64 / secs
     );
+    let ops = report.operations;
+    if ops.total() > 0 {
+        println!(
+            "of them {} edits, {} redeliveries, {} deletes and {} replays of deleted posts",
+            ops.edits, ops.redeliveries, ops.deletes, ops.replays
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

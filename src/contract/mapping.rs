@@ -791,13 +791,18 @@ mod tests {
     }
 
     fn keyed() -> TableSchema {
+        let table = flagship();
+        assert_eq!(table.key, ["platform", "post_id"]);
+        table
+    }
+
+    /// The flagship table without its key.
+    fn unkeyed() -> TableSchema {
         let text = std::fs::read_to_string("schemas/enriched_posts.toml")
             .unwrap()
-            .replace(
-                "partition_column = \"event_date\"",
-                "partition_column = \"event_date\"\nkey = [\"platform\", \"post_id\"]",
-            );
-        TableSchema::parse(&text, Path::new("keyed.toml")).unwrap()
+            .replace("key = [\"platform\", \"post_id\"]", "")
+            .replace("version_by = [\"created_at\"]", "");
+        TableSchema::parse(&text, Path::new("unkeyed.toml")).unwrap()
     }
 
     #[test]
@@ -845,7 +850,7 @@ mod tests {
         let head = "table = \"enriched_posts\"\n[columns]\npost_id = { path = \"id\" }\n";
         let cases = [
             (
-                flagship(),
+                unkeyed(),
                 format!("{head}[operation]\npath = \"op\"\ndelete = [\"delete\"]\n"),
                 "declares no `key`",
             ),
@@ -881,10 +886,7 @@ mod tests {
         }
         let bad_key = std::fs::read_to_string("schemas/enriched_posts.toml")
             .unwrap()
-            .replace(
-                "partition_column = \"event_date\"",
-                "partition_column = \"event_date\"\nkey = [\"author\"]",
-            );
+            .replace("key = [\"platform\", \"post_id\"]", "key = [\"author\"]");
         let e = TableSchema::parse(&bad_key, Path::new("k.toml"))
             .unwrap_err()
             .to_string();

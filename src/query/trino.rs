@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::contract::dead_letters;
+use crate::contract::schema::TableSchema;
+use crate::contract::{dead_letters, deletions};
 use crate::table::delta::table_location;
 
 /// Why the registration cannot be written.
@@ -136,9 +137,21 @@ fn plan<'a>(
     }
     let catalog = identifier(&target.catalog)?;
     let schema = identifier(&target.schema)?;
+    // Keyed tables have a deletions table beside them (the writer creates it at start).
+    let keyed: Vec<String> = config
+        .tables
+        .iter()
+        .filter_map(|t| TableSchema::load(&t.schema).ok())
+        .filter(|s| !s.key.is_empty())
+        .map(|s| s.name)
+        .collect();
     let mut entries = Vec::new();
     for table in tables {
-        for name in [table.clone(), dead_letters::table_name(table)] {
+        let mut names = vec![table.clone(), dead_letters::table_name(table)];
+        if keyed.contains(table) {
+            names.push(deletions::table_name(table));
+        }
+        for name in names {
             identifier(&name)?;
             let location = table_location(root, &name);
             entries.push((name, location));

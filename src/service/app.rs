@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, TableConfig};
-use crate::contract::dead_letters;
 use crate::contract::mapping::{Mapping, MappingError};
 use crate::contract::schema::{SchemaError, TableSchema};
+use crate::contract::{dead_letters, deletions};
 use crate::ingest::dead_letters::Forwarder;
 use crate::ingest::decode::BodyDecoder;
 use crate::ingest::pipeline::{Destination, PipelineError, TableWriter};
@@ -165,7 +165,8 @@ pub fn check(config: &Config) -> Result<Vec<String>, AppError> {
 }
 
 /// Opens (creating them when absent) a table and its dead-letter table, both recording
-/// positions under the configured group's txn app ids.
+/// positions under the configured group's txn app ids; creates a keyed table's deletions
+/// table too.
 pub async fn open_sinks(
     config: &Config,
     schema: &Arc<TableSchema>,
@@ -192,6 +193,16 @@ pub async fn open_sinks(
         dead_letter_schema,
     )
     .await?;
+    // A keyed table's deletions table exists from the start, so Trino and `sluice sql` can
+    // register it before maintenance first records anything in it.
+    if !schema.key.is_empty() {
+        let deletions_schema = Arc::new(deletions::schema(schema)?);
+        open(
+            table_location(&config.storage.root, &deletions_schema.name),
+            deletions_schema,
+        )
+        .await?;
+    }
     Ok((table, dead_letters))
 }
 

@@ -18,12 +18,18 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
 use crate::config::Config;
+use crate::contract::deletions;
+use crate::contract::schema::TableSchema;
 use crate::ingest::decode::Format;
 use crate::ingest::progress::Progress;
 use crate::ingest::registry::Registry;
 use crate::query::audit::audit_table;
 use crate::service::app;
+use crate::service::background::table_settings;
+use crate::table::compact::DEFAULT_LEASE_TTL;
+use crate::table::deletes::{Applied, ApplyOptions, ApplyOutcome, apply};
 use crate::table::delta::{open_table, register_table, table_location};
+use crate::table::lease;
 use crate::tools::generator::Shape;
 use crate::tools::produce::{ProduceOptions, ProduceReport, produce};
 use crate::tools::wire::{SubjectStrategy, WireEncoder};
@@ -119,6 +125,8 @@ pub struct DemoOptions {
     pub embedding_dim: usize,
     /// Every n-th message is hostile (0 = none).
     pub bad_every: u64,
+    /// Every n-th message edits, redelivers or deletes a recent post (JSON only; 0 = none).
+    pub operations_every: u64,
     /// Generator seed.
     pub seed: u64,
     /// How the posts are encoded: JSON, or a registry format whose schemas go to `registry`.
@@ -146,6 +154,8 @@ pub struct DemoReport {
     pub audit: String,
     /// Rows the table holds, counted by query.
     pub table_rows: i64,
+    /// The pass that applied the deletes and edits after the writer stopped.
+    pub applied: Option<Applied>,
     /// Where the config was written.
     pub config_file: PathBuf,
 }
@@ -218,6 +228,11 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         seed: options.seed,
         embedding_dim: options.embedding_dim,
         bad_every: options.bad_every,
+        operations_every: if wire.is_some() {
+            0
+        } else {
+            options.operations_every
+        },
         spread_days: 3,
         clock_ms: None,
         progress: false,
@@ -246,11 +261,37 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
     if !matches!(caught_up, Ok(true)) {
         return Err(DemoError::Stalled {
-            committed: written.rows + written.rejected,
+            committed: written.rows + written.rejected + written.deletions,
             produced: produced.delivered,
             timeout: CATCH_UP_TIMEOUT,
         });
     }
+    // What the service's maintenance does every interval: apply the deletes and edits.
+    let schema =
+        TableSchema::load(&config.tables[0].schema).map_err(|e| DemoError::Query(e.to_string()))?;
+    let applied = if schema.key.is_empty() {
+        None
+    } else {
+        let options = ApplyOptions {
+            owner: lease::owner_id(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            settings: table_settings(&config.delta),
+        };
+        let root = &config.storage.root;
+        match apply(
+            &table_location(root, &schema.name),
+            &table_location(root, &deletions::table_name(&schema.name)),
+            &config.storage_options(),
+            &schema,
+            &options,
+        )
+        .await
+        .map_err(|e| DemoError::Query(e.to_string()))?
+        {
+            ApplyOutcome::Applied(applied) => Some(applied),
+            ApplyOutcome::Busy { .. } => None,
+        }
+    };
     let audit = audit_table(&config, &config.tables[0])
         .await
         .map_err(|e| DemoError::Query(e.to_string()))?;
@@ -271,6 +312,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         labels: summary.labels,
         dead_letters: summary.dead_letters,
         table_rows: summary.table_rows,
+        applied,
         audit,
         config_file,
     })
@@ -294,7 +336,12 @@ fn prepare_folder(dir: &Path) -> Result<(), DemoError> {
                 dir: dir.to_path_buf(),
             });
         }
-        for name in ["enriched_posts", "enriched_posts_dead_letters", "schemas"] {
+        for name in [
+            "enriched_posts",
+            "enriched_posts_dead_letters",
+            "enriched_posts_deletions",
+            "schemas",
+        ] {
             let path = dir.join(name);
             if path.exists() {
                 std::fs::remove_dir_all(&path).map_err(io(&path))?;
@@ -465,12 +512,16 @@ impl DemoReport {
         );
         let _ = writeln!(
             out,
-            "  committed     {} rows + {} dead letters = {} messages",
+            "  committed     {} rows + {} dead letters + {} deletes = {} messages",
             w.rows,
             w.rejected,
-            w.rows + w.rejected
+            w.deletions,
+            w.rows + w.rejected + w.deletions
         );
-        let lost = self.produced.delivered.saturating_sub(w.rows + w.rejected);
+        let lost = self
+            .produced
+            .delivered
+            .saturating_sub(w.rows + w.rejected + w.deletions);
         if lost > 0 {
             let _ = writeln!(
                 out,
@@ -497,6 +548,16 @@ impl DemoReport {
             .map(|(c, fixed, unknown)| format!("{c} {fixed} fixed / {unknown} UNKNOWN"))
             .collect();
         let _ = writeln!(out, "  labels        {}", labels.join(", "));
+        let ops = self.produced.operations;
+        if let Some(a) = self.applied.as_ref().filter(|_| ops.total() > 0) {
+            let _ = writeln!(
+                out,
+                "  upstream ops  {} edits, {} redeliveries, {} deletes, {} deleted posts replayed: \
+                 applied in one pass, {} rows of deleted posts and {} older versions removed \
+                 (enriched_posts_deletions)",
+                ops.edits, ops.redeliveries, ops.deletes, ops.replays, a.deleted, a.replaced
+            );
+        }
         let _ = writeln!(out, "  audit         {}", self.audit);
         let _ = writeln!(
             out,

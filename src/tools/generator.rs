@@ -4,10 +4,18 @@
 //! swapped letters as in `NUETRAL`, categories outside the list) so downstream canonicalization has something to do. With
 //! `bad_every`, every n-th message is a hostile payload of a rotating kind (broken JSON, two
 //! values, a wrong type, not an object, an out-of-range score, a bad timestamp, deep nesting).
+//! With `operations_every`, every n-th message acts on a recent post of its shape instead of
+//! creating one, rotating through an edit, a redelivery of the post's latest version, a delete
+//! (in the shape's own delete format), and a replay of a deleted post's create after its delete.
+
+use std::collections::{HashMap, VecDeque};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+
+/// Recent posts per shape that operations pick from.
+const RECENT: usize = 64;
 
 /// The upstream JSON shapes sluice ships mappings for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -107,7 +115,36 @@ pub struct Generator {
     base_time_ms: i64,
     spread_days: i64,
     bad_every: Option<u64>,
+    operations_every: Option<u64>,
     count: u64,
+    /// Part of every post id, from the seed: runs with different seeds never reuse an id (a
+    /// table with a key would take a reused id for a newer version of the post).
+    run: u64,
+    /// Latest version of recent posts per shape, for edits, redeliveries and deletes.
+    recent: HashMap<Shape, VecDeque<Value>>,
+    /// Creates of deleted posts per shape, replayed after their delete.
+    deleted: HashMap<Shape, VecDeque<Value>>,
+    operations: Operations,
+}
+
+/// How many operations a generator made, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Operations {
+    /// Edits: a new version of a post (a row that replaces the earlier one).
+    pub edits: u64,
+    /// The latest version of a post delivered again.
+    pub redeliveries: u64,
+    /// Deletes of a post.
+    pub deletes: u64,
+    /// Creates of a deleted post delivered after its delete (a replay from a cursor).
+    pub replays: u64,
+}
+
+impl Operations {
+    /// All operations.
+    pub fn total(&self) -> u64 {
+        self.edits + self.redeliveries + self.deletes + self.replays
+    }
 }
 
 impl Generator {
@@ -119,8 +156,24 @@ impl Generator {
             base_time_ms,
             spread_days: spread_days.max(1),
             bad_every: None,
+            operations_every: None,
             count: 0,
+            run: seed % 1_000_000,
+            recent: HashMap::new(),
+            deleted: HashMap::new(),
+            operations: Operations::default(),
         }
+    }
+
+    /// Makes every `n`-th message an operation on a recent post (0 disables).
+    pub fn with_operations_every(mut self, n: u64) -> Self {
+        self.operations_every = (n > 0).then_some(n);
+        self
+    }
+
+    /// The operations made so far.
+    pub fn operations(&self) -> Operations {
+        self.operations
     }
 
     /// Makes every `n`-th message a hostile payload (0 disables).
@@ -149,6 +202,12 @@ impl Generator {
         {
             return (format!("bad-{seq}"), Err(self.bad_payload(seq / n, shape)));
         }
+        if let Some(n) = self.operations_every
+            && seq.is_multiple_of(n)
+            && let Some(operation) = self.operation(seq / n, shape)
+        {
+            return (message_key(shape, &operation), Ok(operation));
+        }
         let created_ms =
             self.base_time_ms - self.rng.random_range(0..self.spread_days * 86_400_000);
         let (key, value) = match shape {
@@ -156,20 +215,91 @@ impl Generator {
             Shape::Bluesky => self.bluesky(seq, created_ms),
             Shape::Tweets => self.tweet(seq, created_ms),
         };
+        if self.operations_every.is_some() {
+            let recent = self.recent.entry(shape).or_default();
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(value.clone());
+        }
         (key, Ok(value))
+    }
+
+    /// Operation `k` (kinds rotate) on a recent post of `shape`; `None` before there is one.
+    fn operation(&mut self, k: u64, shape: Shape) -> Option<Value> {
+        let recent = self.recent.get(&shape).filter(|r| !r.is_empty())?;
+        let pick = self.rng.random_range(0..recent.len());
+        match k % 4 {
+            0 => {
+                let edited = self.edit(shape, &self.recent[&shape][pick].clone());
+                self.recent.get_mut(&shape)?[pick] = edited.clone();
+                self.operations.edits += 1;
+                Some(edited)
+            }
+            2 => {
+                let post = self.recent.get_mut(&shape)?.remove(pick)?;
+                let delete = delete_message(shape, &post);
+                let deleted = self.deleted.entry(shape).or_default();
+                if deleted.len() == RECENT {
+                    deleted.pop_front();
+                }
+                deleted.push_back(original(shape, post));
+                self.operations.deletes += 1;
+                Some(delete)
+            }
+            3 if self.deleted.get(&shape).is_some_and(|d| !d.is_empty()) => {
+                self.operations.replays += 1;
+                self.deleted.get_mut(&shape)?.pop_front()
+            }
+            _ => {
+                self.operations.redeliveries += 1;
+                Some(self.recent[&shape][pick].clone())
+            }
+        }
+    }
+
+    /// A new version of `post`: new text, a later edit time, the shape's update marker.
+    fn edit(&mut self, shape: Shape, post: &Value) -> Value {
+        let mut edited = post.clone();
+        let text = self.text();
+        match shape {
+            Shape::Mastodon => {
+                edited["event"] = json!("status.update");
+                edited["content"] = json!(format!("<p>{text}</p>"));
+                let edits = edited["edits"].as_i64().unwrap_or(0) + 1;
+                edited["edits"] = json!(edits);
+            }
+            Shape::Bluesky => {
+                let time_us = post["time_us"].as_i64().unwrap_or_default() + 1_000_000;
+                edited["time_us"] = json!(time_us);
+                edited["commit"]["operation"] = json!("update");
+                edited["commit"]["rev"] = json!(format!("3l{time_us:x}"));
+                edited["commit"]["cid"] =
+                    json!(format!("bafyrei{:020x}", self.rng.random::<u64>()));
+                edited["commit"]["record"]["text"] = json!(text);
+            }
+            Shape::Tweets => {
+                edited["text"] = json!(text);
+                let edits = edited["edits"].as_i64().unwrap_or(0) + 1;
+                edited["edits"] = json!(edits);
+            }
+        }
+        edited
     }
 
     /// A hostile payload of kind `k % 8`, shaped for `shape` where the kind needs a field.
     fn bad_payload(&mut self, k: u64, shape: Shape) -> Vec<u8> {
         let id = match shape {
-            Shape::Bluesky => r#""commit": {"cid": "bad"}"#,
+            Shape::Bluesky => {
+                r#""did": "did:plc:bad", "commit": {"cid": "bad", "collection": "app.bsky.feed.post", "rkey": "bad"}"#
+            }
             Shape::Mastodon | Shape::Tweets => r#""id": "bad""#,
         };
         match k % 8 {
             0 => br#"{"id": "x", "content": "unterminated"#.to_vec(),
             1 => b"<html>502 Bad Gateway</html>".to_vec(),
             2 => br#"{"id":"a"}{"id":"b"}"#.to_vec(),
-            3 => br#"{"id": {"oops": 1}, "commit": {"cid": ["x"]}, "created_at": "2025-01-01T00:00:00Z"}"#
+            3 => br#"{"id": {"oops": 1}, "did": "did:plc:bad", "commit": {"cid": ["x"], "collection": "x", "rkey": ["x"]}, "created_at": "2025-01-01T00:00:00Z"}"#
                 .to_vec(),
             4 => br#"["not", "an", "object"]"#.to_vec(),
             // A score outside [0, 1]: a model emitting logits instead of probabilities.
@@ -292,7 +422,7 @@ impl Generator {
     }
 
     fn mastodon(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
-        let id = format!("1130{seq:011}");
+        let id = format!("1{:06}{seq:011}", self.run);
         let appropriate = match self.rng.random_range(0..20) {
             0 => "INAPROPRIATE",
             1 => "inappropriate",
@@ -342,7 +472,7 @@ impl Generator {
                 "rev": format!("3l{seq:x}"),
                 "operation": "create",
                 "collection": "app.bsky.feed.post",
-                "rkey": format!("3k{seq:010}"),
+                "rkey": format!("3k{:06}{seq:010}", self.run),
                 "cid": cid,
                 "record": {
                     "$type": "app.bsky.feed.post",
@@ -371,7 +501,7 @@ impl Generator {
     }
 
     fn tweet(&mut self, seq: u64, created_ms: i64) -> (String, Value) {
-        let id = format!("18{seq:017}");
+        let id = format!("1{:06}{seq:012}", self.run);
         let (category, topic) = self.category_and_topic();
         // Posts on one topic point the same way: a topic direction plus noise, so nearest
         // neighbours by embedding mostly share a category, as with a real sentence encoder.
@@ -404,6 +534,57 @@ impl Generator {
         });
         (id, value)
     }
+}
+
+/// The Kafka key a message of `shape` is sent with: the post's id, or for Bluesky its author
+/// (Jetstream's order is per repository), so every version of a post lands in one partition.
+fn message_key(shape: Shape, message: &Value) -> String {
+    let key = match shape {
+        Shape::Bluesky => &message["did"],
+        Shape::Mastodon if message["event"] == "delete" => &message["payload"],
+        Shape::Tweets if message.get("delete").is_some() => &message["delete"]["status"]["id"],
+        Shape::Mastodon | Shape::Tweets => &message["id"],
+    };
+    key.as_str().unwrap_or_default().to_string()
+}
+
+/// The delete of `post` in its shape's format: a Jetstream delete commit, a Mastodon streaming
+/// `delete` event (the status id), an X compliance deletion notice.
+fn delete_message(shape: Shape, post: &Value) -> Value {
+    match shape {
+        Shape::Bluesky => {
+            let time_us = post["time_us"].as_i64().unwrap_or_default() + 2_000_000;
+            json!({
+                "did": post["did"],
+                "time_us": time_us,
+                "kind": "commit",
+                "commit": {
+                    "rev": format!("3l{time_us:x}"),
+                    "operation": "delete",
+                    "collection": post["commit"]["collection"],
+                    "rkey": post["commit"]["rkey"],
+                }
+            })
+        }
+        Shape::Mastodon => json!({"event": "delete", "payload": post["id"]}),
+        Shape::Tweets => json!({
+            "delete": {"status": {"id": post["id"], "user_id": post["author"]["username"]}}
+        }),
+    }
+}
+
+/// The create of `post`, whatever version it is at.
+fn original(shape: Shape, mut post: Value) -> Value {
+    match shape {
+        Shape::Bluesky => post["commit"]["operation"] = json!("create"),
+        Shape::Mastodon => {
+            if let Some(fields) = post.as_object_mut() {
+                fields.remove("event");
+            }
+        }
+        Shape::Tweets => {}
+    }
+    post
 }
 
 /// Bluesky accounts the generator posts from.
@@ -451,6 +632,52 @@ mod tests {
             } else {
                 assert!(parsed.unwrap().is_object());
             }
+        }
+    }
+
+    #[test]
+    fn operations_act_on_recent_posts_in_each_shapes_own_format() {
+        for shape in Shape::ALL {
+            let mut g = Generator::new(3, 8, 1_750_000_000_000, 3).with_operations_every(3);
+            let mut posts: HashMap<String, Value> = HashMap::new();
+            let mut seen = Operations::default();
+            for _ in 0..200 {
+                let (key, message) = g.next_value(shape);
+                let message = message.unwrap();
+                let deleted = match shape {
+                    Shape::Bluesky => message["commit"]["operation"] == "delete",
+                    Shape::Mastodon => message["event"] == "delete",
+                    Shape::Tweets => message.get("delete").is_some(),
+                };
+                let id = match shape {
+                    Shape::Bluesky => format!("{}/{}", message["did"], message["commit"]["rkey"]),
+                    Shape::Mastodon if deleted => message["payload"].to_string(),
+                    Shape::Tweets if deleted => message["delete"]["status"]["id"].to_string(),
+                    _ => message["id"].to_string(),
+                };
+                assert!(!key.is_empty(), "{message}");
+                if deleted {
+                    assert!(
+                        posts.contains_key(&id),
+                        "a delete names a post sent before: {message}"
+                    );
+                    seen.deletes += 1;
+                } else if let Some(earlier) = posts.get(&id) {
+                    if earlier == &message {
+                        seen.redeliveries += 1;
+                    } else if g.operations().replays > seen.replays {
+                        seen.replays += 1;
+                    } else {
+                        seen.edits += 1;
+                    }
+                }
+                posts.insert(id, message);
+            }
+            assert_eq!(seen, g.operations(), "{shape:?}");
+            assert!(
+                seen.edits > 0 && seen.deletes > 0 && seen.replays > 0 && seen.redeliveries > 0,
+                "{seen:?}"
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::ingest::kafka::{CONNECT_TIMEOUT, ClientError, Connection, WatchContext};
 use crate::meter::Meter;
-use crate::tools::generator::{Generator, Shape};
+use crate::tools::generator::{Generator, Operations, Shape};
 use crate::tools::wire::WireEncoder;
 
 /// Deliveries awaited in flight before the producer waits for the oldest.
@@ -32,6 +32,11 @@ pub enum ProduceError {
         /// The broker's or client's answer.
         reason: String,
     },
+    /// Operations are generated as JSON (their delete formats are not in the registry schemas).
+    #[error(
+        "--operations-every generates JSON messages; it cannot be combined with a registry format"
+    )]
+    OperationsNeedJson,
     /// Messages could not be delivered.
     #[error("{failed} of {count} messages to {topic} were not delivered; first error: {first}")]
     Delivery {
@@ -63,6 +68,9 @@ pub struct ProduceOptions {
     pub embedding_dim: usize,
     /// Every n-th message is hostile (0 = none).
     pub bad_every: u64,
+    /// Every n-th message edits, redelivers or deletes a recent post, or replays a deleted
+    /// post's create (0 = none; JSON only).
+    pub operations_every: u64,
     /// Days over which created_at is spread back from now.
     pub spread_days: i64,
     /// A fixed "now" (ms since the epoch) for reproducible tables: posts are created before
@@ -87,6 +95,8 @@ pub struct ProduceReport {
     pub last_offsets: BTreeMap<(String, i32), i64>,
     /// Wall time.
     pub elapsed: Duration,
+    /// Operations among the messages delivered, by kind.
+    pub operations: Operations,
 }
 
 /// Creates those of `topics` that do not exist yet with `partitions` partitions (replication
@@ -128,6 +138,9 @@ pub async fn create_topics(
 /// Fails first, naming the listener and the cause, when the cluster cannot be reached (wrong
 /// credentials, an untrusted certificate, a plaintext client on a TLS listener).
 pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceError> {
+    if options.wire.is_some() && options.operations_every > 0 {
+        return Err(ProduceError::OperationsNeedJson);
+    }
     let connection = &options.connection;
     connection.check(CONNECT_TIMEOUT).await?;
     let (producer, _): (FutureProducer<WatchContext>, _) =
@@ -147,7 +160,8 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
         now_ms,
         options.spread_days,
     )
-    .with_bad_every(options.bad_every);
+    .with_bad_every(options.bad_every)
+    .with_operations_every(options.operations_every);
     let started = Instant::now();
     let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
     let mut report = ProduceReport::default();
@@ -206,6 +220,7 @@ pub async fn produce(options: &ProduceOptions) -> Result<ProduceReport, ProduceE
     }
     meter.finish(options.count, &format!("{} delivered", report.delivered));
     report.elapsed = started.elapsed();
+    report.operations = generator.operations();
     if failures.is_empty() {
         Ok(report)
     } else {

@@ -363,7 +363,7 @@ mod tests {
     #[test]
     fn jetstream_time_us_and_nested_enrichment_land_in_columns() {
         let payload: &[u8] = br#"{"did":"did:plc:x","time_us":1740823200000000,"kind":"commit",
-            "commit":{"cid":"bafy1","record":{"text":"hello","langs":["en"]}},
+            "commit":{"operation":"create","collection":"app.bsky.feed.post","rkey":"3k1","cid":"bafy1","record":{"text":"hello","langs":["en"]}},
             "enrichment":{"toxicity":{"score":0.25,"labels":{"insult":0.1}},
             "entities":[{"text":"Paris","label":"LOC","score":0.9}],"sentiment":{"label":"neutral","score":0.7}}}"#;
         let decoded = decoder("bluesky").decode(&chunk(&[payload]), NOW).unwrap();
@@ -376,6 +376,14 @@ mod tests {
         assert_eq!(created.value(0), 1_740_823_200_000_000);
         let entities = batch.column_by_name("entities").unwrap().as_list::<i32>();
         assert_eq!(entities.value(0).len(), 1);
+        assert_eq!(
+            batch
+                .column_by_name("post_id")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
+            "at://did:plc:x/app.bsky.feed.post/3k1"
+        );
         assert_eq!(
             batch
                 .column_by_name("text")

@@ -33,8 +33,8 @@ use deltalake::datafusion::sql::sqlparser::dialect::dialect_from_str;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 
 use crate::config::Config;
-use crate::contract::dead_letters;
 use crate::contract::schema::{SchemaError, TableSchema, type_name};
+use crate::contract::{dead_letters, deletions};
 use crate::table::delta::{log, register_table, table_location, table_url, vector_columns};
 use crate::table::problem::StorageError;
 
@@ -108,8 +108,8 @@ pub struct LakeTable {
     pub version: i64,
     /// Data files in that version.
     pub files: usize,
-    /// For a dead-letter table: the table whose messages it holds.
-    pub dead_letters_of: Option<String>,
+    /// What it holds: `rows`, `dead letters of <table>` or `deletions from <table>`.
+    pub holds: String,
 }
 
 /// The result of one statement.
@@ -158,18 +158,25 @@ impl Session {
             let schema = TableSchema::load(&table.schema)?;
             let name = schema.name.clone();
             let dl_schema = dead_letters::schema(&name)?;
-            wanted.push((Arc::new(schema), None));
-            wanted.push((Arc::new(dl_schema), Some(name)));
+            let deletions_schema = (!schema.key.is_empty())
+                .then(|| deletions::schema(&schema))
+                .transpose()?;
+            wanted.push((Arc::new(schema), "rows".to_string()));
+            wanted.push((Arc::new(dl_schema), format!("dead letters of {name}")));
+            if let Some(d) = deletions_schema {
+                wanted.push((Arc::new(d), format!("deletions from {name}")));
+            }
         }
         let mut time_travel = time_travel.clone();
         if let Some(version) = time_travel.version {
-            let [(main, _), _] = wanted.as_slice() else {
+            let [table] = config.tables.as_slice() else {
                 return Err(SqlError::TimeTravel(format!(
                     "the config has {} tables: name one, as in TABLE={version}",
-                    wanted.len() / 2
+                    config.tables.len()
                 )));
             };
-            time_travel.versions.insert(main.name.clone(), version);
+            let main = TableSchema::load(&table.schema)?;
+            time_travel.versions.insert(main.name, version);
         }
         let known: Vec<&str> = wanted.iter().map(|(s, _)| s.name.as_str()).collect();
         for name in time_travel.versions.keys() {
@@ -199,7 +206,7 @@ impl Session {
         }
         let storage_options = config.storage_options();
         let mut tables = Vec::new();
-        for (schema, dead_letters_of) in wanted {
+        for (schema, holds) in wanted {
             let location = table_location(&config.storage.root, &schema.name);
             let version = time_travel.versions.get(&schema.name).copied();
             let state = match (version, time_travel.as_of) {
@@ -218,6 +225,13 @@ impl Session {
                     tracing::warn!(table = %schema.name, %location, "table does not exist yet; not registered");
                     continue;
                 }
+                // A table beside the main one may be younger than the moment asked for.
+                Err(DeltaTableError::NotATable(_) | DeltaTableError::Generic(_))
+                    if holds != "rows" && matches!(state, AsOf::Timestamp(_)) =>
+                {
+                    tracing::warn!(table = %schema.name, %location, "table did not exist at that time; not registered");
+                    continue;
+                }
                 Err(source) => return Err(open_error(source)),
             };
             register_table(&ctx, &schema.name, &table)
@@ -230,7 +244,7 @@ impl Session {
                 version: snapshot.version() as i64,
                 files: snapshot.log_data().num_files(),
                 schema,
-                dead_letters_of,
+                holds,
             });
         }
         if tables.is_empty() {
@@ -349,14 +363,7 @@ impl Session {
             Arc::new(schema),
             vec![
                 column(t.iter().map(|t| t.name.clone()).collect()),
-                column(
-                    t.iter()
-                        .map(|t| match &t.dead_letters_of {
-                            Some(main) => format!("dead letters of {main}"),
-                            None => "rows".to_string(),
-                        })
-                        .collect(),
-                ),
+                column(t.iter().map(|t| t.holds.clone()).collect()),
                 Arc::new(Int64Array::from_iter_values(t.iter().map(|t| t.version))),
                 Arc::new(Int64Array::from_iter_values(
                     t.iter().map(|t| t.files as i64),

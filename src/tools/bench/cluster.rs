@@ -280,6 +280,7 @@ pub(super) fn produce_options(
         seed,
         embedding_dim: profile.embedding_dim(),
         bad_every: 0,
+        operations_every: 0,
         spread_days: 3,
         clock_ms: None,
         progress: false,
@@ -336,6 +337,7 @@ pub(super) async fn produced_set(
                 .map(|(key, (_, high))| (key, high - 1))
                 .collect(),
             elapsed: Duration::ZERO,
+            operations: Default::default(),
         };
         return Ok((report, partitions, brokers, cluster));
     }
