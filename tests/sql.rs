@@ -215,7 +215,10 @@ async fn a_misspelt_table_is_named_with_the_tables_there_are() {
     };
     let (name, known) = unknown("SELECT count(*) FROM enriched_post").await;
     assert_eq!(name, "enriched_post");
-    assert_eq!(known, "enriched_posts, enriched_posts_dead_letters");
+    assert_eq!(
+        known,
+        "enriched_posts, enriched_posts_dead_letters, enriched_posts_deletions"
+    );
     let (name, _) =
         unknown("SELECT * FROM enriched_posts p JOIN authors a ON a.author = p.author").await;
     assert_eq!(name, "authors");
