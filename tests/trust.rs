@@ -502,7 +502,7 @@ async fn retyping_a_column_or_adding_a_required_one_is_refused_and_changes_nothi
     assert_eq!(log(dir.path()), before, "refusals wrote nothing to the log");
 
     // The same column, nullable, is an ordinary evolution.
-    let optional = required.replace("nullable = false\n", "");
+    let optional = format!("{base}\n[[columns]]\nname = \"lang_confidence\"\ntype = \"double\"\n");
     let evolved = open_with_schema(dir.path(), "optional.toml", &optional)
         .await
         .unwrap();

@@ -17,3 +17,8 @@ CALL delta.system.register_table(
   schema_name => 'sluice',
   table_name => 'enriched_posts_dead_letters',
   table_location => 's3://lakehouse/warehouse/enriched_posts_dead_letters');
+
+CALL delta.system.register_table(
+  schema_name => 'sluice',
+  table_name => 'enriched_posts_deletions',
+  table_location => 's3://lakehouse/warehouse/enriched_posts_deletions');
