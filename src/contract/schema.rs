@@ -397,6 +397,15 @@ impl TableSchema {
         Arc::new(Schema::new(fields))
     }
 
+    /// The name of the column sluice fills from `source` (a Kafka position, the ingestion
+    /// time), if the table has one.
+    pub fn source_column(&self, source: ColumnSource) -> Option<&str> {
+        self.columns
+            .iter()
+            .find(|c| c.source == Some(source))
+            .map(|c| c.name.as_str())
+    }
+
     /// Finds a column by name.
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)

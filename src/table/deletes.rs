@@ -137,10 +137,8 @@ pub fn progress_app_id(main: &str) -> String {
 fn provenance(schema: &TableSchema) -> Result<[String; 4], ApplyError> {
     let find = |source: ColumnSource, source_name: &'static str| {
         schema
-            .columns
-            .iter()
-            .find(|c| c.source == Some(source))
-            .map(|c| c.name.clone())
+            .source_column(source)
+            .map(str::to_string)
             .ok_or(ApplyError::NoProvenance {
                 table: schema.name.clone(),
                 source_name,

@@ -309,10 +309,8 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
     let err = |operation: &'static str| table_error::<DeltaTableError>(&name, operation);
     let provenance = |source: ColumnSource, source_name: &'static str| {
         schema
-            .columns
-            .iter()
-            .find(|c| c.source == Some(source))
-            .map(|c| c.name.clone())
+            .source_column(source)
+            .map(str::to_string)
             .ok_or(AuditError::NoProvenance {
                 table: name.clone(),
                 source_name,
