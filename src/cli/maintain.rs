@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sluice::contract::deletions;
 use sluice::contract::schema::TableSchema;
+use sluice::service::app::keyed_table;
 use sluice::service::background::table_settings;
 use sluice::table::compact::DEFAULT_LEASE_TTL;
-use sluice::table::deletes::{ApplyOptions, ApplyOutcome, apply as apply_deletes};
-use sluice::table::delta::table_location;
+use sluice::table::deletes::{Applied, ApplyOptions, ApplyOutcome, apply as apply_deletes};
 use sluice::table::{lease, maintain};
 
 use super::{load_config, table_locations};
@@ -116,6 +115,7 @@ pub async fn apply(args: TableArgs) -> anyhow::Result<ExitCode> {
         owner: lease::owner_id(),
         lease_ttl: DEFAULT_LEASE_TTL,
         settings: table_settings(&cfg.delta),
+        skip_when_idle: false,
     };
     let mut keyed = 0;
     let mut busy = false;
@@ -124,35 +124,13 @@ pub async fn apply(args: TableArgs) -> anyhow::Result<ExitCode> {
         if table.as_deref().is_some_and(|t| t != schema.name) {
             continue;
         }
-        if schema.key.is_empty() {
+        let Some(keyed_table) = keyed_table(&cfg, table_config)? else {
             println!("{}: no key declared; nothing to apply", schema.name);
             continue;
-        }
+        };
         keyed += 1;
-        let location = table_location(&cfg.storage.root, &schema.name);
-        let deletions_location =
-            table_location(&cfg.storage.root, &deletions::table_name(&schema.name));
-        match apply_deletes(
-            &location,
-            &deletions_location,
-            &cfg.storage_options(),
-            &schema,
-            &options,
-        )
-        .await?
-        {
-            ApplyOutcome::Applied(a) => println!(
-                "{}: read version {}; {} new deletes recorded; {} rows removed as deleted, {} as \
-                 replaced by a newer version; {} files rewritten{}",
-                schema.name,
-                a.read_version,
-                a.deletes,
-                a.deleted,
-                a.replaced,
-                a.files_rewritten,
-                a.version
-                    .map_or(String::new(), |v| format!(" (version {v})"))
-            ),
+        match apply_deletes(&keyed_table, &cfg.storage_options(), &options).await? {
+            ApplyOutcome::Applied(a) => println!("{}: {}", schema.name, describe(&a)),
             ApplyOutcome::Busy { owner, expires_at } => {
                 busy = true;
                 println!(
@@ -174,4 +152,36 @@ pub async fn apply(args: TableArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// One line saying what a pass did.
+pub(super) fn describe(a: &Applied) -> String {
+    let mut line = format!(
+        "read version {}; {} new deletes recorded; {} rows removed as deleted, {} as replaced by \
+         a newer version",
+        a.read_version, a.deletes, a.deleted, a.replaced
+    );
+    if a.forget_requests + a.forgotten + a.forgotten_dead_letters + a.dead_letters_pending > 0 {
+        line.push_str(&format!(
+            "; {} erasure requests recorded, {} rows and {} dead letters forgotten",
+            a.forget_requests, a.forgotten, a.forgotten_dead_letters
+        ));
+    }
+    if a.dead_letters_pending > 0 {
+        line.push_str(&format!(
+            " ({} dead letters wait for the dead-letter table's lease)",
+            a.dead_letters_pending
+        ));
+    }
+    line.push_str(&format!("; {} files rewritten", a.files_rewritten));
+    if let Some(v) = a.version {
+        line.push_str(&format!(" (version {v})"));
+    }
+    if a.dead_letter_files_rewritten > 0 {
+        line.push_str(&format!(
+            ", {} dead-letter files",
+            a.dead_letter_files_rewritten
+        ));
+    }
+    line
 }

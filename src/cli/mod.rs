@@ -17,6 +17,7 @@ mod audit;
 mod bench;
 mod compact;
 mod demo;
+mod forget;
 mod maintain;
 mod produce;
 mod service;
@@ -81,6 +82,14 @@ pub enum Command {
     ///
     /// Exit codes: 0 done, 3 a compactor holds a table's lease, 1 failure.
     Apply(maintain::TableArgs),
+    /// Erase posts by key or by author (GDPR erasure, takedowns): removes their rows from the
+    /// table and the dead letters that name them, records each request in
+    /// `<table>_deletions` so every later pass removes what still arrives for it, and says how
+    /// the old versions' files go (vacuum, or at once with --purge-history). Idempotent; runs
+    /// beside the service.
+    ///
+    /// Exit codes: 0 done, 3 a compactor holds the table's lease (nothing recorded), 1 failure.
+    Forget(forget::ForgetArgs),
     /// Show per partition files, small files, bytes and rows; version, last checkpoint,
     /// committed Kafka positions and the compaction lease.
     Inspect(maintain::TableArgs),
@@ -140,6 +149,7 @@ impl Command {
             Command::Vacuum(args) => maintain::vacuum(args).await,
             Command::Checkpoint(args) => maintain::checkpoint(args).await,
             Command::Apply(args) => maintain::apply(args).await,
+            Command::Forget(args) => forget::run(args).await,
             Command::Inspect(args) => maintain::inspect(args).await,
             Command::Sql(args) => sql::run(args).await,
             Command::Bench(args) => bench::run(args).await,

@@ -1,7 +1,8 @@
-//! The deletions table's shape (`<table>_deletions`): what upstream deletes and newer versions
-//! removed from a keyed table, one row per Kafka message accounted for there. Its key columns
-//! are the main table's (as text); the rest is the same for every table. Maintenance fills it
-//! (`table::deletes`); the audit and `sluice sql` read it.
+//! The deletions table's shape (`<table>_deletions`): what upstream deletes, newer versions and
+//! erasure requests removed from a keyed table, one row per Kafka message accounted for there,
+//! plus one per erasure request. Its key columns are the main table's (as text); the rest is the
+//! same for every table. Maintenance and `sluice forget` fill it (`table::deletes`); the audit
+//! and `sluice sql` read it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -18,6 +19,15 @@ pub const DELETED: &str = "deleted";
 /// A row removed because a newer version of its post (an edit, or the same event delivered
 /// again) is in the table.
 pub const REPLACED: &str = "replaced";
+/// An erasure request (`sluice forget`): every row with its key, or by its author, goes, now
+/// and whenever it arrives; it has no Kafka position.
+pub const FORGET: &str = "forget";
+/// A row removed by an erasure request.
+pub const FORGOTTEN: &str = "forgotten";
+/// A dead letter removed by an erasure request.
+pub const FORGOTTEN_DEAD_LETTER: &str = "forgotten dead letter";
+/// The operations that account for a Kafka message by its absence: the removals.
+pub const REMOVALS: [&str; 4] = [DELETED, REPLACED, FORGOTTEN, FORGOTTEN_DEAD_LETTER];
 
 /// The columns after the key columns.
 const COLUMNS: &str = r#"
@@ -25,23 +35,20 @@ const COLUMNS: &str = r#"
 name = "operation"
 type = "string"
 nullable = false
-doc = "delete: a delete message; deleted: a row its post's delete removed; replaced: a row a newer version of its post (an edit or a redelivery) replaced."
+doc = "delete: a delete message; deleted: a row its post's delete removed; replaced: a row a newer version of its post (an edit or a redelivery) replaced; forget: an erasure request (sluice forget); forgotten: a row it removed; forgotten dead letter: a dead letter it removed."
 
 [[columns]]
 name = "kafka_topic"
 type = "string"
-nullable = false
-doc = "Where the message this record accounts for was read."
+doc = "Where the message this record accounts for was read; null for an erasure request."
 
 [[columns]]
 name = "kafka_partition"
 type = "int"
-nullable = false
 
 [[columns]]
 name = "kafka_offset"
 type = "long"
-nullable = false
 
 [[columns]]
 name = "kafka_timestamp"
@@ -65,6 +72,16 @@ name = "recorded_at"
 type = "timestamp"
 nullable = false
 doc = "When maintenance recorded this; a removed row leaves the main table in the commit that follows."
+
+[[columns]]
+name = "author"
+type = "string"
+doc = "An erasure request by author: the author; a row or dead letter it removed: that author."
+
+[[columns]]
+name = "reason"
+type = "string"
+doc = "An erasure request, and what it removed: the reason given to sluice forget (a ticket, a request id)."
 "#;
 
 /// The deletions table's name for a main table.
@@ -82,7 +99,7 @@ pub fn schema(main: &TableSchema) -> Result<TableSchema, SchemaError> {
     for name in &main.key {
         let _ = write!(
             text,
-            "\n[[columns]]\nname = \"{name}\"\ntype = \"string\"\nnullable = false\ndoc = \"Key column of {}, as text.\"\n",
+            "\n[[columns]]\nname = \"{name}\"\ntype = \"string\"\ndoc = \"Key column of {}, as text; null for a dead letter or an erasure request by author.\"\n",
             main.name
         );
     }

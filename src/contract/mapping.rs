@@ -393,6 +393,49 @@ impl Mapping {
             .collect()
     }
 
+    /// The key (as text, in the table's key order) and the author a message names, read from
+    /// its JSON as far as it goes: for messages that were not rows (dead letters), where the
+    /// typed decoding failed. A delete message's key comes from `[operation.key]` as on the
+    /// write path. `None` where a value is missing or the text is not JSON.
+    pub fn identity(
+        &self,
+        payload: &[u8],
+        table: &TableSchema,
+    ) -> (Option<Vec<String>>, Option<String>) {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return (None, None);
+        };
+        let entry = |column: &str| -> Option<String> {
+            let (_, value) = self.entries.iter().find(|(n, _)| n == column)?;
+            match value {
+                ValueSource::Path { segments, .. } => json_text(&json, segments),
+                ValueSource::Constant(v) => Some(v.clone()),
+                ValueSource::Format(pieces) => pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Text(t) => Some(t.clone()),
+                        Piece::Path(segments) => json_text(&json, segments),
+                    })
+                    .collect(),
+            }
+        };
+        let delete = self.operation.as_ref().filter(|spec| {
+            json_text(&json, &spec.segments)
+                .is_some_and(|op| spec.delete.iter().any(|d| d == "*" || *d == op))
+        });
+        let key = table
+            .key
+            .iter()
+            .map(
+                |column| match delete.and_then(|spec| spec.key.get(column)) {
+                    Some(segments) => json_text(&json, segments),
+                    None => entry(column),
+                },
+            )
+            .collect();
+        (key, table.author.as_deref().and_then(entry))
+    }
+
     /// The values one mapping entry gives a source batch, before casting to the table type.
     fn values(&self, value: &ValueSource, source: &RecordBatch) -> Result<ArrayRef, ArrowError> {
         let rows = source.num_rows();
@@ -653,6 +696,18 @@ pub struct Projected {
 
 /// Walks a path through nested structs, folding each parent's nulls into the child so a
 /// missing parent object reads as a null leaf.
+/// The text of a JSON path's value: strings as they are, numbers and booleans as written;
+/// `None` for a missing value, null, an object or a list.
+fn json_text(json: &serde_json::Value, segments: &[String]) -> Option<String> {
+    let value = segments.iter().try_fold(json, |v, s| v.get(s))?;
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
 fn extract(batch: &RecordBatch, segments: &[String]) -> Option<ArrayRef> {
     let mut current: ArrayRef = batch.column_by_name(&segments[0])?.clone();
     for segment in &segments[1..] {
@@ -801,7 +856,8 @@ mod tests {
         let text = std::fs::read_to_string("schemas/enriched_posts.toml")
             .unwrap()
             .replace("key = [\"platform\", \"post_id\"]", "")
-            .replace("version_by = [\"created_at\"]", "");
+            .replace("version_by = [\"created_at\"]", "")
+            .replace("author = \"author\"", "");
         TableSchema::parse(&text, Path::new("unkeyed.toml")).unwrap()
     }
 
@@ -891,5 +947,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`author` is nullable"), "{e}");
+        for (author, expected) in [
+            ("nope", "`nope` is not a column"),
+            ("kafka_offset", "filled by sluice"),
+            ("embedding", "must be a string or a long"),
+        ] {
+            let text = std::fs::read_to_string("schemas/enriched_posts.toml")
+                .unwrap()
+                .replace("author = \"author\"", &format!("author = \"{author}\""));
+            let e = TableSchema::parse(&text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("table.author") && e.contains(expected), "{e}");
+        }
+        let e = TableSchema::parse(
+            &unkeyed_text().replace("[table]", "[table]\nauthor = \"author\""),
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("declare `key` first"), "{e}");
+    }
+
+    fn unkeyed_text() -> String {
+        std::fs::read_to_string("schemas/enriched_posts.toml")
+            .unwrap()
+            .replace("key = [\"platform\", \"post_id\"]", "")
+            .replace("version_by = [\"created_at\"]", "")
+            .replace("author = \"author\"", "")
+    }
+
+    #[test]
+    fn dead_letters_tell_their_key_and_author_as_far_as_their_json_goes() {
+        let table = keyed();
+        let identity = |shape: &str, payload: &str| {
+            let file = PathBuf::from(format!("schemas/mappings/{shape}.toml"));
+            Mapping::load(&file, &table)
+                .unwrap()
+                .identity(payload.as_bytes(), &table)
+        };
+        let key = |platform: &str, id: &str| Some(vec![platform.to_string(), id.to_string()]);
+        // A Jetstream post with a bad field: its key and author are still there.
+        assert_eq!(
+            identity(
+                "bluesky",
+                r#"{"did":"did:plc:a","time_us":"soon","commit":{"operation":"create","collection":"app.bsky.feed.post","rkey":"r1"}}"#
+            ),
+            (
+                key("bluesky", "at://did:plc:a/app.bsky.feed.post/r1"),
+                Some("did:plc:a".to_string())
+            )
+        );
+        // An X compliance notice: the key comes from the delete's own path, as on the write
+        // path; numbers read as written.
+        assert_eq!(
+            identity("tweets", r#"{"delete":{"status":{"id":1234567890123}}}"#),
+            (key("twitter", "1234567890123"), None)
+        );
+        // A post without its commit names its author but no key; text that is not JSON names
+        // nothing.
+        assert_eq!(
+            identity("bluesky", r#"{"did":"did:plc:a","kind":"commit"}"#),
+            (None, Some("did:plc:a".to_string()))
+        );
+        assert_eq!(identity("mastodon", "{\"id\": "), (None, None));
     }
 }

@@ -89,6 +89,8 @@ struct TableSection {
     key: Vec<String>,
     #[serde(default)]
     version_by: Vec<String>,
+    #[serde(default)]
+    author: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +164,9 @@ pub struct TableSchema {
     /// The columns that order a key's versions, newest last (`[table] version_by`: an edit
     /// time, an event time); the Kafka timestamp and offset break ties.
     pub version_by: Vec<String>,
+    /// The column naming who wrote a row (`[table] author`): `sluice forget --author` erases
+    /// every row, past and future, whose value it is.
+    pub author: Option<String>,
     /// Where the definition was read from, for error messages.
     pub file: PathBuf,
 }
@@ -373,6 +378,25 @@ impl TableSchema {
                 return Err(field_err("table.version_by", reason));
             }
         }
+        if let Some(name) = &raw.table.author {
+            let reason = match columns.iter().find(|c| &c.name == name) {
+                _ if raw.table.key.is_empty() => Some(
+                    "`sluice forget` erases through the deletes machinery: declare `key` first"
+                        .to_string(),
+                ),
+                None => Some(format!("`{name}` is not a column")),
+                Some(c) if c.source.is_some() => Some(format!(
+                    "`{name}` is filled by sluice, not by the upstream: it names no author"
+                )),
+                Some(c) if !matches!(c.data_type, DataType::Utf8 | DataType::Int64) => Some(
+                    format!("`{name}` must be a string or a long to name an author"),
+                ),
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Err(field_err("table.author", reason));
+            }
+        }
         Ok(TableSchema {
             name: raw.table.name,
             description: raw.table.description,
@@ -380,6 +404,7 @@ impl TableSchema {
             partition_column: raw.table.partition_column,
             key: raw.table.key,
             version_by: raw.table.version_by,
+            author: raw.table.author,
             file: file.to_path_buf(),
         })
     }

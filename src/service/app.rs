@@ -23,6 +23,7 @@ use crate::ingest::registry::{Registry, RegistryError};
 use crate::ingest::source::{KafkaSource, RebalanceContext, lag_loop};
 use crate::service::background::{MaintainedTable, Maintenance, table_settings};
 use crate::service::health::{Health, probe_loop};
+use crate::table::deletes::KeyedTable;
 use crate::table::delta::{DeltaSink, table_location};
 use deltalake::logstore::ObjectStoreRef;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -66,6 +67,38 @@ pub struct LoadedTable {
     pub schema: Arc<TableSchema>,
     /// Decoder per topic.
     pub decoders: HashMap<Arc<str>, BodyDecoder>,
+    /// With a `key`: the table as maintenance applies its deletes and erasure requests.
+    pub keyed: Option<Arc<KeyedTable>>,
+}
+
+/// A keyed table as the passes that apply its deletes and erasure requests see it: its
+/// locations and each topic's mapping; `None` for a table without a `key`.
+pub fn keyed_table(config: &Config, table: &TableConfig) -> Result<Option<KeyedTable>, AppError> {
+    let schema = Arc::new(TableSchema::load(&table.schema)?);
+    keyed(config, table, &schema)
+}
+
+fn keyed(
+    config: &Config,
+    table: &TableConfig,
+    schema: &Arc<TableSchema>,
+) -> Result<Option<KeyedTable>, AppError> {
+    if schema.key.is_empty() {
+        return Ok(None);
+    }
+    let mut mappings = HashMap::new();
+    for source in &table.sources {
+        let mapping = Arc::new(Mapping::load(&source.mapping, schema)?);
+        mappings.insert(source.topic.clone(), mapping);
+    }
+    let root = &config.storage.root;
+    Ok(Some(KeyedTable {
+        schema: schema.clone(),
+        location: table_location(root, &schema.name),
+        deletions_location: table_location(root, &deletions::table_name(&schema.name)),
+        dead_letters_location: table_location(root, &dead_letters::table_name(&schema.name)),
+        mappings,
+    }))
 }
 
 /// The client of the configured schema registry, if there is one; shared by every table.
@@ -116,7 +149,12 @@ pub fn load_table(
             });
         }
     }
-    Ok(LoadedTable { schema, decoders })
+    let keyed = keyed(config, table, &schema)?.map(Arc::new);
+    Ok(LoadedTable {
+        schema,
+        decoders,
+        keyed,
+    })
 }
 
 /// A running writer and its progress feed.
@@ -262,7 +300,7 @@ async fn start_writers(
                 name: name.clone(),
                 zorder: true,
                 commits,
-                keyed: (!table.schema.key.is_empty()).then(|| table.schema.clone()),
+                keyed: table.keyed.clone(),
             });
             let (tx, commits) = watch::channel(dead_letter_sink.version());
             dead_letter_sink = dead_letter_sink.checkpointed_by(tx);

@@ -22,7 +22,7 @@
 //! partition's small files all merge. If a scheduled `sluice compact` holds the lease, the
 //! pass skips that table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,10 +32,8 @@ use deltalake::DeltaTable;
 use tokio::sync::watch;
 
 use crate::config::{Config, DeltaConfig, MaintenanceConfig};
-use crate::contract::deletions;
-use crate::contract::schema::TableSchema;
 use crate::table::compact::{CompactOptions, CompactOutcome, DEFAULT_LEASE_TTL, compact};
-use crate::table::deletes::{ApplyOptions, ApplyOutcome, apply};
+use crate::table::deletes::{ApplyOptions, ApplyOutcome, KeyedTable, apply};
 use crate::table::delta::{TableSettings, open_table, table_location};
 use crate::table::lease;
 use crate::table::maintain::{last_checkpoint, remove_expired_logs, vacuum, write_checkpoint};
@@ -58,8 +56,9 @@ pub struct MaintainedTable {
     pub zorder: bool,
     /// Each version the table's writer commits (see `DeltaSink::checkpointed_by`).
     pub commits: watch::Receiver<i64>,
-    /// The table's schema when it has a key: each pass applies its deletes and edits first.
-    pub keyed: Option<Arc<TableSchema>>,
+    /// The table when it has a key: each pass applies its deletes, edits and erasure requests
+    /// first.
+    pub keyed: Option<Arc<KeyedTable>>,
 }
 
 /// The running maintenance threads; [`Maintenance::stop`] ends them after their current work.
@@ -260,7 +259,7 @@ async fn compact_and_vacuum(
     table_settings: TableSettings,
     root: String,
     storage: HashMap<String, String>,
-    tables: Vec<(String, bool, Option<Arc<TableSchema>>)>,
+    tables: Vec<(String, bool, Option<Arc<KeyedTable>>)>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let zstd_level = table_settings.zstd_level;
@@ -268,6 +267,7 @@ async fn compact_and_vacuum(
     let interval = Duration::from_secs(settings.interval_s.max(1));
     let vacuum_every = Duration::from_secs(settings.vacuum_every_h * 3600);
     let mut last_vacuum = Instant::now();
+    let mut applied_once: HashSet<String> = HashSet::new();
     tracing::info!(interval_s = settings.interval_s, %owner, "maintenance started");
     loop {
         tokio::select! {
@@ -276,19 +276,23 @@ async fn compact_and_vacuum(
         }
         for (name, zorder, keyed) in &tables {
             let location = table_location(&root, name);
-            if let Some(schema) = keyed {
+            if let Some(keyed) = keyed {
                 let options = ApplyOptions {
                     owner: owner.clone(),
                     lease_ttl: DEFAULT_LEASE_TTL,
                     settings: table_settings,
+                    // After a pass of this process succeeded, an idle table costs no lease.
+                    skip_when_idle: applied_once.contains(name),
                 };
-                let deletions = table_location(&root, &deletions::table_name(name));
-                match apply(&location, &deletions, &storage, schema, &options).await {
-                    Ok(ApplyOutcome::Applied(_)) => {}
+                match apply(keyed, &storage, &options).await {
+                    Ok(ApplyOutcome::Applied(_)) => {
+                        applied_once.insert(name.clone());
+                    }
                     Ok(ApplyOutcome::Busy { owner, expires_at }) => {
                         tracing::info!(table = %name, %owner, %expires_at, "lease held elsewhere; deletes applied next interval");
                     }
                     Err(e) => {
+                        applied_once.remove(name);
                         tracing::warn!(table = %name, error = %e, "applying deletes failed; retrying next interval");
                         metrics::counter!("sluice_apply_failures_total", "table" => name.clone())
                             .increment(1);

@@ -124,6 +124,36 @@ pub async fn vacuum(
     })
 }
 
+/// Deletes now every data file a commit of the table removed, whatever its age: the files of
+/// earlier versions that still hold rows a rewrite took out (`sluice forget --purge-history`).
+/// Files no commit names (a writer's upload waiting for its commit) are left alone, so it is
+/// safe beside running writers; time travel to the versions before those removals fails
+/// afterwards, and so does a read that started before.
+pub async fn purge_removed(
+    location: &str,
+    storage_options: HashMap<String, String>,
+) -> Result<VacuumReport, MaintainError> {
+    let table = open_table(location, storage_options)
+        .await
+        .map_err(delta(location, "open"))?;
+    let (_, metrics) = table
+        .vacuum()
+        .with_mode(VacuumMode::Lite)
+        .with_retention_period(chrono::Duration::zero())
+        .with_enforce_retention_duration(false)
+        .await
+        .map_err(delta(location, "purge removed files"))?;
+    tracing::info!(
+        table = location,
+        files = metrics.files_deleted.len(),
+        "purged the files earlier versions removed"
+    );
+    Ok(VacuumReport {
+        files: metrics.files_deleted.len(),
+        dry_run: false,
+    })
+}
+
 /// What a checkpoint run did.
 #[derive(Debug)]
 pub struct CheckpointReport {

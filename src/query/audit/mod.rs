@@ -94,11 +94,11 @@ pub struct PartitionAudit {
     pub dead_letters: u64,
     /// Of those, how many are deletes the commits recorded (they become no row).
     pub deletions: u64,
-    /// Of those, how many are rows the deletes and newer versions removed, as
-    /// `<table>_deletions` records them.
+    /// Of those, how many are rows the deletes, newer versions and erasure requests removed,
+    /// and dead letters erasure requests removed, as `<table>_deletions` records them.
     pub removed: u64,
-    /// Rows still in the table that a pass recorded as removed: its rewrite is yet to commit
-    /// (or was interrupted; the next pass completes it).
+    /// Rows and dead letters still there that a pass recorded as removed: its rewrite is yet
+    /// to commit (or was interrupted; the next pass completes it).
     pub removal_pending: u64,
     /// Checked messages that are no row, dead letter or delete.
     pub missing: u64,
@@ -364,8 +364,11 @@ pub async fn audit_table(config: &Config, table: &TableConfig) -> Result<TableAu
         let location = table_location(&config.storage.root, &name);
         match open_table(&location, config.storage_options()).await {
             Ok(records) => {
-                for (operation, into_deletes) in [("= 'delete'", true), ("<> 'delete'", false)] {
-                    let filter = format!("operation {operation}");
+                let removals = deletions::REMOVALS.map(|op| format!("'{op}'")).join(", ");
+                for (filter, into_deletes) in [
+                    (format!("operation = '{}'", deletions::DELETE), true),
+                    (format!("operation IN ({removals})"), false),
+                ] {
                     for (key, offsets) in offsets_grouped(&records, &name, &filter).await? {
                         let found = tables.entry(key).or_default();
                         if into_deletes {
@@ -525,13 +528,14 @@ fn judge(
             counts.entry(o).or_default()[kind] += 1;
         }
     }
-    // A row recorded as removed whose rewrite has not committed yet counts as the row.
+    // A row or dead letter recorded as removed whose rewrite has not committed yet counts as
+    // the row or dead letter.
     let outcomes =
-        |[r, d, x, m]: &[u32; 4]| r + d + x + if *r > 0 { m.saturating_sub(1) } else { *m };
+        |[r, d, x, m]: &[u32; 4]| r + d + x + if r + d > 0 { m.saturating_sub(1) } else { *m };
     let duplicated = counts.values().filter(|c| outcomes(c) > 1).count() as u64;
     let removal_pending = counts
         .values()
-        .filter(|[r, _, _, m]| *r > 0 && *m > 0)
+        .filter(|[r, d, _, m]| r + d > 0 && *m > 0)
         .count() as u64;
     let (mut rows, mut dead_letters, mut deletions, mut removed, mut missing) = (0, 0, 0, 0, 0);
     let mut first_missing = Vec::new();

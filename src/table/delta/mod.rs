@@ -22,7 +22,7 @@ pub use read::{
     arrow_schema_of, open_table, register_table, table_location, table_provider, table_url,
 };
 pub use sink::{Committed, DeltaSink, Encoding};
-pub use txn::{app_id, committed_offset, log_accepted_at, log_app_id};
+pub use txn::{app_id, committed_offset, log_accepted_at, log_app_id, txn_version};
 
 mod create;
 pub mod log;

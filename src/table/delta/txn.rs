@@ -49,10 +49,7 @@ fn key_of(topic: &str, partition: i32) -> PartitionKey {
 }
 
 /// The version of txn `app_id` in `table`'s loaded snapshot.
-pub(super) async fn txn_version(
-    table: &DeltaTable,
-    app_id: &str,
-) -> Result<Option<i64>, DeltaTableError> {
+pub async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
     table
         .snapshot()?
         .transaction_version(table.log_store().as_ref(), app_id)
