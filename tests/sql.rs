@@ -96,13 +96,30 @@ async fn every_library_query_matches_its_golden_result() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fixture_tells_the_stories_the_queries_look_for() {
     let session = session(fixture(), &TimeTravel::default()).await;
-    // Every message is a row or a dead letter.
-    let rows_and_dead = count(
+    // Every message is a row, a dead letter, or a delete or removed row the deletions table
+    // records; the fixture's edits and deletes took some out.
+    let accounted = count(
         &session,
-        "SELECT (SELECT count(*) FROM enriched_posts) + (SELECT count(*) FROM enriched_posts_dead_letters)",
+        "SELECT (SELECT count(*) FROM enriched_posts) + (SELECT count(*) FROM enriched_posts_dead_letters) \
+         + (SELECT count(*) FROM enriched_posts_deletions WHERE kafka_offset IS NOT NULL)",
     )
     .await;
-    assert_eq!(rows_and_dead, FIXTURE_MESSAGES as i64);
+    assert_eq!(accounted, FIXTURE_MESSAGES as i64);
+    let one_row_per_post = count(
+        &session,
+        "SELECT count(*) - count(DISTINCT platform || '/' || post_id) FROM enriched_posts",
+    )
+    .await;
+    assert_eq!(one_row_per_post, 0, "no post is there twice");
+    let deletions = count(
+        &session,
+        "SELECT count(DISTINCT operation) FROM enriched_posts_deletions",
+    )
+    .await;
+    assert_eq!(
+        deletions, 3,
+        "deletes, deleted and replaced rows are recorded"
+    );
     // Nearest neighbours by embedding mostly share the anchor's topic.
     let nearest = std::fs::read_to_string(repo().join("sql/nearest_posts.sql")).unwrap();
     let same_topic = count(
@@ -559,7 +576,7 @@ fn the_command_line_runs_statements_files_and_a_shell() {
             && listed.contains("in which hours did toxicity surge above its recent level?"),
         "{listed}"
     );
-    assert_eq!(listed.lines().count(), 12, "{listed}");
+    assert_eq!(listed.lines().count(), 13, "{listed}");
     let by_file = sluice_sql(
         &[
             "--config",

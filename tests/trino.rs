@@ -32,7 +32,8 @@ const TRINO_FEATURES: &[&str] = &[
 ];
 
 /// A table written by sluice (three days, nested columns, embeddings, a checkpoint every 5
-/// commits, dead letters), then one day compacted by `sluice compact`.
+/// commits, dead letters, edits and deletes applied by copy-on-write with their deletions
+/// table), then one day compacted by `sluice compact`.
 fn fixture() -> &'static Path {
     static FIXTURE: OnceLock<PathBuf> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -52,11 +53,12 @@ fn fixture() -> &'static Path {
     })
 }
 
-fn tables() -> [PathBuf; 2] {
+fn tables() -> [PathBuf; 3] {
     let root = fixture();
     [
         root.join("enriched_posts"),
         root.join("enriched_posts_dead_letters"),
+        root.join("enriched_posts_deletions"),
     ]
 }
 
@@ -225,7 +227,8 @@ fn read_parquet(path: &Path) -> Vec<RecordBatch> {
 
 #[test]
 fn last_checkpoint_names_a_single_part_checkpoint_that_matches_the_log() {
-    for table in tables() {
+    // The deletions table has two commits: no checkpoint yet.
+    for table in tables().into_iter().take(2) {
         let log = table.join("_delta_log");
         let hint: Value =
             serde_json::from_slice(&std::fs::read(log.join("_last_checkpoint")).unwrap()).unwrap();

@@ -18,6 +18,10 @@ const BUILT_IN: &[(&str, &str)] = &[
         include_str!("../../sql/dead_letters_by_reason.sql"),
     ),
     (
+        "deletions_by_day",
+        include_str!("../../sql/deletions_by_day.sql"),
+    ),
+    (
         "inappropriate_by_category",
         include_str!("../../sql/inappropriate_by_category.sql"),
     ),

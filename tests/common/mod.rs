@@ -57,10 +57,14 @@ pub fn repo() -> PathBuf {
 /// The fixture's "now": posts are created in the three days before it.
 pub const FIXTURE_CLOCK_MS: i64 = 1_763_942_400_000; // 2025-11-24T00:00:00Z
 pub const FIXTURE_MESSAGES: u64 = 3_000;
+/// Every 47th message of the fixture edits, redelivers or deletes a post (applied by one pass);
+/// coprime to the hostile payloads' 50, which would otherwise take every operation's place.
+pub const FIXTURE_OPERATIONS_EVERY: u64 = 47;
 
 /// Builds, in its own runtime, a table written by sluice from a fixed seed and clock: 3,000
-/// messages from the three upstreams, every 50th hostile, flushed every 250 rows, under
-/// `CARGO_TARGET_TMPDIR/<name>` (with a `sluice.toml`). The same rows every time.
+/// messages from the three upstreams, every 50th hostile and every 47th an edit, redelivery or
+/// delete (applied by one pass), flushed every 250 rows, under `CARGO_TARGET_TMPDIR/<name>`
+/// (with a `sluice.toml`). The same rows every time.
 pub fn build_fixture_blocking(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     std::thread::spawn(move || {
@@ -88,7 +92,7 @@ async fn build_fixture(dir: PathBuf) -> PathBuf {
         seed: 7,
         embedding_dim: 16,
         bad_every: 50,
-        operations_every: 0,
+        operations_every: FIXTURE_OPERATIONS_EVERY,
         spread_days: 3,
         clock_ms: Some(FIXTURE_CLOCK_MS),
         progress: false,
@@ -100,6 +104,25 @@ async fn build_fixture(dir: PathBuf) -> PathBuf {
     let mut writer = Writer::start(&cfg).await;
     writer.wait_committed(&report.last_offsets).await;
     writer.stop().await;
+    // What the service's maintenance does: apply the deletes and edits.
+    let keyed = app::keyed_table(&cfg, &cfg.tables[0])
+        .unwrap()
+        .expect("the flagship table is keyed");
+    let options = sluice::table::deletes::ApplyOptions {
+        owner: "fixture".into(),
+        lease_ttl: Duration::from_secs(60),
+        settings: sink_settings(),
+        skip_when_idle: false,
+    };
+    match sluice::table::deletes::apply(&keyed, &Default::default(), &options)
+        .await
+        .expect("deletes applied")
+    {
+        sluice::table::deletes::ApplyOutcome::Applied(a) => {
+            assert!(a.deletes > 0 && a.replaced > 0, "{a:?}")
+        }
+        other => panic!("{other:?}"),
+    }
     write_lake_config(&dir);
     dir
 }
