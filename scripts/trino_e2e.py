@@ -218,11 +218,12 @@ def produce(*args):
 
 def landed(config):
     """Messages the tables account for: rows, dead letters, and the deletes and removed rows
-    maintenance recorded (a delete not applied yet is in no table)."""
+    maintenance recorded (a delete not applied yet is in no table; an erasure request is no
+    message)."""
     _, rows = sluice_sql(
         config,
         command=f"SELECT (SELECT count(*) FROM {TABLE}) + (SELECT count(*) FROM {DEAD}) "
-        f"+ (SELECT count(*) FROM {DELETIONS}) AS n",
+        f"+ (SELECT count(*) FROM {DELETIONS} WHERE kafka_offset IS NOT NULL) AS n",
     )
     return rows[0][0]
 
@@ -579,6 +580,42 @@ def check_deletes_applied(config, produced, deletes):
         "deletion records as sluice sql does")
 
 
+def check_forget(config, produced):
+    """`sluice forget --author` erases the most prolific author: Trino (both catalogs) and
+    `sluice sql` read none of their rows afterwards, both read the same erasure records, and
+    every message is still accounted for."""
+    top = (
+        f"SELECT author, count(*) AS n FROM {TABLE} WHERE author IS NOT NULL "
+        "GROUP BY author ORDER BY n DESC, author LIMIT 1"
+    )
+    _, rows = sluice_sql(config, command=top)
+    author, posts = rows[0]
+    run = sluice("forget", "--config", str(config), "--author", author, "--reason", "e2e erasure")
+    if f"1 erasure requests recorded; removed {posts} rows" not in run.stdout:
+        raise Failure(f"forgetting {author} ({posts} rows):\n{run.stdout}")
+    quoted = author.replace("'", "''")
+    left = f"SELECT count(*) AS n FROM {TABLE} WHERE author = '{quoted}'"
+    for catalog in CATALOGS:
+        _, got = trino(left, catalog=catalog)
+        if got[0][0] != 0:
+            raise Failure(f"Trino ({catalog}) still reads {got[0][0]} rows of {author}")
+    _, got = sluice_sql(config, command=left)
+    if got[0][0] != 0:
+        raise Failure(f"sluice sql still reads {got[0][0]} rows of {author}")
+    records = (
+        f"SELECT operation, count(*) AS n FROM {DELETIONS} WHERE reason = 'e2e erasure' "
+        "GROUP BY operation ORDER BY operation"
+    )
+    compare("erasure records", trino(records), sluice_sql(config, command=records))
+    accounted = landed(config)
+    if accounted != produced:
+        raise Failure(f"after forget the tables account for {accounted} of {produced} messages")
+    again = sluice("forget", "--config", str(config), "--author", author, "--reason", "e2e erasure")
+    if "0 erasure requests recorded (1 recorded before); removed 0 rows" not in again.stdout:
+        raise Failure(f"forgetting {author} again:\n{again.stdout}")
+    log(f"forget: {run.stdout.splitlines()[0]}; Trino reads no row of theirs; again: nothing")
+
+
 def check_dead_letters(config):
     """The dead-letter table's payload reads as varbinary in Trino and its reasons group."""
     columns, _ = trino(f"SELECT payload FROM {DEAD} LIMIT 1")
@@ -659,6 +696,7 @@ def main():
     check_time_travel(config)
     check_dead_letters(config)
     check_cosine(config)
+    check_forget(config, produced)
     produced = check_reads_during_writes(config, produced)
     check_evolution_and_maintenance(produced)
     log("every sql/ query, equal in Trino and sluice sql:")

@@ -18,8 +18,6 @@ use deltalake::datafusion::prelude::SessionContext;
 use rdkafka::mocking::MockCluster;
 
 use crate::config::Config;
-use crate::contract::deletions;
-use crate::contract::schema::TableSchema;
 use crate::ingest::decode::Format;
 use crate::ingest::progress::Progress;
 use crate::ingest::registry::Registry;
@@ -267,29 +265,24 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
         });
     }
     // What the service's maintenance does every interval: apply the deletes and edits.
-    let schema =
-        TableSchema::load(&config.tables[0].schema).map_err(|e| DemoError::Query(e.to_string()))?;
-    let applied = if schema.key.is_empty() {
-        None
-    } else {
-        let options = ApplyOptions {
-            owner: lease::owner_id(),
-            lease_ttl: DEFAULT_LEASE_TTL,
-            settings: table_settings(&config.delta),
-        };
-        let root = &config.storage.root;
-        match apply(
-            &table_location(root, &schema.name),
-            &table_location(root, &deletions::table_name(&schema.name)),
-            &config.storage_options(),
-            &schema,
-            &options,
-        )
-        .await
-        .map_err(|e| DemoError::Query(e.to_string()))?
-        {
-            ApplyOutcome::Applied(applied) => Some(applied),
-            ApplyOutcome::Busy { .. } => None,
+    let keyed = app::keyed_table(&config, &config.tables[0])
+        .map_err(|e| DemoError::Query(e.to_string()))?;
+    let applied = match keyed {
+        None => None,
+        Some(keyed) => {
+            let options = ApplyOptions {
+                owner: lease::owner_id(),
+                lease_ttl: DEFAULT_LEASE_TTL,
+                settings: table_settings(&config.delta),
+                skip_when_idle: false,
+            };
+            match apply(&keyed, &config.storage_options(), &options)
+                .await
+                .map_err(|e| DemoError::Query(e.to_string()))?
+            {
+                ApplyOutcome::Applied(applied) => Some(applied),
+                ApplyOutcome::Busy { .. } => None,
+            }
         }
     };
     let audit = audit_table(&config, &config.tables[0])

@@ -280,7 +280,7 @@ pub(super) fn produce_options(
         seed,
         embedding_dim: profile.embedding_dim(),
         bad_every: 0,
-        operations_every: 0,
+        operations_every: profile.operations_every(),
         spread_days: 3,
         clock_ms: None,
         progress: false,

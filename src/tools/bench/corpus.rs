@@ -35,7 +35,8 @@ pub(super) struct Corpus {
 impl Corpus {
     pub(super) fn new(profile: Profile, records: u64, seed: u64) -> Corpus {
         let timestamp_ms = chrono::Utc::now().timestamp_millis();
-        let mut generator = Generator::new(seed, profile.embedding_dim(), timestamp_ms, 3);
+        let mut generator = Generator::new(seed, profile.embedding_dim(), timestamp_ms, 3)
+            .with_operations_every(profile.operations_every());
         let shapes = profile.shapes();
         // A multiple of the shape count, so that record i and its pool entry share a shape.
         let size = (records.min(POOL) / shapes.len() as u64).max(1) * shapes.len() as u64;

@@ -103,6 +103,10 @@ pub enum Profile {
     Posts,
     /// Tweets with 384-dimension embeddings (~8 KB of JSON).
     Embeddings,
+    /// The posts profile with 1 % upstream operations (edits, redeliveries, deletes, replays
+    /// of deleted posts) on the keyed flagship table: deletes are recorded in the commits'
+    /// ledgers instead of becoming rows.
+    Operations,
     /// The posts profile in Avro, in the registry's wire format (the limit stage only).
     Avro,
     /// The posts profile in Protobuf, in the registry's wire format (the limit stage only).
@@ -115,22 +119,30 @@ impl Profile {
 
     fn shapes(self) -> &'static [Shape] {
         match self {
-            Profile::Posts | Profile::Avro | Profile::Protobuf => &Shape::ALL,
+            Profile::Posts | Profile::Operations | Profile::Avro | Profile::Protobuf => &Shape::ALL,
             Profile::Embeddings => &[Shape::Tweets],
         }
     }
 
     fn embedding_dim(self) -> usize {
         match self {
-            Profile::Posts | Profile::Avro | Profile::Protobuf => 32,
+            Profile::Posts | Profile::Operations | Profile::Avro | Profile::Protobuf => 32,
             Profile::Embeddings => 384,
+        }
+    }
+
+    /// Every how many messages one is an upstream operation (0: none).
+    pub(super) fn operations_every(self) -> u64 {
+        match self {
+            Profile::Operations => 100,
+            _ => 0,
         }
     }
 
     /// How the profile's messages are encoded.
     pub fn format(self) -> Format {
         match self {
-            Profile::Posts | Profile::Embeddings => Format::Json,
+            Profile::Posts | Profile::Embeddings | Profile::Operations => Format::Json,
             Profile::Avro => Format::Avro,
             Profile::Protobuf => Format::Protobuf,
         }
@@ -146,6 +158,7 @@ impl Profile {
         match self {
             Profile::Posts => "posts",
             Profile::Embeddings => "embeddings",
+            Profile::Operations => "operations",
             Profile::Avro => "avro",
             Profile::Protobuf => "protobuf",
         }
@@ -156,6 +169,7 @@ impl Profile {
         match self {
             Profile::Posts => "posts",
             Profile::Embeddings => "384-dim embeddings",
+            Profile::Operations => "posts, 1 % edits/deletes",
             Profile::Avro => "posts in Avro",
             Profile::Protobuf => "posts in Protobuf",
         }
