@@ -120,6 +120,22 @@ async fn the_fixture_tells_the_stories_the_queries_look_for() {
         deletions, 3,
         "deletes, deleted and replaced rows are recorded"
     );
+    // Every upstream's deletes, edits and redeliveries were applied, and no deleted post (even
+    // one replayed after its delete) is readable.
+    let platforms_with_every_operation = count(
+        &session,
+        "SELECT count(*) FROM (SELECT platform FROM enriched_posts_deletions \
+         GROUP BY platform HAVING count(DISTINCT operation) = 3)",
+    )
+    .await;
+    assert_eq!(platforms_with_every_operation, 3);
+    let deleted_yet_readable = count(
+        &session,
+        "SELECT count(*) FROM enriched_posts p JOIN enriched_posts_deletions d \
+         ON p.platform = d.platform AND p.post_id = d.post_id WHERE d.operation = 'delete'",
+    )
+    .await;
+    assert_eq!(deleted_yet_readable, 0);
     // Nearest neighbours by embedding mostly share the anchor's topic.
     let nearest = std::fs::read_to_string(repo().join("sql/nearest_posts.sql")).unwrap();
     let same_topic = count(
