@@ -724,20 +724,8 @@ async fn forgotten_dead_letters(
     if present.is_empty() {
         return Ok(None);
     }
-    let mut fields: Vec<Field> = schema
-        .key
-        .iter()
-        .map(|k| Field::new(k, DataType::Utf8, true))
-        .collect();
+    let mut fields = key_and_position_fields(schema, true);
     fields.extend([
-        Field::new("kafka_topic", DataType::Utf8, false),
-        Field::new("kafka_partition", DataType::Int32, false),
-        Field::new("kafka_offset", DataType::Int64, false),
-        Field::new(
-            "kafka_timestamp",
-            DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
-            true,
-        ),
         Field::new("author", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, true),
     ]);
@@ -858,18 +846,12 @@ async fn rewrite_dead_letters(
     Ok(Some(metrics.num_removed_files as u64))
 }
 
-/// The deletes not recorded yet, as a batch: key columns as text, then where each was read.
-fn fresh_deletes(
-    schema: &TableSchema,
-    deletes: &[(
-        crate::table::delta::PartitionKey,
-        crate::table::delta::Deletion,
-    )],
-) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+/// The key columns (as text) and the Kafka position of a batch of deletion records.
+fn key_and_position_fields(schema: &TableSchema, key_nullable: bool) -> Vec<Field> {
     let mut fields: Vec<Field> = schema
         .key
         .iter()
-        .map(|k| Field::new(k, DataType::Utf8, false))
+        .map(|k| Field::new(k, DataType::Utf8, key_nullable))
         .collect();
     fields.extend([
         Field::new("kafka_topic", DataType::Utf8, false),
@@ -881,6 +863,18 @@ fn fresh_deletes(
             true,
         ),
     ]);
+    fields
+}
+
+/// The deletes not recorded yet, as a batch: key columns as text, then where each was read.
+fn fresh_deletes(
+    schema: &TableSchema,
+    deletes: &[(
+        crate::table::delta::PartitionKey,
+        crate::table::delta::Deletion,
+    )],
+) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    let fields = key_and_position_fields(schema, false);
     let mut columns: Vec<ArrayRef> = (0..schema.key.len())
         .map(|i| {
             Arc::new(StringArray::from_iter_values(
